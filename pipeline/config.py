@@ -1,0 +1,364 @@
+"""Training configuration: declarative sections, YAML recipes, `section.key=value` overrides.
+
+A config is a tree of dataclasses (one per section). Loading goes
+    embedded defaults  <-  YAML file  <-  command-line overrides
+and every value is type-checked against the dataclass field it lands in, so a typo in
+a key, a wrong type or an impossible value fails at once with one line that names the
+key (``ConfigError``), before any data or model is touched.
+
+The embedded default (no ``--config``) is the demo job: the built-in demo dataset,
+ResNet-18 at small resolution with one SSAL branch, a few epochs on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "demo"  # demo | imagenet | tinyimagenet: names the run and the recipe
+    root: str = "data/demo"  # folder with train.beton, val.beton and manifest.json
+    write_demo_if_missing: bool = True  # dataset=demo only: write the demo betons on first use
+    batch_size: int = 64  # per process
+    val_batch_size: int = 128  # per process
+    num_workers: int = 2  # FFCV decoding threads per process
+    order: str = "quasi_random"  # quasi_random (needs less RAM than the beton) | random
+    os_cache: bool = True  # memory-map the whole beton through the OS page cache
+    min_res: int = 32  # progressive resizing: train crop size ramps min_res -> max_res
+    max_res: int = 32
+    start_ramp: int = 0  # epoch where the ramp starts (0-based)
+    end_ramp: int = 0  # epoch where max_res is reached
+    val_res: int = 32  # center crop size at evaluation (decoded at val_res * 256/224)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    blurpool: bool = False
+    zero_init_residual: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "ssal"  # baseline | ssal | dks | ds | gapcat | maxl
+    # SSAL / GapCat groupings: a JSON written by pipeline/groups.py (class names per group),
+    # or, without one, seeded random groupings with these numbers of groups.
+    groups_file: str = ""
+    num_groups: list[int] = field(default_factory=lambda: [8])
+    # keyword options of ssal_models.build_model for this method (stages, eta, weights ...)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.5  # per 256 images of global batch: lr = lr * batch_size * world_size / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-5  # not applied to BatchNorm weights and biases
+    label_smoothing: float = 0.1
+    grad_clip_norm: float = 0.0  # 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "triangular"  # step | triangular | cosine (all per iteration)
+    epochs: int = 4
+    warmup_epochs: float = 0.0  # cosine / step: linear warm-up from 0
+    peak_epoch: float = 1.0  # triangular: linear up to the peak, then linear down to end_lr_ratio
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 80])  # step
+    gamma: float = 0.1  # step
+    end_lr_ratio: float = 0.0  # triangular / cosine: final lr as a fraction of the peak
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "bf16"  # none | bf16 | fp16 (GPU only; CPU runs in float32)
+    channels_last: bool = True  # GPU only
+    compile: bool = False  # torch.compile the model
+    ema_decay: float = 0.0  # 0 = no EMA of the weights; else e.g. 0.9999 (evaluated as its own head)
+    deterministic: bool = True  # deterministic algorithms where torch offers them
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 caps it (quick trials, tests)
+    log_every: int = 20  # iterations between plain log lines when not on a TTY
+    threads: int = 0  # torch intra-op threads on CPU (0 = number of cores / processes)
+
+
+@dataclass
+class EvalConfig:
+    every_n_epochs: int = 1  # and always after the last epoch
+    tta_flip: bool = False  # average the outputs of the image and its mirror
+    topk: list[int] = field(default_factory=lambda: [1, 5])
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # "" = the local SQLite store runs/mlflow.db; or http://host:port of a server
+    experiment: str = "ssal-pipeline"  # one experiment per study
+    run_name: str = ""  # "" = <dataset>-<arch>-<method>
+    tags: dict[str, str] = field(default_factory=dict)
+    log_model: bool = True  # final weights as an artifact
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_epochs: int = 1
+    keep_best: bool = True  # best.pt by val top-1 of the main head
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runs_root: str = "runs"  # where run folders and the default MLflow store live
+    output_dir: str = ""  # "" = <runs_root>/<experiment>/<run_name>
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, for MLflow params."""
+        return dict(_flatten(self.to_dict()))
+
+    @property
+    def run_name(self) -> str:
+        return self.tracking.run_name or f"{self.data.dataset}-{self.model.arch}-{self.method.name}"
+
+    @property
+    def run_dir(self) -> Path:
+        if self.output_dir:
+            return resolve_path(self.output_dir)
+        return resolve_path(self.runs_root) / self.tracking.experiment / self.run_name
+
+
+def _flatten(tree: dict[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and prefix == "":
+            yield from _flatten(value, name + ".")
+        else:
+            yield name, value
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Relative paths in configs are relative to the repository root, not the cwd."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+# ----------------------------------------------------------------------------- typing
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check (and gently convert) `value` against a field annotation; ConfigError names the key."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `num_groups=8` on the command line means [8]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, value_type = typing.get_args(annotation)
+        return {str(k): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this file
+
+
+def _section_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _merge(instance, values: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of a dataclass instance from a (nested) dict, validating each key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = _section_hints(type(instance))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            valid = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown key '{name}' (valid keys here: {valid})")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, name + ".")
+        elif typing.get_origin(hints[key]) is dict and isinstance(value, dict):
+            # mappings (method.options, tracking.tags) merge key by key
+            merged = dict(current)
+            merged.update(_coerce(value, hints[key], name))
+            setattr(instance, key, merged)
+        else:
+            setattr(instance, key, _coerce(value, hints[key], name))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=0.1` -> (["optim", "lr"], 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    for part in reversed(path):
+        value = {part: value}
+    return value
+
+
+# ----------------------------------------------------------------------------- checks
+
+_CHOICES = {
+    "data.dataset": ("demo", "imagenet", "tinyimagenet"),
+    "data.order": ("quasi_random", "random"),
+    "method.name": ("baseline", "ssal", "dks", "ds", "gapcat", "maxl"),
+    "schedule.kind": ("step", "triangular", "cosine"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("none", "bf16", "fp16"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that do not need files: choices, ranges, consistency between keys."""
+    flat = cfg.flat()
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: '{flat[key]}' is not one of {', '.join(choices)}")
+    positive = [
+        "data.batch_size", "data.val_batch_size", "data.min_res", "data.max_res", "data.val_res",
+        "schedule.epochs", "eval.every_n_epochs", "checkpoint.every_n_epochs", "train.log_every",
+    ]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]}")
+    non_negative = [
+        "data.num_workers", "data.start_ramp", "data.end_ramp", "optim.weight_decay",
+        "optim.grad_clip_norm", "schedule.warmup_epochs", "train.max_steps_per_epoch", "train.threads",
+    ]
+    for key in non_negative:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
+    if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
+        raise ConfigError(f"optim.lr: must be a positive number, got {cfg.optim.lr}")
+    if not 0 <= cfg.optim.label_smoothing < 1:
+        raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
+    if cfg.data.min_res > cfg.data.max_res:
+        raise ConfigError(f"data.min_res ({cfg.data.min_res}) must be <= data.max_res ({cfg.data.max_res})")
+    if cfg.data.start_ramp > cfg.data.end_ramp:
+        raise ConfigError(f"data.start_ramp ({cfg.data.start_ramp}) must be <= data.end_ramp ({cfg.data.end_ramp})")
+    if cfg.schedule.kind == "triangular" and not 0 <= cfg.schedule.peak_epoch <= cfg.schedule.epochs:
+        raise ConfigError(f"schedule.peak_epoch: must be within [0, schedule.epochs={cfg.schedule.epochs}]")
+    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        raise ConfigError(f"schedule.warmup_epochs: must be <= schedule.epochs={cfg.schedule.epochs}")
+    if not 0 <= cfg.schedule.end_lr_ratio <= 1:
+        raise ConfigError(f"schedule.end_lr_ratio: must be in [0, 1], got {cfg.schedule.end_lr_ratio}")
+    if any(k < 1 for k in cfg.eval.topk):
+        raise ConfigError(f"eval.topk: every k must be >= 1, got {cfg.eval.topk}")
+    if cfg.method.name in ("ssal", "gapcat") and not cfg.method.groups_file and not cfg.method.num_groups:
+        raise ConfigError("method.num_groups: SSAL needs groupings: set method.groups_file or method.num_groups")
+    if cfg.method.groups_file and not resolve_path(cfg.method.groups_file).is_file():
+        raise ConfigError(f"method.groups_file: no such file {cfg.method.groups_file}")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Embedded defaults <- YAML file <- overrides, validated. Raises ConfigError."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        try:
+            _merge(cfg, loaded)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for text in overrides:
+        key_path, value = parse_override(text)
+        _merge(cfg, _nest(key_path, value))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    cfg = Config()
+    _merge(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def describe_keys() -> str:
+    """Every key with its default, for --help."""
+    lines = []
+    for name, value in Config().flat().items():
+        lines.append(f"  {name} = {json.dumps(value)}")
+    return "\n".join(lines)
