@@ -1,0 +1,261 @@
+"""The training and evaluation loops. Method-agnostic: everything method-specific goes
+through the model's method object (`loss`, `predict`, `extra_metrics`, see ssal_models).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from pipeline.util import dist as dist_util
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN/Inf loss: training stops, the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """The job was asked to stop (SLURM pre-end signal / scancel); a checkpoint is due."""
+
+
+def autocast_context(device: torch.device, amp: str):
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+@dataclass
+class EpochMeter:
+    """Sums of a training epoch, kept in the checkpoint so a mid-epoch resume logs the full epoch."""
+    samples: int = 0
+    loss_sum: float = 0.0
+    parts_sum: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def update(self, batch: int, loss: float, parts: dict[str, float]) -> None:
+        self.samples += batch
+        self.loss_sum += loss * batch
+        for name, value in parts.items():
+            self.parts_sum[name] = self.parts_sum.get(name, 0.0) + value * batch
+
+    def reduced(self, device: torch.device) -> dict[str, float]:
+        """Means over every rank's samples (sums all-reduced, then divided once)."""
+        names = sorted(self.parts_sum)
+        sums = torch.tensor([self.samples, self.loss_sum] + [self.parts_sum[n] for n in names],
+                            dtype=torch.float64, device=device)
+        dist_util.all_reduce_sum(sums)
+        samples = max(sums[0].item(), 1.0)
+        metrics = {"train/loss": sums[1].item() / samples}
+        metrics.update({f"train/{n}": sums[2 + i].item() / samples for i, n in enumerate(names)})
+        return metrics
+
+
+@dataclass
+class StepContext:
+    """What a training step needs besides the batch."""
+    model: nn.Module  # possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+    amp: str
+    grad_clip_norm: float = 0.0
+    channels_last: bool = False
+
+
+def standard_step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor):
+    """One optimisation step: forward, the method's loss, backward, (clip), step.
+
+    Returns the loss (a tensor, no host sync here) and its named parts.
+    """
+    method = unwrap(ctx.model).method
+    with autocast_context(ctx.device, ctx.amp):
+        outputs = ctx.model(images)
+        loss, parts = method.loss(outputs, labels)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        if ctx.grad_clip_norm > 0:
+            ctx.scaler.unscale_(ctx.optimizer)
+            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip_norm)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        loss.backward()
+        if ctx.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip_norm)
+        ctx.optimizer.step()
+    return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+
+def train_one_epoch(
+    ctx: StepContext,
+    loader: Iterable,
+    *,
+    epoch: int,
+    steps: int,
+    start_step: int,
+    meter: EpochMeter,
+    lr_at: Callable[[int], float],
+    global_step: int,
+    stop_requested: Callable[[], bool],
+    on_step_end: Callable[[], None] | None = None,
+    progress=None,
+    step_fn=standard_step,
+) -> int:
+    """Train `steps` iterations of one epoch, skipping the first `start_step` (mid-epoch resume).
+
+    Returns the global step reached. Raises NonFiniteLoss (every rank, together) on a
+    NaN/Inf loss and Preempted (every rank, together) when a stop was requested.
+    """
+    ctx.model.train()
+    iterator = iter(loader)
+    started = time.perf_counter()
+    try:
+        for step, (images, labels) in enumerate(iterator):
+            if step >= steps:
+                break
+            if step < start_step:
+                continue  # replay the epoch's order up to where the interrupted run stopped
+            lr = lr_at(global_step)
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = lr
+            if ctx.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            loss, parts = step_fn(ctx, images, labels)
+            # one small all-reduce per step agrees across ranks on "stop" and "non-finite",
+            # so that every rank leaves the loop at the same iteration (no hang in a collective)
+            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop_requested() else 0.0],
+                                 device=ctx.device)
+            dist_util.all_reduce_sum(flags)
+            if flags[0] > 0:
+                detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step} (global step {global_step}): "
+                                    f"loss={loss.item():.4g} on this rank; parts: {detail}")
+            meter.update(labels.shape[0], loss.item(), {k: v.item() for k, v in parts.items()})
+            global_step += 1
+            if on_step_end is not None:
+                on_step_end()
+            if progress is not None:
+                progress.update(step, loss.item(), lr)
+            if flags[1] > 0:
+                meter.seconds += time.perf_counter() - started
+                raise Preempted(f"stop requested at epoch {epoch} step {step + 1}")
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:  # an FFCV iterator abandoned mid-epoch must be closed (its threads)
+            close()
+    meter.seconds += time.perf_counter() - started
+    return global_step
+
+
+def _merge_flip(outputs: dict, flipped: dict) -> dict:
+    return {k: (outputs[k].float() + flipped[k].float()) / 2 for k in outputs}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device,
+    amp: str,
+    num_classes: int,
+    topk: Iterable[int] = (1, 5),
+    tta_flip: bool = False,
+    channels_last: bool = False,
+    prefix: str = "val",
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Top-k of every prediction rule of the method, its extra metrics, the val loss, and the
+    main head's confusion matrix (rows = true class), all summed over ranks (exact counts:
+    the val loader gives every rank a disjoint share, no padding)."""
+    model = unwrap(model)
+    method = model.method
+    model.eval()
+    topk = sorted(set(min(k, num_classes) for k in topk))
+    counts: dict[str, torch.Tensor] = {}
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    def add(name: str, value: torch.Tensor) -> None:
+        counts[name] = counts.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value.double()
+
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            outputs = model(images)
+            if tta_flip:
+                outputs = _merge_flip(outputs, model(torch.flip(images, dims=[3])))
+            loss, parts = method.loss(outputs, labels)
+        n = labels.shape[0]
+        add("samples", torch.tensor(float(n), device=device))
+        add("loss", loss.detach().float() * n)
+        for part, value in parts.items():
+            add(f"loss/{part}", value.detach().float() * n)
+        for rule, log_probs in method.predict(outputs).items():
+            top = log_probs.topk(topk[-1], dim=1).indices
+            hits = top == labels[:, None]
+            for k in topk:
+                add(f"top{k}/{rule}", hits[:, :k].any(dim=1).sum())
+            if rule == "main":
+                confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2)
+        for name, correct in method.extra_metrics(outputs, labels).items():
+            add(name, correct.sum())
+
+    names = sorted(counts)
+    packed = torch.stack([counts[n] for n in names]) if names else torch.zeros(0, device=device)
+    dist_util.all_reduce_sum(packed)
+    dist_util.all_reduce_sum(confusion)
+    totals = dict(zip(names, packed.tolist()))
+    samples = max(totals.pop("samples", 0.0), 1.0)
+    metrics = {f"{prefix}/{name}": value / samples for name, value in totals.items()}
+    metrics[f"{prefix}/samples"] = samples
+    return metrics, confusion.view(num_classes, num_classes).cpu()
+
+
+class Progress:
+    """A tqdm bar on a TTY, plain log lines every `log_every` steps otherwise (SLURM logs)."""
+
+    def __init__(self, enabled: bool, epoch: int, epochs: int, steps: int, start_step: int, batch: int,
+                 log_every: int):
+        self.enabled, self.epoch, self.epochs, self.steps = enabled, epoch, epochs, steps
+        self.batch, self.log_every = batch, log_every
+        self.started = time.perf_counter()
+        self.done = 0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{epochs}",
+                            dynamic_ncols=True, leave=False)
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        self.done += 1
+        rate = self.done * self.batch / max(time.perf_counter() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
+        elif (step + 1) % self.log_every == 0 or step + 1 == self.steps:
+            eta = (self.steps - step - 1) * self.batch / max(rate, 1e-9)
+            print(f"epoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss {loss:.4f} "
+                  f"lr {lr:.4g} {rate:.0f} img/s/rank eta {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def is_finite_number(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
