@@ -1,0 +1,477 @@
+"""Training entry point: `python -m pipeline.train --config FILE [--resume auto|PATH] [key=value ...]`.
+
+The same entry runs as one process, under torchrun (one process per GPU), and inside
+SLURM tasks started by submitit (pipeline/launch.py). It composes the config, the FFCV
+loaders (datasets.loader), the model + method (ssal_models) and the loops (pipeline.engine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the repo root first, not this folder
+    _root = str(Path(__file__).resolve().parents[1])
+    sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import config as config_lib
+from pipeline import engine
+from pipeline.config import Config, ConfigError, resolve_path
+from pipeline.optim import build_optimizer, lr_factor, scaled_lr
+from pipeline.util import checkpoint as ckpt
+from pipeline.util import dist as dist_util
+from pipeline.util import preemption
+
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 4
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Train a ResNet with auxiliary branches (SSAL / DKS / DS / GapCat / MAXL) on FFCV betons. "
+                    "Runs as one process, under torchrun, or in SLURM tasks (see pipeline/launch.py).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides: section.key=value (value parsed as YAML), e.g. optim.lr=0.1 method.num_groups=[8,16]\n"
+               "keys and defaults:\n" + config_lib.describe_keys(),
+    )
+    parser.add_argument("--config", help="YAML recipe (default: the embedded demo job)")
+    parser.add_argument("--resume", default="", help="'auto': continue the run in the output dir if it has a "
+                                                     "checkpoint (same MLflow run); or a checkpoint path")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def ensure_dataset(cfg: Config, info: dist_util.DistInfo) -> Path:
+    """The dataset folder; the demo set is written on first use (rank 0, others wait)."""
+    root = resolve_path(cfg.data.root)
+    if not (root / "manifest.json").is_file():
+        if cfg.data.dataset != "demo" or not cfg.data.write_demo_if_missing:
+            raise ConfigError(f"data.root: {root} has no manifest.json; write it with "
+                              f"`python datasets/write_ffcv.py {cfg.data.dataset} --out {root} ...`")
+        if info.is_main:
+            print(f"demo dataset missing: writing it to {root}", flush=True)
+            writer = Path(__file__).resolve().parents[1] / "datasets" / "write_ffcv.py"
+            subprocess.run([sys.executable, str(writer), "demo", "--out", str(root)], check=True)
+        dist_util.barrier()
+    return root
+
+
+def load_groupings(cfg: Config, num_classes: int, class_names: list[str]) -> list[np.ndarray]:
+    """SSAL/GapCat groupings: from the groups file, or seeded balanced random ones."""
+    from ssal_models import grouping
+
+    if cfg.method.groups_file:
+        path = resolve_path(cfg.method.groups_file)
+        try:
+            groupings, names = grouping.load_groupings(path)
+        except (ValueError, KeyError, json.JSONDecodeError) as err:
+            raise ConfigError(f"method.groups_file: {path} is not a groupings file ({err})") from None
+        for g in groupings:
+            if len(g) != num_classes:
+                raise ConfigError(f"method.groups_file: {path} groups {len(g)} classes but the dataset in "
+                                  f"data.root has {num_classes}; compute groups for this dataset")
+        return [np.asarray(g, dtype=np.int64) for g in groupings]
+    rng = np.random.default_rng(cfg.train.seed)
+    groupings = []
+    for k in cfg.method.num_groups:
+        if not 2 <= k <= num_classes // 2:
+            raise ConfigError(f"method.num_groups: {k} groups for {num_classes} classes; need 2 <= k <= C/2")
+        gamma = np.empty(num_classes, dtype=np.int64)
+        gamma[rng.permutation(num_classes)] = np.arange(num_classes) % k
+        groupings.append(gamma)
+    return groupings
+
+
+def method_options(cfg: Config, groupings: list[np.ndarray] | None) -> dict:
+    options = dict(cfg.method.options)
+    if groupings is not None:
+        options["groupings"] = [g.tolist() for g in groupings]
+    return options
+
+
+def build_model(cfg: Config, num_classes: int, groupings) -> nn.Module:
+    import ssal_models
+
+    options = method_options(cfg, groupings)
+    try:
+        return ssal_models.build_model(cfg.model.arch, cfg.method.name, num_classes,
+                                       blurpool=cfg.model.blurpool, zero_init_residual=cfg.model.zero_init_residual,
+                                       **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model/method: {err}") from None
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def make_tracker(cfg: Config, info: dist_util.DistInfo, run_dir: Path):
+    from pipeline import tracking
+
+    if not (cfg.tracking.enabled and info.is_main):
+        return tracking.NullTracker()
+    uri = cfg.tracking.uri or tracking.default_tracking_uri(str(resolve_path(cfg.runs_root)))
+    return tracking.Tracker(uri=uri, experiment=cfg.tracking.experiment, run_dir=str(run_dir))
+
+
+def run_tags(cfg: Config, info: dist_util.DistInfo, groupings) -> dict[str, str]:
+    tags = {
+        "method": cfg.method.name,
+        "arch": cfg.model.arch,
+        "dataset": cfg.data.dataset,
+        "world_size": str(info.world_size),
+        "branches": str(len(groupings) if groupings is not None else len(cfg.method.options.get("stages", []) or [])),
+        "groups": ",".join(str(int(g.max()) + 1) for g in groupings) if groupings is not None else "",
+        "git_commit": _git_commit(),
+    }
+    tags.update(cfg.tracking.tags)
+    return tags
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# ----------------------------------------------------------------------------- main
+
+
+class Trainer:
+    """Holds one run's state; `fit()` trains to the end or raises (Preempted, NonFiniteLoss)."""
+
+    def __init__(self, cfg: Config, info: dist_util.DistInfo, resume: str):
+        self.cfg, self.info = cfg, info
+        self.run_dir = cfg.run_dir
+        self.resume_path = self._resume_path(resume)
+
+    def _resume_path(self, resume: str) -> Path | None:
+        last = self.run_dir / ckpt.LAST
+        if resume == "auto":
+            return last if last.is_file() else None
+        if resume:
+            path = Path(resume)
+            if not path.is_file():
+                raise ConfigError(f"--resume: no such checkpoint {resume}")
+            return path
+        if last.is_file():
+            raise ConfigError(f"output dir {self.run_dir} already holds a run; pass --resume auto to continue it, "
+                              f"or choose another tracking.run_name / output_dir")
+        return None
+
+    def setup(self) -> None:
+        cfg, info = self.cfg, self.info
+        from datasets import loader as data_loader
+        from datasets.manifest import class_names, read_manifest
+
+        data_root = ensure_dataset(cfg, info)
+        manifest = read_manifest(data_root)
+        self.num_classes = int(manifest["num_classes"])
+        self.class_names = class_names(manifest)
+        needs_groups = cfg.method.name in ("ssal", "gapcat")
+        self.groupings = load_groupings(cfg, self.num_classes, self.class_names) if needs_groups else None
+        ckpt.seed_everything(cfg.train.seed)
+        model = build_model(cfg, self.num_classes, self.groupings)
+
+        device = info.device
+        self.amp = cfg.train.amp if device.type == "cuda" else "none"
+        self.channels_last = cfg.train.channels_last and device.type == "cuda"
+        batch = cfg.data.batch_size
+        self.train_loader = data_loader.create_train_loader(
+            data_root / manifest["splits"]["train"]["beton"], batch_size=batch, num_workers=cfg.data.num_workers,
+            resolution=cfg.data.min_res, device=device, distributed=info.distributed, seed=cfg.train.seed,
+            order=cfg.data.order, os_cache=cfg.data.os_cache, channels_last=self.channels_last)
+        self.val_loader = data_loader.create_val_loader(
+            data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
+            num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
+            distributed=info.distributed, channels_last=self.channels_last)
+        self.resolution_for_epoch = data_loader.resolution_for_epoch
+        # FFCV sets torch's thread count to its worker count: reset it for CPU training
+        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, _local_world_size()))
+        torch.set_num_threads(threads)
+
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.batch_size: {batch} x {info.world_size} processes is larger than the "
+                              f"train split; lower data.batch_size")
+
+        model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model_without_ddp = model
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        train_model: nn.Module = model
+        if info.distributed:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.train.compile:
+            train_model = torch.compile(train_model)
+        self.global_batch = batch * info.world_size
+        self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
+        optimizer = build_optimizer(model, cfg.optim, self.global_batch)
+        scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.ctx = engine.StepContext(model=train_model, optimizer=optimizer, scaler=scaler, device=device,
+                                      amp=self.amp, grad_clip_norm=cfg.optim.grad_clip_norm,
+                                      channels_last=self.channels_last)
+        if cfg.optim.label_smoothing and hasattr(model.method, "label_smoothing"):
+            model.method.label_smoothing = cfg.optim.label_smoothing
+
+        # state that the checkpoint carries
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.meter = engine.EpochMeter()
+        self.best_top1 = -1.0
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.run_id = None
+        if self.resume_path is not None:
+            self._load(self.resume_path)
+        run_id_file = self.run_dir / RUN_ID_FILE
+        if self.run_id is None and run_id_file.is_file():  # preempted before the first checkpoint
+            self.run_id = run_id_file.read_text().strip() or None
+        self.tracker = make_tracker(cfg, info, self.run_dir)
+
+    # -- checkpoints
+
+    def _state(self) -> dict:
+        return {
+            "model": self.model_without_ddp.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.ctx.optimizer.state_dict(),
+            "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "loader_epoch": self.epoch,
+            "meter": self.meter.__dict__.copy(),
+            "best_top1": self.best_top1,
+            "history": self.history,
+            "rng": ckpt.rng_state(),
+            "mlflow_run_id": self.run_id,
+            "config": self.cfg.to_dict(),
+            "groupings": [g.tolist() for g in self.groupings] if self.groupings is not None else None,
+        }
+
+    def save(self, name: str = ckpt.LAST) -> None:
+        if self.info.is_main:
+            ckpt.atomic_torch_save(self._state(), self.run_dir / name)
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        self.model_without_ddp.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.ctx.optimizer.load_state_dict(state["optimizer"])
+        if self.ctx.scaler is not None and state.get("scaler") is not None:
+            self.ctx.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.meter = engine.EpochMeter(**state["meter"])
+        self.best_top1, self.history = state["best_top1"], state["history"]
+        self.run_id = state.get("mlflow_run_id")
+        ckpt.set_rng_state(state["rng"])
+        if self.info.is_main:
+            print(f"resumed from {path}: epoch {self.epoch + 1} step {self.step_in_epoch}", flush=True)
+
+    # -- the loop
+
+    def fit(self) -> dict[str, float]:
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_lib.save_config(cfg, self.run_dir / "config.yaml")
+        self.run_id = self.tracker.start(run_name=cfg.run_name, params=cfg.flat(),
+                                         tags=run_tags(cfg, info, self.groupings), run_id=self.run_id)
+        if info.is_main:
+            if self.run_id:
+                (self.run_dir / RUN_ID_FILE).write_text(self.run_id)
+            self._log_static_artifacts()
+            print(f"run dir {self.run_dir}; world size {info.world_size}; device {info.device}; "
+                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}"
+                  + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
+        epochs = cfg.schedule.epochs
+        last_metrics: dict[str, float] = {}
+        while self.epoch < epochs:
+            epoch = self.epoch
+            res = self.resolution_for_epoch(epoch, min_res=cfg.data.min_res, max_res=cfg.data.max_res,
+                                            start_ramp=cfg.data.start_ramp, end_ramp=cfg.data.end_ramp)
+            self.train_loader.set_resolution(res)
+            self.train_loader.set_epoch(epoch)
+            progress = engine.Progress(info.is_main, epoch, epochs, self.steps_per_epoch, self.step_in_epoch,
+                                       self.global_batch, cfg.train.log_every)
+            start_step = self.step_in_epoch
+
+            def after_step():
+                self.step_in_epoch += 1
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model_without_ddp)
+
+            try:
+                self.global_step = engine.train_one_epoch(
+                    self.ctx, self.train_loader, epoch=epoch, steps=self.steps_per_epoch, start_step=start_step,
+                    meter=self.meter, global_step=self.global_step, stop_requested=preemption.requested,
+                    lr_at=lambda it: self.peak_lr * lr_factor(cfg.schedule, it, self.steps_per_epoch),
+                    on_step_end=after_step, progress=progress)
+            finally:
+                progress.close()
+            metrics = self.meter.reduced(info.device)
+            metrics["train/epoch_seconds"] = self.meter.seconds
+            metrics["train/images_per_second"] = metrics_rate(self.meter, info)
+            metrics["train/resolution"] = float(res)
+            metrics["train/lr"] = self.ctx.optimizer.param_groups[0]["lr"]
+            if info.device.type == "cuda":
+                metrics["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            last_epoch = epoch + 1 == epochs
+            confusion = None
+            if (epoch + 1) % cfg.eval.every_n_epochs == 0 or last_epoch:
+                val, confusion = self.evaluate()
+                metrics.update(val)
+            self.epoch, self.step_in_epoch, self.meter = epoch + 1, 0, engine.EpochMeter()
+            for name, value in metrics.items():
+                self.history.setdefault(name, []).append((epoch + 1, value))
+            self.tracker.log_metrics(metrics, step=epoch + 1)
+            if info.is_main:
+                heads = "  ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in sorted(metrics.items())
+                                  if k.startswith("val/top1/") or k == "train/loss")
+                print(f"epoch {epoch + 1}/{epochs}  {heads}  {metrics['train/images_per_second']:.0f} img/s", flush=True)
+            top1 = metrics.get("val/top1/main")
+            if top1 is not None and top1 > self.best_top1:
+                self.best_top1 = top1
+                if cfg.checkpoint.keep_best:
+                    self.save(ckpt.BEST)
+            if (epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last_epoch:
+                self.save()
+            if confusion is not None:
+                last_metrics = metrics
+                self.confusion = confusion
+        if not last_metrics:  # resumed after the end: evaluate what there is
+            last_metrics, self.confusion = self.evaluate()
+        if info.is_main:
+            self._log_final_artifacts()
+        return last_metrics
+
+    def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
+        kwargs = dict(device=self.info.device, amp=self.amp, num_classes=self.num_classes,
+                      topk=self.cfg.eval.topk, tta_flip=self.cfg.eval.tta_flip, channels_last=self.channels_last)
+        metrics, confusion = engine.evaluate(self.model_without_ddp, self.val_loader, **kwargs)
+        if self.ema is not None:
+            ema_metrics, _ = engine.evaluate(self.ema.module, self.val_loader, prefix="val_ema", **kwargs)
+            metrics.update(ema_metrics)
+        return metrics, confusion
+
+    def _log_static_artifacts(self) -> None:
+        self.tracker.log_artifact(str(self.run_dir / "config.yaml"))
+        if self.groupings is not None:
+            from ssal_models import grouping
+            path = self.run_dir / "groupings.json"
+            grouping.save_groupings(path, self.groupings, self.class_names)
+            self.tracker.log_artifact(str(path))
+
+    def _log_final_artifacts(self) -> None:
+        from pipeline import plots
+
+        conf_path = self.run_dir / "confusion_main.npy"
+        np.save(conf_path, self.confusion.numpy())
+        self.tracker.log_artifact(str(conf_path))
+        self.tracker.log_figure(plots.confusion_heatmap(self.confusion.numpy(), self.class_names),
+                                "confusion_main.png")
+        curves = {k: v for k, v in self.history.items() if k.startswith("val/top1/") or k.startswith("val_ema/top1/")}
+        if curves:
+            self.tracker.log_figure(plots.accuracy_curves(curves), "accuracy_curves.png")
+        weights = self.run_dir / "final_weights.pt"
+        ckpt.atomic_torch_save(self.model_without_ddp.state_dict(), weights)
+        if self.cfg.tracking.log_model:
+            self.tracker.log_artifact(str(weights))
+
+
+def metrics_rate(meter: engine.EpochMeter, info: dist_util.DistInfo) -> float:
+    """Images per second over all ranks (each rank trains its own share in the same time)."""
+    return meter.samples * info.world_size / max(meter.seconds, 1e-9)
+
+
+def _local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+
+
+def configure_torch(cfg: Config) -> None:
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_lib.load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    preemption.install_handlers()
+    info = dist_util.init_distributed_mode(cfg.train.device)
+    configure_torch(cfg)
+    trainer = None
+    status = "FAILED"
+    try:
+        trainer = Trainer(cfg, info, args.resume)
+        trainer.setup()
+        started = time.perf_counter()
+        metrics = trainer.fit()
+        status = "FINISHED"
+        if info.is_main:
+            trainer.tracker.log_metrics({"run/wall_seconds": time.perf_counter() - started}, step=cfg.schedule.epochs)
+            summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/top")}
+            print(f"done: {json.dumps(summary)}", flush=True)
+        return 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except engine.Preempted as reason:
+        trainer.save()
+        if preemption.requeue_pending():
+            status = None  # the requeued job continues this MLflow run
+            if info.is_main:
+                print(f"preempted ({reason}); checkpoint saved, requeue pending", flush=True)
+        else:
+            status = "KILLED"
+            if info.is_main:
+                print(f"stopped ({reason}); checkpoint saved to {trainer.run_dir / ckpt.LAST}", flush=True)
+        return preemption.EXIT_PREEMPTED
+    except engine.NonFiniteLoss as err:
+        print(f"error: rank {info.rank}: {err}; training stopped, the last good checkpoint is kept "
+              f"({cfg.run_dir / ckpt.LAST})", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    except Exception:
+        print(f"error: rank {info.rank} of {info.world_size} failed:\n{traceback.format_exc()}", file=sys.stderr,
+              flush=True)
+        return 1
+    finally:
+        if trainer is not None and getattr(trainer, "tracker", None) is not None and status is not None:
+            trainer.tracker.end(status)
+        dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
