@@ -311,7 +311,8 @@ def validate(cfg: Config) -> None:
     if cfg.method.name in ("ssal", "gapcat") and not cfg.method.groups_file and not cfg.method.num_groups:
         raise ConfigError("method.num_groups: SSAL needs groupings: set method.groups_file or method.num_groups")
     if cfg.method.groups_file and not resolve_path(cfg.method.groups_file).is_file():
-        raise ConfigError(f"method.groups_file: no such file {cfg.method.groups_file}")
+        raise ConfigError(f"method.groups_file: no such file {cfg.method.groups_file}; compute it from a baseline "
+                          f"run with `python pipeline/groups.py`")
 
 
 # ----------------------------------------------------------------------------- public API
