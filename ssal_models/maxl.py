@@ -268,12 +268,18 @@ class MaxlMethod(nn.Module):
     """
 
     name = "maxl"
+    # duck-typed ssal_models.base.Method attributes (BranchedResNet / the engine read them)
+    concat_branch_features = False
+    aux_key = "aux"
 
     def __init__(self, generator: LabelGenerator, psi: Sequence[int], gamma: float = 2.0,
                  entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01):
         super().__init__()
         if meta_order not in META_ORDERS:
             raise ValueError(f"meta_order must be one of {META_ORDERS}, got {meta_order!r}")
+        self.branch_names = [self.aux_key]
+        self.label_smoothing = 0.0     # not used: MAXL's losses are focal losses (supplementary 5)
+        self._in_meta = False
         self.generator = generator
         self.psi = tuple(int(k) for k in psi)
         self.num_classes, self.num_aux = len(self.psi), sum(self.psi)
@@ -285,6 +291,15 @@ class MaxlMethod(nn.Module):
         self.register_buffer("owner", aux_owner(self.psi), persistent=False)
 
     # ---- multi-task side -------------------------------------------------------------
+    def extra_outputs(self, x: torch.Tensor, outputs: "OrderedDict[str, torch.Tensor]"):
+        """Add ``outputs["gen"]`` = the generator's raw logits on the model's input ``x``
+        (``no_grad``).  The model calls this at the end of its forward; skipped inside the
+        meta step's functional forwards (they do not need it)."""
+        if not self._in_meta:
+            with torch.no_grad():
+                outputs["gen"] = self.generator(x)
+        return outputs
+
     def generated_log_probs(self, out: Dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """(N, A) masked log-probabilities of the generated labels, detached."""
         if "gen" not in out:
@@ -295,19 +310,19 @@ class MaxlMethod(nn.Module):
                        aux_targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(primary focal loss, auxiliary soft focal loss against ``aux_targets`` probabilities)."""
         pri = focal_loss(F.log_softmax(_wide(out["main"]), -1), targets, self.gamma)
-        aux = soft_focal_loss(F.log_softmax(_wide(out["aux"]), -1), aux_targets, self.gamma)
+        aux = soft_focal_loss(F.log_softmax(_wide(out[self.aux_key]), -1), aux_targets, self.gamma)
         return pri, aux
 
     def loss(self, out: Dict[str, torch.Tensor], targets: torch.Tensor):
         """The multi-task net's loss ``L_pri + L_aux`` (generator labels are constants here)."""
         p = self.generated_log_probs(out, targets).exp()
         pri, aux = self.multitask_loss(out, targets, p)
-        return pri + aux, {"main": pri.detach(), "aux": aux.detach()}
+        return pri + aux, {"focal/main": pri.detach(), "focal/aux": aux.detach()}
 
     def predict(self, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``main``: primary head; ``aux_sum`` (*our choice*, extra rule): auxiliary head's
         probabilities summed over each primary class's auxiliary set."""
-        lq = F.log_softmax(_wide(out["aux"]), -1)
+        lq = F.log_softmax(_wide(out[self.aux_key]), -1)
         summed = torch.zeros(lq.shape[0], self.num_classes, dtype=lq.dtype, device=lq.device)
         summed.index_add_(1, self.owner, lq.exp())
         return {"main": F.log_softmax(_wide(out["main"]), -1), "aux_sum": summed.clamp_min(1e-30).log()}
@@ -316,7 +331,7 @@ class MaxlMethod(nn.Module):
         """Per sample: ``aux_acc`` (aux head's argmax == generated label's argmax) and
         ``aux_in_set`` (aux head's argmax is one of the true class's auxiliary classes)."""
         gen = self.generated_log_probs(out, targets).argmax(-1)
-        a = out["aux"].argmax(-1)
+        a = out[self.aux_key].argmax(-1)
         return {"aux_acc": a == gen, "aux_in_set": self.mask[targets, a]}
 
     @torch.no_grad()
@@ -327,9 +342,9 @@ class MaxlMethod(nn.Module):
         return {"entropy_term": entropy_term(g), "label_counts": label_counts(g)}
 
     # ---- meta step ---------------------------------------------------------------------
-    @staticmethod
-    def _inner_hparams(net: nn.Module, lr: Optional[float], optimizer: Optional[torch.optim.Optimizer]):
-        """name -> (lr, weight_decay, momentum * buffer or None) for the virtual SGD step."""
+    def _inner_hparams(self, net: nn.Module, lr: Optional[float], optimizer: Optional[torch.optim.Optimizer]):
+        """name -> (lr, weight_decay, momentum * buffer or None) for the virtual SGD step, for
+        every trainable parameter of ``net`` that is not the generator's."""
         by_param = {}
         if optimizer is not None:
             for group in optimizer.param_groups:
@@ -342,8 +357,9 @@ class MaxlMethod(nn.Module):
         elif lr is None:
             raise ValueError("generator_step needs lr= or net_optimizer=")
         hp = {}
+        gen_ids = {id(p) for p in self.generator.parameters()}
         for n, p in net.named_parameters():
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in gen_ids:
                 hp[n] = by_param.get(p, (float(lr) if lr is not None else 0.0, 0.0, None))
         return hp
 
@@ -358,7 +374,11 @@ class MaxlMethod(nn.Module):
         return theta - lr * d
 
     def _fwd(self, net: nn.Module, params: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor], x):
-        return functional_call(net, (params, buffers), (x,))
+        self._in_meta = True
+        try:
+            return functional_call(net, (params, buffers), (x,), strict=False)
+        finally:
+            self._in_meta = False
 
     def meta_objective(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: Optional[float] = None,
                        net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0):
@@ -467,26 +487,65 @@ class MaxlModel(nn.Module):
         super().__init__()
         self.net = net
         self.method = method
-        # DDP: do not broadcast/reduce the generator (its grads come from generator_step).
-        self._ddp_params_and_buffers_to_ignore = (
-            [f"method.generator.{n}" for n, _ in method.generator.named_parameters()]
-            + [f"method.generator.{n}" for n, _ in method.generator.named_buffers()])
+        ddp_ignore_generator(self)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        out = self.net(x)
-        with torch.no_grad():
-            out["gen"] = self.method.generator(x)
-        return out
+        return self.method.extra_outputs(x, self.net(x))
 
-    def multitask_parameters(self) -> Iterable[nn.Parameter]:
-        return self.net.parameters()
+    def multitask_parameters(self) -> List[nn.Parameter]:
+        return multitask_parameters(self)
 
-    def generator_parameters(self) -> Iterable[nn.Parameter]:
-        return self.method.generator.parameters()
+    def generator_parameters(self) -> List[nn.Parameter]:
+        return generator_parameters(self)
 
     def generator_step(self, x: torch.Tensor, y: torch.Tensor, **kw) -> Dict[str, torch.Tensor]:
         """See :meth:`MaxlMethod.generator_step` (kw: ``lr``, ``net_optimizer``, ``grad_scale``)."""
         return self.method.generator_step(self.net, x, y, **kw)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)          # DDP
+    return getattr(model, "_orig_mod", model)        # torch.compile
+
+
+def generator_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The label generator's parameters (its own optimiser)."""
+    return list(_unwrap(model).method.generator.parameters())
+
+
+def multitask_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Every parameter of ``model`` except the generator's (the multi-task optimiser)."""
+    gen = {id(p) for p in generator_parameters(model)}
+    return [p for p in _unwrap(model).parameters() if id(p) not in gen]
+
+
+def ddp_ignore_generator(model: nn.Module) -> List[str]:
+    """List the generator's parameters and buffers in ``model._ddp_params_and_buffers_to_ignore``
+    (DDP then neither broadcasts nor all-reduces them, and does not wait for their gradients,
+    which the multi-task backward never produces).  Call before wrapping in DDP; the engine
+    all-reduces the generator's gradients itself after :meth:`MaxlMethod.generator_step`."""
+    gen = _unwrap(model).method.generator
+    ids = {id(t) for t in gen.parameters()} | {id(t) for t in gen.buffers()}
+    names = [n for n, t in model.named_parameters() if id(t) in ids]
+    names += [n for n, t in model.named_buffers() if id(t) in ids]
+    old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = old + [n for n in names if n not in old]
+    return names
+
+
+def resolve_psi(num_classes: int, psi) -> List[int]:
+    """``make_psi`` plus ``"cifar100:P-A"`` (CIFAR-100 levels, e.g. ``"cifar100:20-100"``)."""
+    if isinstance(psi, str):
+        name, _, levels = psi.partition(":")
+        if name != "cifar100" or "-" not in levels:
+            raise ValueError(f"maxl: psi string must look like 'cifar100:20-100', got {psi!r}")
+        from .hierarchies import cifar100_psi
+        pri, aux = (int(v) for v in levels.split("-"))
+        out = cifar100_psi(pri, aux)
+        if len(out) != num_classes:
+            raise ValueError(f"maxl: psi {psi!r} is for {len(out)} primary classes, the model has {num_classes}")
+        return out
+    return make_psi(num_classes, psi)
 
 
 def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
@@ -500,7 +559,7 @@ def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
     ``ssal_models.hierarchies``).  ``backbone_builder(arch) -> (module, feature_dim)``
     defaults to :func:`torchvision_backbone`; the models library passes its own.
     """
-    psi = make_psi(num_classes, psi)
+    psi = resolve_psi(num_classes, psi)
     build = backbone_builder or torchvision_backbone
     body, dim = build(arch)
     net = MultiTaskNet(body, dim, num_classes, sum(psi))
@@ -514,3 +573,59 @@ def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
     gen = LabelGenerator(gbody, gdim, psi, hidden=generator_hidden)
     method = MaxlMethod(gen, psi, gamma=gamma, entropy_weight=entropy_weight, meta_order=meta_order, fd_eps=fd_eps)
     return MaxlModel(net, method)
+
+
+# --------------------------------------------------------------------------------------
+# models-library integration: build_model(arch, "maxl", num_classes, **options)
+# --------------------------------------------------------------------------------------
+MAXL_OPTIONS = ("psi", "generator_arch", "generator_hidden", "gamma", "entropy_weight", "meta_order", "fd_eps")
+
+
+class AuxHead(nn.Module):
+    """Auxiliary head on a (N, D, H, W) feature map: global average pool + Linear(D, A)."""
+
+    def __init__(self, feature_dim: int, num_aux: int):
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, num_aux)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1))
+
+
+def build_maxl_method(info, num_classes: int, options: Dict):
+    """``ssal_models.base`` method builder: the auxiliary head as a branch named ``"aux"`` on
+    ``layer4`` (the shared pooled features, like the main ``fc``) and a :class:`MaxlMethod`
+    owning the generator (``generator_arch`` default: :func:`default_generator_arch`, built
+    with :func:`torchvision_backbone`).  Options: see :data:`MAXL_OPTIONS` (``psi`` accepts
+    ``None`` / int / list / ``"cifar100:P-A"``).  Needs the model to call
+    ``method.extra_outputs(x, outputs)`` at the end of its forward (``outputs["gen"]``)."""
+    from .base import BranchSpec, MethodBuild, check_options
+    check_options("maxl", options, MAXL_OPTIONS)
+    psi = resolve_psi(num_classes, options.get("psi"))
+    meta_order = options.get("meta_order", "second")
+    if meta_order not in META_ORDERS:
+        raise ValueError(f"maxl: option 'meta_order' must be one of {', '.join(META_ORDERS)}, got {meta_order!r}")
+    floats = {}
+    for key, default, lo in (("gamma", 2.0, 0.0), ("entropy_weight", 0.2, 0.0), ("fd_eps", 0.01, 1e-12)):
+        v = options.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= lo) or v != v or v == float("inf"):
+            raise ValueError(f"maxl: option {key!r} must be a finite number >= {lo}, got {v!r}")
+        floats[key] = float(v)
+    garch = options.get("generator_arch") or default_generator_arch(info.arch)
+    gbody, gdim = torchvision_backbone(garch)
+    gen = LabelGenerator(gbody, gdim, psi, hidden=options.get("generator_hidden"))
+    method = MaxlMethod(gen, psi, meta_order=meta_order, **floats)
+    return MethodBuild(method=method, branches=[BranchSpec(MaxlMethod.aux_key, "layer4",
+                                                           AuxHead(info.feature_dim, sum(psi)))])
+
+
+def _register() -> None:
+    try:
+        from .base import METHODS, register_method
+    except ImportError:            # models library not present: the standalone MaxlModel still works
+        return
+    if "maxl" not in METHODS:
+        register_method("maxl")(build_maxl_method)
+
+
+_register()
