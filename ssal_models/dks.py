@@ -1,0 +1,188 @@
+"""DKS, Deeply-supervised Knowledge Synergy (METHODS.md §2), and DS, plain deep supervision
+(the same branches, cross-entropy terms only).  DS lives here because it *is* DKS without the
+synergy term; it is registered as its own method, ``ds``.
+
+Branches (:class:`DKSBranch`)
+-----------------------------
+Each auxiliary classifier is built from the backbone's own block type (BasicBlock for
+ResNet-18/34, Bottleneck for ResNet-50/152, exactly as torchvision builds its stages), with
+its own copies of the later down-sampling stages, so that every path from the input to a
+classifier is down-sampled 32x; then global average pooling and a linear layer to the C
+classes.  Default stage copies (``planes``, output channels = planes x expansion):
+
+=================  ==========================================  ====================================
+tap                stage copies (planes x blocks, all stride 2)  blocks by arch
+=================  ==========================================  ====================================
+``layer2`` (C2)    layer3-style 256 x a, layer4-style 512 x b  ResNet-18 a=1 b=2; ResNet-34/50 a=3
+                                                               b=2; ResNet-152 a=18 b=2
+``layer3`` (C3)    layer4-style at 2x width: 1024 x c          ResNet-18 c=2; ResNet-34/50/152 c=3
+``layer1`` (C4)    128 x 1, 256 x 1, 512 x 2                   every arch (our *choice*: our reading
+                                                               of the C4 column of the DKS
+                                                               supplementary's Table 7)
+=================  ==========================================  ====================================
+
+So ResNet-50's C3 ends in 4096 channels (Bottleneck 1x1 1024 / 3x3 1024 / 1x1 4096, x3) and
+ResNet-18's in 1024.  These are the paper's heavy branches: on ResNet-50 they cost more than
+the backbone itself (see ``bench/branch_overhead.py``); only the main classifier is needed at
+test time.  A tap inside a stage (``layer2.1``) gets the copies of that stage's branch.
+
+Options of ``build_model(arch, "dks" | "ds", C, ...)``
+------------------------------------------------------
+* ``stages``: taps of the auxiliary classifiers, in ``layer1``..``layer3`` (``layerN.i``
+  allowed); default ``[layer2, layer3]`` (the paper's main ImageNet setting); the paper's
+  three-classifier ablation is ``[layer1, layer2, layer3]``.  Branch ``i`` is ``dks.i``.
+* ``blocks``: per branch, the block count of each stage copy (e.g. ``[[1, 2], [2]]``);
+  default from the table above.
+* ``width``: a multiplier on every copy's planes (default 1.0; e.g. 0.5 for the "narrow"
+  variant of the paper's ablation), rounded, at least 8.
+* ``ce_weights``: ``[w_main, w_0, ...]`` or one number; default 1.
+* ``kl_weight`` (``dks`` only): weight of the synergy term; default 1.
+
+Loss: ``L = Σ_i w_i·CE(z_i, y) + kl_weight·Σ_{i≠j} KL(stopgrad(p_j) ‖ p_i)`` over all ordered
+pairs of classifiers (main included), temperature 1, each KL a batch mean, everything from
+float32 log-softmax (``exp`` only of log-probabilities, which are <= 0: no overflow under
+fp16 autocast).  Parts: ``ce/main``, ``ce/dks.i``, ``kl`` (the unweighted pair sum).
+
+Prediction rules: ``main``, each branch (``dks.i``), and ``ensemble`` (the mean of all
+classifiers' probabilities, main included).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import STAGES, BackboneInfo, Block, init_like_torchvision, make_stage
+from .base import (BranchSpec, Method, MethodBuild, Outputs, check_options, cross_entropy, float_list,
+                   log_probs, positive_float, register_method, stage_list)
+
+# [[a, b], [c]]: stage-copy blocks of the branch on layer2 and of the branch on layer3
+PAPER_BLOCKS = {
+    "resnet18": [[1, 2], [2]],
+    "resnet34": [[3, 2], [3]],
+    "resnet50": [[3, 2], [3]],
+    "resnet152": [[18, 2], [3]],
+}
+LAYER1_BLOCKS = [1, 1, 2]
+# planes of the stage copies of a branch on layer1 / layer2 / layer3 (layer3's is 2x layer4's)
+COPY_PLANES = {0: (128, 256, 512), 1: (256, 512), 2: (1024,)}
+BRANCH_STAGES = ("layer1", "layer2", "layer3")
+
+
+def default_blocks(arch: str, stage_index: int) -> List[int]:
+    if stage_index == 0:
+        return list(LAYER1_BLOCKS)
+    return list(PAPER_BLOCKS[arch][stage_index - 1])
+
+
+class DKSBranch(nn.Module):
+    """Stage copies (each stride 2), global average pooling, a linear classifier."""
+
+    def __init__(self, block: Block, in_channels: int, planes: Sequence[int], blocks: Sequence[int],
+                 num_classes: int, zero_init_residual: bool = False):
+        super().__init__()
+        stages, inplanes = [], in_channels
+        for stage_planes, stage_blocks in zip(planes, blocks):
+            stages.append(make_stage(block, inplanes, stage_planes, stage_blocks, stride=2))
+            inplanes = stage_planes * block.expansion
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(inplanes, num_classes)
+        init_like_torchvision(self.stages, zero_init_residual)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.stages(x), 1), 1))
+
+
+class DKSMethod(Method):
+    """DKS (``kl_weight > 0``, name ``dks``) or DS (``kl_weight = 0``, name ``ds``)."""
+
+    def __init__(self, name: str, num_classes: int, branch_names: Sequence[str], ce_weights: Sequence[float],
+                 kl_weight: float):
+        super().__init__(num_classes, branch_names)
+        self.name = name
+        self.ce_weights = [float(w) for w in ce_weights]
+        self.kl_weight = float(kl_weight)
+
+    @property
+    def classifier_names(self) -> List[str]:
+        return ["main"] + self.branch_names
+
+    def loss(self, outputs: Outputs, targets: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        total = outputs["main"].new_zeros((), dtype=torch.float32)
+        parts: Dict[str, torch.Tensor] = {}
+        for weight, name in zip(self.ce_weights, self.classifier_names):
+            ce = cross_entropy(outputs[name], targets, self.label_smoothing)
+            total = total + weight * ce
+            parts[f"ce/{name}"] = ce.detach()
+        if self.name == "dks":
+            kl = synergy_kl([log_probs(outputs[name]) for name in self.classifier_names])
+            total = total + self.kl_weight * kl
+            parts["kl"] = kl.detach()
+        return total, parts
+
+    def predict(self, outputs: Outputs) -> Dict[str, torch.Tensor]:
+        rules = {name: log_probs(outputs[name]) for name in self.classifier_names}
+        stacked = torch.stack(list(rules.values()))
+        rules["ensemble"] = torch.logsumexp(stacked, dim=0) - math.log(stacked.shape[0])
+        return rules
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ce_weights={self.ce_weights}, kl_weight={self.kl_weight}"
+
+
+def synergy_kl(log_probs_list: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``Σ_{i≠j} KL(stopgrad(p_j) ‖ p_i)``, each term a batch mean, from log-probabilities:
+    the teacher ``j`` is detached, so only the student ``i`` receives gradient."""
+    total = log_probs_list[0].new_zeros(())
+    for j, teacher in enumerate(log_probs_list):
+        teacher = teacher.detach()
+        for i, student in enumerate(log_probs_list):
+            if i != j:
+                total = total + F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    return total
+
+
+def _blocks_option(method: str, value: Any, stage_indices: Sequence[int]) -> List[List[int]]:
+    expected = [3 - s for s in stage_indices]  # number of later stages each branch copies
+    ok = isinstance(value, (list, tuple)) and len(value) == len(expected) and all(
+        isinstance(row, (list, tuple)) and len(row) == n
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in row)
+        for row, n in zip(value, expected))
+    if not ok:
+        raise ValueError(f"{method}: option 'blocks' must give, per branch, one block count >= 1 per stage copy: "
+                         f"lists of lengths {expected}, got {value!r}")
+    return [list(row) for row in value]
+
+
+def _build(method: str, info: BackboneInfo, num_classes: int, options: Dict[str, Any]) -> MethodBuild:
+    valid = ["stages", "blocks", "width", "ce_weights"] + (["kl_weight"] if method == "dks" else [])
+    check_options(method, options, valid)
+    stages = stage_list(method, info, options.get("stages", ["layer2", "layer3"]), BRANCH_STAGES)
+    stage_indices = [STAGES.index(tap.split(".")[0]) for tap in stages]
+    if "blocks" in options:
+        blocks = _blocks_option(method, options["blocks"], stage_indices)
+    else:
+        blocks = [default_blocks(info.arch, s) for s in stage_indices]
+    width = positive_float(method, "width", options.get("width", 1.0))
+    ce_weights = float_list(method, "ce_weights", options.get("ce_weights", 1.0), len(stages) + 1)
+    kl_weight = float_list(method, "kl_weight", options.get("kl_weight", 1.0), 1)[0] if method == "dks" else 0.0
+    zero_init_residual = bool(options.get("zero_init_residual", False))
+    branches = []
+    for index, (tap, stage_index, branch_blocks) in enumerate(zip(stages, stage_indices, blocks)):
+        planes = [max(8, round(p * width)) for p in COPY_PLANES[stage_index]]
+        module = DKSBranch(info.block, info.tap_channels(tap), planes, branch_blocks, num_classes, zero_init_residual)
+        branches.append(BranchSpec(f"{method}.{index}", tap, module))
+    return MethodBuild(DKSMethod(method, num_classes, [b.name for b in branches], ce_weights, kl_weight), branches)
+
+
+@register_method("dks")
+def build_dks(info: BackboneInfo, num_classes: int, options: Dict[str, Any]) -> MethodBuild:
+    return _build("dks", info, num_classes, options)
+
+
+@register_method("ds")
+def build_ds(info: BackboneInfo, num_classes: int, options: Dict[str, Any]) -> MethodBuild:
+    return _build("ds", info, num_classes, options)

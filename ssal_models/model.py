@@ -1,0 +1,130 @@
+"""The model: a torchvision ResNet, branches on tap points, and the method object.
+
+``build_model(arch, method, num_classes, **options)`` is the one public constructor; see
+``ssal_models/__init__.py`` for the contract.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from .backbones import ARCHS, STAGES, BackboneInfo, apply_blurpool, backbone_info, build_backbone
+from .base import METHODS, Method, MethodBuild
+
+
+class BranchedResNet(nn.Module):
+    """A ResNet whose forward also feeds named intermediate features to branch modules.
+
+    ``forward(x)`` returns an ``OrderedDict``: ``"main"`` (the backbone's classifier) first,
+    then one entry per branch in build order (``"ssal.0"``, ``"dks.1"``, ...).  A method with
+    ``concat_branch_features`` (GapCat) instead concatenates the branch outputs to the main
+    pooled features and returns ``"main"`` alone.
+    """
+
+    def __init__(self, info: BackboneInfo, backbone: nn.Module, build: MethodBuild):
+        super().__init__()
+        self.arch = info.arch
+        self.backbone = backbone
+        self.branches = nn.ModuleList([spec.module for spec in build.branches])
+        self.branch_names: List[str] = [spec.name for spec in build.branches]
+        self.branch_taps: List[str] = [spec.tap for spec in build.branches]
+        self.method: Method = build.method
+        # per stage, the block indices whose outputs a branch reads (taps inside a stage);
+        # a stage without inner taps runs as one nn.Sequential call
+        self._inner_taps: Dict[str, set] = {}
+        for tap in self.branch_taps:
+            stage_index, block_index = info.parse_tap(tap)
+            if block_index is not None:
+                self._inner_taps.setdefault(STAGES[stage_index], set()).add(block_index)
+        self._needed_stages = {tap for tap in self.branch_taps if "." not in tap}
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        bb = self.backbone
+        x = bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
+        tapped: Dict[str, torch.Tensor] = {}
+        for stage_name in STAGES:
+            stage = getattr(bb, stage_name)
+            inner = self._inner_taps.get(stage_name)
+            if inner:
+                for index, block in enumerate(stage):
+                    x = block(x)
+                    if index in inner:
+                        tapped[f"{stage_name}.{index}"] = x
+            else:
+                x = stage(x)
+            if stage_name in self._needed_stages:
+                tapped[stage_name] = x
+        pooled = torch.flatten(bb.avgpool(x), 1)
+        branch_outputs = [branch(tapped[tap]) for branch, tap in zip(self.branches, self.branch_taps)]
+        if self.method.concat_branch_features:
+            return OrderedDict(main=bb.fc(torch.cat([pooled, *branch_outputs], dim=1)))
+        outputs = OrderedDict(main=bb.fc(pooled))
+        outputs.update(zip(self.branch_names, branch_outputs))
+        return outputs
+
+
+def available_archs() -> List[str]:
+    return list(ARCHS)
+
+
+def available_methods() -> List[str]:
+    return sorted(METHODS)
+
+
+def build_model(arch: str, method: str, num_classes: int, **options: Any) -> BranchedResNet:
+    """Build ``arch`` with ``method``'s branches, loss and prediction rules.
+
+    Backbone options (every method): ``blurpool`` (bool), ``zero_init_residual`` (bool).
+    Method options: see the method's module (``ssal_models.ssal``, ``.dks``, ...).
+    Every bad argument raises ``ValueError`` with a one-line message naming it and the valid
+    choices.  Works under ``with torch.device("meta"):`` (no data-dependent code at build).
+    """
+    info = backbone_info(arch)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(available_methods())}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    options = dict(options)
+    blurpool = options.pop("blurpool", False)
+    zero_init_residual = options.pop("zero_init_residual", False)
+    for key, value in (("blurpool", blurpool), ("zero_init_residual", zero_init_residual)):
+        if not isinstance(value, bool):
+            raise ValueError(f"option {key!r} must be true or false, got {value!r}")
+    options["zero_init_residual"] = zero_init_residual  # branch builders of the backbone's block type need it
+
+    backbone = build_backbone(arch, num_classes, zero_init_residual)
+    build = METHODS[method](info, num_classes, options)
+    if build.main_extra_features:
+        # the main classifier reads the pooled features plus the branch features (GapCat)
+        backbone.fc = nn.Linear(info.feature_dim + build.main_extra_features, num_classes)
+    model = BranchedResNet(info, backbone, build)
+    if blurpool:
+        # the whole model, branches included: every strided conv sees an anti-aliased input
+        apply_blurpool(model)
+    return model
+
+
+def count_parameters(model: nn.Module) -> Dict[str, int]:
+    """``{"backbone": n, "<branch name>": n, ..., ["lc": n,] "total": n}``.
+
+    ``backbone`` includes the main classifier (for GapCat, widened by the branch features);
+    ``lc`` is SSAL's separately fitted linear-combination head, when one is attached.
+    """
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+
+    def numel(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    counts: Dict[str, int] = {"backbone": numel(model.backbone)}
+    names = getattr(model, "branch_names", [])
+    for name, branch in zip(names, getattr(model, "branches", [])):
+        counts[name] = numel(branch)
+    method_params = numel(model.method) if hasattr(model, "method") else 0
+    if method_params:
+        counts["lc"] = method_params
+    counts["total"] = numel(model)
+    return counts
