@@ -1,0 +1,172 @@
+"""ssal_models.grouping: the balanced confusion clustering, its validation, index helper and JSON files."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ssal_models import grouping
+
+
+def planted_confusion(num_blocks=8, block_size=5, seed=0, within=20, noise=3, correct=100):
+    """Counts of a classifier that confuses classes inside planted blocks (+ Poisson noise)."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(num_blocks), block_size)
+    counts = rng.poisson(noise, (truth.size, truth.size)).astype(float)
+    counts += (truth[:, None] == truth[None, :]) * rng.poisson(within, counts.shape)
+    np.fill_diagonal(counts, correct)
+    return counts, truth
+
+
+def same_partition(a, b):
+    """Equal up to a renaming of the groups."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def block_pairs_together(g, truth):
+    """How many pairs of classes of the same planted block share a group."""
+    same_group = g[:, None] == g[None, :]
+    same_block = truth[:, None] == truth[None, :]
+    return int(np.triu(same_group & same_block, 1).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_join_recovers_planted_blocks_exactly(seed):
+    counts, truth = planted_confusion(seed=seed)
+    g = grouping.group_classes(counts, 8, "join", seed=seed)
+    assert same_partition(g, truth)
+
+
+def test_join_recovers_blocks_of_four_from_a_transposed_confusion():
+    # rows/columns permuted: nothing depends on classes of a block being adjacent
+    counts, truth = planted_confusion(num_blocks=8, block_size=4, within=8, seed=5)
+    perm = np.random.default_rng(0).permutation(truth.size)
+    g = grouping.group_classes(counts[np.ix_(perm, perm)], 8, "join")
+    assert same_partition(g, truth[perm])
+
+
+def test_split_spreads_every_block_across_groups():
+    counts, truth = planted_confusion(seed=3)
+    g = grouping.group_classes(counts, 5, "split", seed=0)
+    assert block_pairs_together(g, truth) == 0  # each of the 5 groups holds one class of every block
+    # whereas join puts them all together
+    assert block_pairs_together(grouping.group_classes(counts, 8, "join"), truth) == 8 * math.comb(5, 2)
+
+
+@pytest.mark.parametrize("num_classes,k", [(40, 8), (37, 5), (10, 4), (100, 33), (1000, 334)])
+def test_balanced_nonempty_and_deterministic(num_classes, k):
+    confusion = np.random.default_rng(num_classes).random((num_classes, num_classes))
+    g = grouping.group_classes(confusion, k, "join", seed=7)
+    sizes = np.bincount(g, minlength=k)
+    assert g.shape == (num_classes,) and g.dtype == np.int64
+    assert sizes.min() >= 1 and sizes.max() <= math.ceil(num_classes / k) and sizes.size == k
+    assert np.array_equal(g, grouping.group_classes(confusion, k, "join", seed=7))
+
+
+def test_seed_breaks_ties_differently():
+    # an all-equal confusion is nothing but ties: the seed decides
+    confusion = np.ones((20, 20))
+    results = {tuple(grouping.group_classes(confusion, 4, seed=s)) for s in range(6)}
+    assert len(results) > 1
+    for g in results:
+        assert np.bincount(g).tolist() == [5, 5, 5, 5]
+
+
+def test_distance_follows_the_spec():
+    counts = np.array([[8, 2, 0, 0], [1, 7, 2, 0], [0, 0, 10, 0], [5, 0, 0, 5]], dtype=float)
+    rates = counts / counts.sum(1, keepdims=True)
+    np.fill_diagonal(rates, 0)
+    join = grouping.class_distance(counts, "join")
+    split = grouping.class_distance(counts, "split")
+    expected_join = ((1 - rates) + (1 - rates).T) / 2
+    np.fill_diagonal(expected_join, 0)
+    np.testing.assert_allclose(join, expected_join)
+    np.testing.assert_allclose(split, (rates + rates.T) / 2)
+
+
+def test_accepts_a_torch_confusion_and_rows_without_samples():
+    counts, truth = planted_confusion()
+    counts[3] = 0  # a class never seen in the held-out data
+    g = grouping.group_classes(torch.as_tensor(counts), 8)
+    assert np.bincount(g).tolist() == [5] * 8
+
+
+@pytest.mark.parametrize("confusion,k,criterion,match", [
+    (np.ones((10, 10)), 1, "join", "k must be"),
+    (np.ones((10, 10)), 6, "join", "k must be"),
+    (np.ones((10, 10)), 2.0, "join", "k must be"),
+    (np.ones((10, 9)), 2, "join", "square"),
+    (np.ones(10), 2, "join", "square"),
+    (-np.ones((10, 10)), 2, "join", "non-negative"),
+    (np.full((10, 10), np.nan), 2, "join", "finite"),
+    (np.ones((10, 10)), 2, "merge", "criterion"),
+])
+def test_bad_arguments_raise(confusion, k, criterion, match):
+    with pytest.raises(ValueError, match=match):
+        grouping.group_classes(confusion, k, criterion)
+
+
+def test_grouping_to_index_and_validation():
+    index = grouping.grouping_to_index([1, 0, 2, 1], num_classes=4)
+    assert index.dtype == torch.long and index.tolist() == [1, 0, 2, 1]
+    for bad, match in [([0, 0, 0], "k >= 2"), ([0, 2, 2, 0], "empty"), ([0, -1, 1], "group indices"),
+                       ([[0, 1]], "1-D"), ([0.5, 1.0], "integer"), ([True, False], "integer")]:
+        with pytest.raises(ValueError, match=match):
+            grouping.grouping_to_index(bad)
+    with pytest.raises(ValueError, match="4 classes"):
+        grouping.grouping_to_index([0, 1, 1], num_classes=4)
+
+
+def test_random_grouping_is_balanced_and_seeded():
+    g = grouping.random_grouping(10, 3, seed=1)
+    assert sorted(np.bincount(g).tolist()) == [3, 3, 4]
+    assert np.array_equal(g, grouping.random_grouping(10, 3, seed=1))
+    assert not np.array_equal(g, grouping.random_grouping(10, 3, seed=2))
+
+
+def test_save_load_roundtrip_is_readable(tmp_path):
+    names = [f"class_{i}" for i in range(6)]
+    groupings = [np.array([0, 0, 1, 1, 2, 2]), np.array([1, 0, 1, 0, 1, 0])]
+    path = tmp_path / "groups.json"
+    grouping.save_groupings(path, groupings, names, metadata={"criterion": "join"})
+    loaded, loaded_names = grouping.load_groupings(path)
+    assert loaded_names == names
+    assert [g.tolist() for g in loaded] == [g.tolist() for g in groupings]
+    text = path.read_text()
+    assert '["class_0", "class_1"]' in text  # a group's class names on one line
+    data = json.loads(text)
+    assert data["groupings"][1]["groups"] == [["class_1", "class_3", "class_5"], ["class_0", "class_2", "class_4"]]
+    assert data["metadata"] == {"criterion": "join"}
+
+
+def test_load_derives_assignment_from_hand_written_groups(tmp_path):
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps({"class_names": ["a", "b", "c", "d"], "groupings": [{"groups": [["b", "d"], ["a", "c"]]}]}))
+    loaded, _ = grouping.load_groupings(path)
+    assert loaded[0].tolist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("content,match", [
+    ({"class_names": ["a", "b", "c", "d"], "groupings": [{"groups": [["a", "b"], ["c"]]}]}, "in no group"),
+    ({"class_names": ["a", "b", "c", "d"], "groupings": [{"groups": [["a", "b"], ["c", "a", "d"]]}]}, "two groups"),
+    ({"class_names": ["a", "b", "c", "d"], "groupings": [{"assignment": [0, 0, 1, 1], "groups": [["a", "c"], ["b", "d"]]}]},
+     "disagree"),
+    ({"class_names": ["a", "b", "c", "d"], "groupings": [{"assignment": [0, 0, 1]}]}, "4 classes"),
+    ({"groupings": []}, "not a groupings file"),
+])
+def test_load_rejects_inconsistent_files(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=match):
+        grouping.load_groupings(path)
+
+
+def test_save_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="single grouping"):
+        grouping.save_groupings(tmp_path / "x.json", [0, 1, 0, 1], None)
+    with pytest.raises(ValueError, match="class names"):
+        grouping.save_groupings(tmp_path / "x.json", [[0, 1, 0, 1]], ["a", "b"])
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        grouping.save_groupings(tmp_path / "x.json", [[0, 1, 0, 1], [0, 1, 0]], None)
