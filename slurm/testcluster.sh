@@ -17,6 +17,8 @@
 #   CTL_PORT=6827 SLURMD_PORT=6828 DBD_PORT=6829 DB_PORT=3399   (CTL_PORT/DBD_PORT are bound on 127.0.0.1
 #                    in the root namespace by socat proxies; the others only inside the namespaces)
 #   PARTITION=gpu    name of the (single, default) partition
+#   CRED_EXPIRE=10   job credential lifetime (s); also how long a REQUEUED job waits before it may start again
+#                    (SLURM's default is 120 s, which makes every requeue take > 2 minutes)
 #
 # Layout: the controller (slurmctld, slurmdbd, mariadbd) lives in netns ${NS}ctl, which holds a bridge with
 # $SUBNET.1; node i lives in netns ${NS}n$i with $SUBNET.(10+i) on a veth to that bridge.  Each daemon runs in a
@@ -96,6 +98,7 @@ install_packages() {
 do_up() {
   NODES=${NODES:-2}; CPUS=${CPUS:-2}; GPUS=${GPUS:-2}; MEM_MB=${MEM_MB:-4000}; ACCOUNTING=${ACCOUNTING:-1}
   NS=${NS_PREFIX:-stc}; SUBNET=${SUBNET:-10.99.0}; PARTITION=${PARTITION:-gpu}
+  CRED_EXPIRE=${CRED_EXPIRE:-10}
   CTL_PORT=${CTL_PORT:-6827}; SLURMD_PORT=${SLURMD_PORT:-6828}; DBD_PORT=${DBD_PORT:-6829}; DB_PORT=${DB_PORT:-3399}
   [ "$(id -u)" = 0 ] || die "must run as root (network namespaces, daemons)"
   [ "$NODES" -ge 1 ] && [ "$NODES" -le 200 ] || die "NODES must be 1..200"
@@ -170,7 +173,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MSOCK
+AuthInfo=socket=$MSOCK,cred_expire=$CRED_EXPIRE
 MailProg=/bin/true
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
