@@ -15,8 +15,9 @@ Pieces
   from log-probabilities, gamma = 2; :func:`entropy_term` ``H = sum_k pbar_k log pbar_k``.
 * :class:`MultiTaskNet` (backbone + primary head ``fc`` + auxiliary head ``aux_fc``),
   :class:`LabelGenerator` (backbone + MLP head -> ``sum(psi)`` logits),
-  :class:`MaxlMethod` (losses, prediction rules, metrics, the meta step) and
-  :class:`MaxlModel` (``net`` + ``method``; what ``build_model(..., "maxl", ...)`` returns).
+  :class:`MaxlMethod` (losses, prediction rules, metrics, the meta step; owns the
+  generator), :class:`MaxlModel` (standalone ``net`` + ``method``, any backbone builder)
+  and :func:`build_maxl_method` (the models library's ``maxl`` method builder).
 
 Forward / loss contract
 -----------------------
@@ -25,7 +26,7 @@ gen=(N, A) raw generator logits)``; ``gen`` is computed under ``no_grad`` (the
 multi-task step never trains the generator).  ``model.method.loss(out, y)`` is
 ``focal(main, y) + soft_focal(aux, p)`` with ``p = exp(mask_log_softmax(gen, y, M))``.
 
-Meta step (``model.generator_step(x, y, ...)``, writes/accumulates ``.grad`` of the
+Meta step (``model.method.generator_step(model, x, y, ...)``, writes/accumulates ``.grad`` of the
 generator's parameters only and never modifies the multi-task net, BN running
 statistics included):
 
@@ -47,34 +48,45 @@ or from ``lr=`` (plain SGD step, as in their second-order code).
 
 One training iteration of each kind (the networks are updated in alternation --
 supplementary section 5 -- e.g. one epoch of multi-task steps, then one epoch (or
-``k`` batches) of generator steps; the schedule is the engine's)::
+``k`` batches) of generator steps; the schedule is the engine's).  ``model`` is
+``build_model(arch, "maxl", C, psi=5)`` (models library) or ``build_maxl_model(arch, C)``
+(standalone :class:`MaxlModel`); the calls are the same for both::
 
-    model = build_maxl_model("resnet18", num_classes=20, psi=5)       # or build_model(.., "maxl", ..)
-    opt_net = torch.optim.SGD(model.multitask_parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    opt_gen = torch.optim.SGD(model.generator_parameters(), lr=1e-3, weight_decay=5e-4)
-    # (a) multi-task step
-    out = model(x)                                   # OrderedDict main / aux / gen
-    total, parts = model.method.loss(out, y)         # parts: {"main": .., "aux": ..} (detached)
+    from ssal_models import maxl as mx
+    opt_net = torch.optim.SGD(mx.multitask_parameters(model), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_gen = torch.optim.SGD(mx.generator_parameters(model), lr=1e-3, weight_decay=5e-4)
+    # (a) multi-task step: an ordinary step (the generator's labels are constants)
+    out = model(x)                                  # OrderedDict main, aux, gen
+    total, parts = model.method.loss(out, y)        # parts: {"focal/main", "focal/aux"} (detached)
     opt_net.zero_grad(); total.backward(); opt_net.step()
-    # (b) generator (meta) step
+    # (b) generator (meta) step: writes the generator's .grad only
     opt_gen.zero_grad()
-    stats = model.generator_step(x, y, net_optimizer=opt_net)   # {"meta_loss", "entropy_term", "finite"}
-    if stats["finite"]: opt_gen.step()
+    stats = model.method.generator_step(model, x, y, net_optimizer=opt_net)  # meta_loss, entropy_term, finite
+    if stats["finite"]: opt_gen.step()              # (DDP: all-reduce the generator's grads first)
 
 Epoch statistics: ``model.method.statistics(out, y)`` -> ``{"entropy_term": scalar,
 "label_counts": (A,) argmax histogram}``; sum the counts over the epoch and
-``used_label_fraction(counts)`` is the supplementary's "Label %".
+``used_label_fraction(counts)`` is the supplementary's "Label %" (the summed counts are
+also the generator's label distribution, for the end-of-run artifact).
 ``model.method.extra_metrics(out, y)``: per-sample ``aux_acc`` (auxiliary head's
 argmax equals the generated label's argmax) and ``aux_in_set``.
+``model.method.predict(out)``: ``main`` and ``aux_sum`` (see :meth:`MaxlMethod.predict`).
 
-DDP: the generator's parameters/buffers are listed in
-``model._ddp_params_and_buffers_to_ignore`` (DDP neither broadcasts nor reduces
-them; its forward never gives them gradients).  The engine must all-reduce (average)
-the generator's gradients after ``generator_step`` and keep the generator's initial
-weights identical on all ranks (same seed or a broadcast).  AMP: the losses are
-computed in float32 from log-probabilities; pass ``grad_scale`` (e.g. a GradScaler's
-current scale) to ``generator_step`` under float16 so the meta-gradient does not
-underflow; ``stats["finite"]`` is False (and no ``.grad`` written) on inf/NaN.
+Models library: :func:`build_maxl_method` is registered as method ``maxl`` when this
+module is imported; the auxiliary head is the branch ``"aux"`` on ``layer4``, the
+generator lives in ``model.method.generator``.  ``outputs["gen"]`` needs the model to
+call ``model.method.extra_outputs(x, outputs)`` at the end of its forward.
+
+DDP: :func:`ddp_ignore_generator` (done by :class:`MaxlModel`) lists the generator's
+parameters/buffers in ``model._ddp_params_and_buffers_to_ignore`` (DDP neither
+broadcasts nor reduces them; its forward never gives them gradients).  The engine must
+all-reduce (average) the generator's gradients after ``generator_step`` and keep the
+generator's initial weights identical on all ranks (same seed or a broadcast); the meta
+step runs on each rank's own batch.  ``generator_step`` unwraps DDP / ``torch.compile``.
+AMP: the losses are computed in float32 from log-probabilities; pass ``grad_scale``
+(e.g. a GradScaler's current scale) to ``generator_step`` under float16 so the
+meta-gradient does not underflow; ``stats["finite"]`` is False (no ``.grad`` written)
+on inf/NaN.
 """
 from __future__ import annotations
 
@@ -461,6 +473,7 @@ class MaxlMethod(nn.Module):
         Does not step any optimiser and leaves ``net`` (parameters, ``.grad``, BN buffers)
         untouched.  Returns ``{"meta_loss", "entropy_term", "finite"}`` (detached tensors).
         """
+        net = _unwrap(net)
         gparams = [p for p in self.generator.parameters() if p.requires_grad]
         if self.meta_order == "second":
             meta, h = self.meta_objective(net, x, y, lr, net_optimizer, grad_scale)
@@ -480,8 +493,8 @@ class MaxlMethod(nn.Module):
 
 
 class MaxlModel(nn.Module):
-    """``net`` (multi-task) + ``method`` (owns the generator).  ``forward(x)`` ->
-    ``OrderedDict(main, aux, gen)``; ``gen`` under ``no_grad``."""
+    """Standalone model: ``net`` (multi-task) + ``method`` (owns the generator).
+    ``forward(x)`` -> ``OrderedDict(main, aux, gen)``; ``gen`` under ``no_grad``."""
 
     def __init__(self, net: nn.Module, method: MaxlMethod):
         super().__init__()

@@ -235,10 +235,11 @@ def test_meta_objective_is_a_virtual_sgd_step_and_leaves_the_net_untouched():
 
 
 def test_first_order_close_to_second_order():
-    """Finite-difference (DARTS) meta-gradient vs exact second order.  Measured relative
-    differences on this problem: ~1e-5 in float64, ~1e-3 in float32 (eps = 0.01 / ||u||)."""
+    """Finite-difference (DARTS) meta-gradient vs exact second order, meta part alone (lambda = 0).
+    Measured relative differences on this problem (eps = 0.01 / ||u||): 1.8e-4 in float64,
+    4.5e-4 in float32 (2e-5 / 4e-4 with lambda = 0.2, whose term both compute exactly)."""
     errs = {}
-    for dtype, tol in ((torch.float64, 1e-3), (torch.float32, 2e-2)):
+    for dtype, tol in ((torch.float64, 1e-3), (torch.float32, 5e-3)):
         grads = {}
         for order in ("second", "first"):
             model = tiny_model(meta_order=order, dtype=dtype, entropy_weight=0.0)
