@@ -239,9 +239,11 @@ def write_source(source: Source, out_dir: Path, settings: WriterSettings, *, ext
         if split == "train":
             empty = [source.classes[k].wnid for k in range(c) if per_class[k] == 0]
             if empty:
+                k0 = next(k for k in range(c) if per_class[k] == 0)
+                example = next(((p, r) for i, r in sorted(reasons.items()) for p, lab in [items[i]] if lab == k0), None)
                 raise DataError(f"train: class {empty[0]} has no decodable images"
                                 + (f" (and {len(empty) - 1} more classes)" if len(empty) > 1 else "")
-                                + "; see the rejects listed above")
+                                + (f"; e.g. {example[0]}: {example[1]}" if example else ""))
         if not good:
             raise DataError(f"{split}: no decodable images")
         beton = out_dir / f"{split}.beton"
