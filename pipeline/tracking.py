@@ -135,7 +135,10 @@ def default_tracking_uri(runs_root: str) -> str:
     root = os.path.abspath(runs_root)
     os.makedirs(root, exist_ok=True)
     uri = "sqlite:///" + os.path.join(root, "mlflow.db")
-    ensure_sqlite_store(uri)
+    try:
+        ensure_sqlite_store(uri)
+    except Exception:  # not fatal: Tracker.start retries, then buffers / falls back
+        log.exception("tracking: could not create the MLflow store %s", uri)
     return uri
 
 
@@ -309,6 +312,7 @@ class Tracker:
         self._ended = False
         self._started = False
         self._n_staged = 0
+        self._n_buffered = 0
         self._lock = threading.RLock()
         os.makedirs(self.run_dir, exist_ok=True)
 
@@ -549,7 +553,7 @@ class Tracker:
         if self._online:
             log.warning(
                 "tracking: %s unreachable (%s). Training continues; tracking calls are buffered in %s "
-                "and sent when it answers again (retry every %.0f s).",
+                "and sent when it answers again (retry every %.3g s).",
                 self.uri, str(exc).splitlines()[0][:300], self.buffer_path, self.retry_interval)
         self._online = False
         self._next_probe = time.monotonic() + self.retry_interval
@@ -558,6 +562,7 @@ class Tracker:
         if op["op"] == "artifact":
             op = dict(op, local_path=self._stage_copy(op["local_path"]))
         self._pending.append(op)
+        self._n_buffered += 1
         with open(self.buffer_path, "a") as f:
             f.write(json.dumps(op) + "\n")
             f.flush()
@@ -604,6 +609,9 @@ class Tracker:
                 self._save_state()
                 if not self._pending:
                     log.warning("tracking: all buffered calls sent to %s", self.uri)
+                    if self.run_id:  # leave a trace of the outage on the run itself
+                        with contextlib.suppress(Exception), _http_limits(self.timeout, self.retries):
+                            client.set_tag(self.run_id, "tracking.buffered_calls", str(self._n_buffered))
 
     def _apply(self, client, op: dict) -> None:
         """One call against a store. Idempotent (a replay after an ambiguous failure is harmless)."""

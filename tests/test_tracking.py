@@ -262,6 +262,8 @@ def test_real_server_killed_and_restarted(tmp_path, mlflow_server_factory):
     c = MlflowClient(srv.url)
     run = c.get_run(rid)
     assert run.info.status == "FINISHED" and run.data.tags["during"] == "outage"
+    # 4 metrics + tag + artifact while down, + the first call after restart (queued behind them)
+    assert run.data.tags["tracking.buffered_calls"] == "7"
     _assert_every_step_once(c, rid, range(10))
     assert len(c.search_runs([t.experiment_id])) == 1
     arts = {a.path for a in c.list_artifacts(rid)}
