@@ -24,10 +24,15 @@ Branch head (:class:`SSALHead`), a small Inception-style conv head after its tap
     Inception-like block -> 2w channels:  [1x1 w -> w]  ||  [1x1 w -> w/2, 3x3 w/2 -> w]
     global average pooling, Linear 2w -> k_i
 
-Cost with the default widths (ResNet-50, 224 px, ImageNet groupings 200/334/500, forward
-multiply-adds): layer1 head ~0.09 G, layer2 ~0.10 G, layer3 ~0.10 G: about 0.29 G in all,
-~7 % of the backbone's 4.1 G; parameters ~3.1 M for the three heads (backbone 25.6 M).
-``bench/branch_overhead.py`` measures step time, FLOPs and parameters side by side.
+Cost with the default widths (224 px, ImageNet groupings 200/334/500, forward multiply-adds
+and parameters of the heads after layer1 / layer2 / layer3):
+
+* ResNet-50 (w = 64/128/256): 0.092 + 0.100 + 0.100 = 0.29 GMAC, 7 % of the backbone's
+  4.09 GMAC; 0.14 + 0.40 + 1.50 = 2.04 M parameters, 8 % of its 25.6 M.
+* ResNet-18 (same widths): 0.054 + 0.061 + 0.061 = 0.18 GMAC, 10 % of its 1.81 GMAC;
+  1.79 M parameters, 15 % of its 11.7 M.
+Measured training-step time on CPU (``bench/branch_overhead.py``, 112 px): SSAL x3 on ResNet-50
+1.07x the plain backbone (target <= 1.20x), ResNet-18 1.20x.
 
 Loss: ``L = λ_f·CE(f, y) + Σ_i λ_i·CE(g_i, γ_i(y))`` (float32, label smoothing applied to every
 term when the engine sets ``method.label_smoothing``).  Parts: ``ce/main``, ``ce/ssal.i``.
