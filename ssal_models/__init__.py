@@ -17,9 +17,16 @@ Archs: resnet18, resnet34, resnet50, resnet152 (torchvision, random init).  Ever
 accepts ``blurpool`` and ``zero_init_residual``; method options are documented in
 ``ssal_models.ssal`` (``ssal``), ``.gapcat``, ``.dks`` (``dks`` and ``ds``), ``.baseline``.
 A new method registers a builder with :func:`ssal_models.base.register_method` in its own
-module, imported below (see ``ssal_models/base.py``).
+module, imported below (see ``ssal_models/base.py``); ``maxl.py`` is imported when it exists.
 """
+import importlib.util as _importlib_util
+
 from . import baseline, dks, gapcat, grouping, ssal  # noqa: F401  (importing registers the methods)
+
+# MAXL is written separately (ssal_models/maxl.py, its own issue): registered when present.
+# Only absence is tolerated; an error inside maxl.py propagates.
+if _importlib_util.find_spec(f"{__name__}.maxl") is not None:
+    from . import maxl  # noqa: F401
 from .base import Method, register_method
 from .model import BranchedResNet, available_archs, available_methods, build_model, count_parameters
 from .ssal import LinearCombinationHead, fit_linear_combination

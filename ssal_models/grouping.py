@@ -234,10 +234,15 @@ def load_groupings(path: Union[str, Path]) -> Tuple[List[np.ndarray], List[str]]
     left out of a hand-written file: it is then derived from the groups' class names (which
     must be unique).  Inconsistent or invalid content raises ``ValueError``."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or "groupings" not in data or "class_names" not in data:
-        raise ValueError(f"{path}: not a groupings file (needs 'class_names' and 'groupings')")
+    if not isinstance(data, dict) or not isinstance(data.get("groupings"), list) \
+            or not isinstance(data.get("class_names"), list) \
+            or not all(isinstance(entry, dict) for entry in data["groupings"]):
+        raise ValueError(f"{path}: not a groupings file (needs a 'class_names' list and a 'groupings' list "
+                         f"of objects)")
     names = [str(n) for n in data["class_names"]]
-    num_classes = int(data.get("num_classes", len(names)))
+    num_classes = data.get("num_classes", len(names))
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise ValueError(f"{path}: num_classes must be an integer, got {num_classes!r}")
     if len(names) != num_classes:
         raise ValueError(f"{path}: {len(names)} class names but num_classes = {num_classes}")
     index_of = {name: i for i, name in enumerate(names)}
@@ -255,6 +260,8 @@ def load_groupings(path: Union[str, Path]) -> Tuple[List[np.ndarray], List[str]]
             if len(index_of) != len(names):
                 raise ValueError(f"{what}: class names are not unique, so 'groups' alone is ambiguous")
             array = np.full(num_classes, -1, dtype=np.int64)
+            if not isinstance(groups, list) or not all(isinstance(members, list) for members in groups):
+                raise ValueError(f"{what}: 'groups' must be a list of lists of class names")
             for group, members in enumerate(groups):
                 for name in members:
                     if name not in index_of or array[index_of[name]] >= 0:
@@ -263,7 +270,7 @@ def load_groupings(path: Union[str, Path]) -> Tuple[List[np.ndarray], List[str]]
             if np.any(array < 0):
                 raise ValueError(f"{what}: classes {[names[c] for c in np.flatnonzero(array < 0)][:5]} are in no group")
             array = validate_grouping(array, num_classes, what)
-        if "num_groups" in entry and int(entry["num_groups"]) != int(array.max()) + 1:
+        if "num_groups" in entry and entry["num_groups"] != int(array.max()) + 1:
             raise ValueError(f"{what}: num_groups = {entry['num_groups']} but the assignment uses {array.max() + 1}")
         groupings.append(array)
     if not groupings:

@@ -170,3 +170,13 @@ def test_save_rejects_bad_input(tmp_path):
         grouping.save_groupings(tmp_path / "x.json", [[0, 1, 0, 1]], ["a", "b"])
     with pytest.raises(ValueError, match="different numbers of classes"):
         grouping.save_groupings(tmp_path / "x.json", [[0, 1, 0, 1], [0, 1, 0]], None)
+
+
+@pytest.mark.parametrize("content", [[1, 2], {"class_names": ["a", "b"], "groupings": [[0, 1]]},
+                                     {"class_names": ["a", "b", "c", "d"], "num_classes": "4", "groupings": [{}]},
+                                     {"class_names": ["a", "b", "c", "d"], "groupings": [{"groups": "ab"}]}])
+def test_load_reports_malformed_structure_as_value_error(tmp_path, content):
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError):
+        grouping.load_groupings(path)
