@@ -114,6 +114,8 @@ def float_list(method: str, option: str, value: Any, length: int, minimum: float
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * length
     try:
+        if isinstance(value, (str, bytes)) or any(isinstance(v, (bool, str, bytes)) for v in value):
+            raise TypeError
         values = [float(v) for v in value]
     except (TypeError, ValueError):
         raise ValueError(f"{method}: option {option!r} must be a number or a list of {length} numbers, "
@@ -123,13 +125,11 @@ def float_list(method: str, option: str, value: Any, length: int, minimum: float
     return values
 
 
-def positive_float(method: str, option: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{method}: option {option!r} must be a finite number > 0, got {value!r}")
+def positive_float(method: str, option: str, value: Any, allow_zero: bool = False) -> float:
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        raise ValueError(f"{method}: option {option!r} must be a finite number {'>=' if allow_zero else '>'} 0, "
+                         f"got {value!r}")
     return number
 
 

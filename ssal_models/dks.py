@@ -168,7 +168,8 @@ def _build(method: str, info: BackboneInfo, num_classes: int, options: Dict[str,
         blocks = [default_blocks(info.arch, s) for s in stage_indices]
     width = positive_float(method, "width", options.get("width", 1.0))
     ce_weights = float_list(method, "ce_weights", options.get("ce_weights", 1.0), len(stages) + 1)
-    kl_weight = float_list(method, "kl_weight", options.get("kl_weight", 1.0), 1)[0] if method == "dks" else 0.0
+    kl_weight = positive_float(method, "kl_weight", options.get("kl_weight", 1.0), allow_zero=True) \
+        if method == "dks" else 0.0
     zero_init_residual = bool(options.get("zero_init_residual", False))
     branches = []
     for index, (tap, stage_index, branch_blocks) in enumerate(zip(stages, stage_indices, blocks)):

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from typing import Any, Dict, List
 
@@ -85,8 +86,9 @@ def build_model(arch: str, method: str, num_classes: int, **options: Any) -> Bra
     info = backbone_info(arch)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(available_methods())}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    num_classes = int(num_classes)
     options = dict(options)
     blurpool = options.pop("blurpool", False)
     zero_init_residual = options.pop("zero_init_residual", False)

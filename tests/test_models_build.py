@@ -231,7 +231,10 @@ def test_blur_of_a_constant_interior_is_the_identity():
     (("resnet18", "dks", 10), {"stages": ["layer4"]}, r"stage 'layer4' is not allowed; branches attach in layer1, layer2, layer3"),
     (("resnet18", "dks", 10), {"stages": "layer2"}, "'stages' must be a non-empty list"),
     (("resnet18", "dks", 10), {"blocks": [[1], [2]]}, r"'blocks' must give.*lengths \[2, 1\]"),
-    (("resnet18", "dks", 10), {"kl_weight": -1}, "'kl_weight' must be 1 finite numbers >= 0"),
+    (("resnet18", "dks", 10), {"kl_weight": -1}, "'kl_weight' must be a finite number >= 0"),
+    (("resnet18", "dks", 10), {"kl_weight": "1"}, "'kl_weight' must be a finite number >= 0"),
+    (("resnet18", "ssal", 10), {"groupings": [[0, 1] * 5], "loss_weights": "11"}, "'loss_weights' must be a number"),
+    (("resnet18", "baseline", 2.0), {}, "num_classes must be an integer"),
     (("resnet18", "dks", 10), {"ce_weights": "one"}, "'ce_weights' must be a number or a list of 3 numbers"),
     (("resnet18", "dks", 10), {"width": 0}, "'width' must be a finite number > 0"),
 ])
