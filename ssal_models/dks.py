@@ -10,16 +10,15 @@ its own copies of the later down-sampling stages, so that every path from the in
 classifier is down-sampled 32x; then global average pooling and a linear layer to the C
 classes.  Default stage copies (``planes``, output channels = planes x expansion):
 
-=================  ==========================================  ====================================
-tap                stage copies (planes x blocks, all stride 2)  blocks by arch
-=================  ==========================================  ====================================
-``layer2`` (C2)    layer3-style 256 x a, layer4-style 512 x b  ResNet-18 a=1 b=2; ResNet-34/50 a=3
-                                                               b=2; ResNet-152 a=18 b=2
-``layer3`` (C3)    layer4-style at 2x width: 1024 x c          ResNet-18 c=2; ResNet-34/50/152 c=3
-``layer1`` (C4)    128 x 1, 256 x 1, 512 x 2                   every arch (our *choice*: our reading
-                                                               of the C4 column of the DKS
-                                                               supplementary's Table 7)
-=================  ==========================================  ====================================
+* on ``layer2`` (C2): a layer3-style copy (planes 256, ``a`` blocks), then a layer4-style copy
+  (planes 512, ``b`` blocks); ResNet-18 a=1 b=2, ResNet-34 and ResNet-50 a=3 b=2, ResNet-152
+  a=18 b=2;
+* on ``layer3`` (C3): a layer4-style copy at 2x width (planes 1024, ``c`` blocks); ResNet-18
+  c=2, ResNet-34/50/152 c=3;
+* on ``layer1`` (C4, for three auxiliary classifiers): planes 128 x 1 block, 256 x 1, 512 x 2
+  for every arch (our *choice*: our reading of the C4 column of the DKS supplementary's
+  Table 7).
+Every copy starts with a stride-2 block (with the usual 1x1 stride-2 projection shortcut).
 
 So ResNet-50's C3 ends in 4096 channels (Bottleneck 1x1 1024 / 3x3 1024 / 1x1 4096, x3) and
 ResNet-18's in 1024.  These are the paper's heavy branches: on ResNet-50 they cost more than

@@ -197,9 +197,9 @@ class SSALMethod(Method):
 
     def new_linear_combination(self) -> "LinearCombinationHead":
         """A +LC head initialised to reproduce the +JP rule exactly (so fitting starts there)."""
-        head = LinearCombinationHead(self.num_classes, self.num_groups)
+        head = LinearCombinationHead(self.num_classes, self.num_groups).to(self.class_to_group(0).device)
         head.init_as_joint([self.class_to_group(i) for i in range(len(self.branch_names))], self.eta)
-        return head.to(self.class_to_group(0).device) if self.branch_names else head
+        return head
 
     def set_linear_combination(self, head: Optional["LinearCombinationHead"]) -> None:
         if head is not None and (head.num_classes, head.num_groups) != (self.num_classes, self.num_groups):
