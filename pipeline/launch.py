@@ -445,7 +445,8 @@ def submit_slurm(args: argparse.Namespace) -> int:
 
 
 def log_path(job, kind: str, rank: int = 0) -> Path:
-    paths = job.paths
+    subs = getattr(job, "_sub_jobs", None) or []
+    paths = subs[rank].paths if rank < len(subs) else job.paths
     return Path(str(paths.stdout if kind == "out" else paths.stderr).replace("%t", str(rank)))
 
 
@@ -454,6 +455,29 @@ def _job_state(job) -> str:
         return job.watcher.get_state(job.job_id, mode="force")
     except Exception:  # sacct hiccup: try again next time
         return "UNKNOWN"
+
+
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(:|$)")
+
+
+def _error_tail(path: Path, keep: int = 10) -> list[str]:
+    """The worker's own error report in a rank's stderr log: from its last 'error: ...' line to the exception
+    line that ends the traceback under it (torch's '[rankN]:' reprints and submitit's lines left out)."""
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines()
+                 if ln.strip() and " INFO (" not in ln and "submitit ERROR" not in ln
+                 and not re.match(r"^\[rank\d+\]:", ln)]
+    except OSError:
+        return []
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
+    if not starts:
+        return []
+    block = [lines[starts[-1]]]
+    for ln in lines[starts[-1] + 1:]:
+        block.append(ln)
+        if _EXC_LINE.match(ln):
+            break
+    return block if len(block) <= keep + 1 else [block[0], "    ..."] + block[-keep:]
 
 
 def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
@@ -503,7 +527,16 @@ def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
     for rank, trace in failed:
         lines = trace.splitlines()
         print(f"[launch] rank {rank} failed: {lines[-1] if lines else '?'}", file=sys.stderr)
-        print("\n".join("    " + ln for ln in lines[-25:]), file=sys.stderr)
+        if lines and "exited with code" not in lines[-1]:  # an exception outside the worker: its traceback
+            print("\n".join("    " + ln for ln in lines[-25:]), file=sys.stderr)
+    if not state.upper().startswith("COMPLETED"):
+        # the worker's own report (e.g. "error: rank 1 of 2 failed: ...") is in that rank's stderr log
+        ntasks = len(job._sub_jobs) or 1
+        for rank in range(ntasks):
+            tail = _error_tail(log_path(job, "err", rank))
+            if tail:
+                print(f"[launch] rank {rank} reported ({log_path(job, 'err', rank)}):", file=sys.stderr)
+                print("\n".join("    " + ln for ln in tail), file=sys.stderr)
     if state.upper().startswith("COMPLETED") and not failed:
         print(f"[launch] done; run dir {spec.run_dir}", flush=True)
         return 0

@@ -71,6 +71,8 @@ do_down() {
   done
   for i in $(seq 1 "$NODES"); do ip netns del "${NS}n$i" 2>/dev/null || true; done
   ip netns del "${NS}ctl" 2>/dev/null || true
+  [ -n "${MSOCK_DIR:-}" ] && rm -rf "$MSOCK_DIR"
+  rmdir /run/testcluster 2>/dev/null || true
   rm -f "$D/cluster.env.up"
   mv "$D/cluster.env" "$D/cluster.env.down"
   log "down ($(el)); logs kept in $D/log"
@@ -114,8 +116,13 @@ do_up() {
   CTL=$(hostname -s)
   getent ahostsv4 "$CTL" | grep -q '^127\.' || die "hostname $CTL must resolve to 127.x in the root namespace (clients reach the controller as $CTL)"
 
-  mkdir -p "$D"/{munge,msock,state,spool,log,fakedev,pids,bin}
-  chmod 700 "$D/munge"; chmod 755 "$D" "$D/msock"   # munged: key dir private, socket dir world-executable
+  mkdir -p "$D"/{munge,state,spool,log,fakedev,pids,bin}
+  chmod 700 "$D/munge"
+  # munged wants every directory above its socket world-executable, which DIR's parents may not be
+  # (pytest's tmp dirs are 700): the socket lives in /run/testcluster/$NS instead (removed by `down`)
+  MSOCK_DIR=/run/testcluster/$NS
+  [ -e "$MSOCK_DIR" ] && die "$MSOCK_DIR exists (another cluster with NS_PREFIX=$NS is up?)"
+  mkdir -p "$MSOCK_DIR"; chmod 755 /run/testcluster "$MSOCK_DIR"
   # record what `down` needs before starting anything, so a half-started cluster can be torn down
   cat >"$D/cluster.env" <<EOF
 NODES=$NODES
@@ -126,12 +133,13 @@ DBD_PORT=$DBD_PORT
 PARTITION=$PARTITION
 GPUS=$GPUS
 CPUS=$CPUS
+MSOCK_DIR=$MSOCK_DIR
 EOF
   trap 'rc=$?; if [ $rc != 0 ]; then echo "testcluster: start failed (rc=$rc): tearing down; logs in $D/log" >&2; do_down >&2 || true; fi' EXIT
 
   # ---- munge (own key, own socket) ----
   dd if=/dev/urandom of="$D/munge/munge.key" bs=1024 count=1 status=none; chmod 400 "$D/munge/munge.key"
-  MSOCK=$D/msock/munge.socket.2
+  MSOCK=$MSOCK_DIR/munge.socket.2
   munged --key-file="$D/munge/munge.key" --socket="$MSOCK" --pid-file="$D/pids/munged.pid" \
          --log-file="$D/log/munged.log" --seed-file="$D/munge/munged.seed"
 

@@ -1,0 +1,288 @@
+"""The SLURM launch path on a REAL SLURM cluster (slurm/testcluster.sh, started once per session by the
+`slurm_cluster` fixture in conftest.py): 2 nodes, each slurmd in its own network namespace.
+
+Scenarios (issue 4):
+* bad config -> refused before submission, nothing in squeue;
+* a task that crashes on one node mid-training ends the job (no hang) and the error reaches the user;
+* `pipeline/launch.py --cluster testcluster --nodes 2` on the demo config: a 2-node x 1-task gloo DDP job
+  finishes, MLflow shows world_size 2 and every head's metrics;
+* preemption: SIGUSR2 mid-training -> checkpoint -> requeue -> finishes in the same MLflow run; every epoch's
+  metrics exactly once; final weights equal to the uninterrupted run's (the 2-node job above, run at the
+  same time with the same config).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, str(REPO / "pipeline" / "launch.py")]
+# tiny, deterministic demo job: 3 epochs x 8 steps of 8 images per rank, evaluation every epoch
+TINY = ["schedule.epochs=3", "train.max_steps_per_epoch=8", "data.batch_size=8", "data.val_batch_size=64",
+        "data.num_workers=1", "tracking.log_model=false", "checkpoint.every_n_epochs=1", "train.seed=0"]
+JOB_WAIT_S = 600
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------- worker used by a test
+
+
+def crash_rank1_midway(argv: list[str]) -> int:
+    """Worker entry for the crash test: the real engine, but rank 1 raises once training has started."""
+    from pipeline.train import main
+
+    if os.environ.get("SLURM_PROCID") == "1":
+        import yaml
+
+        run_dir = Path(yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())["output_dir"])
+
+        def boom(signum, frame):
+            raise RuntimeError("simulated failure on rank 1 (test_slurm)")
+
+        def trigger():
+            while not (run_dir / "mlflow_run_id").exists():  # rank 0 has started the run: training is next
+                time.sleep(0.2)
+            time.sleep(3)
+            os.kill(os.getpid(), signal.SIGALRM)
+
+        signal.signal(signal.SIGALRM, boom)
+        threading.Thread(target=trigger, daemon=True).start()
+    return main(argv)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def demo_data():
+    """The demo betons at the engine's default place (data/demo), written once if missing."""
+    root = REPO / "data" / "demo"
+    if not (root / "manifest.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "datasets" / "write_ffcv.py"), "demo", "--out", str(root)],
+                       check=True, cwd=str(REPO), timeout=600)
+    return root
+
+
+def job_id_from(text: str) -> str:
+    m = re.search(r"submitted job (\d+)", text)
+    assert m, f"no job id in launcher output:\n{text}"
+    return m.group(1)
+
+
+def job_state(cluster, job_id: str) -> str:
+    out = cluster.cmd("sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id, check=False).strip()
+    return out.splitlines()[0].split()[0] if out else "UNKNOWN"
+
+
+def scontrol_field(cluster, job_id: str, field: str) -> str:
+    out = cluster.cmd("scontrol", "show", "job", job_id)
+    m = re.search(rf"\b{field}=(\S+)", out)
+    return m.group(1) if m else ""
+
+
+def mlflow_client(runs_root: Path):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs_root / 'mlflow.db'}")
+
+
+def only_run(runs_root: Path, run_dir: Path):
+    """The one MLflow run in this store, checked against the run id the engine keeps in the run dir."""
+    client = mlflow_client(runs_root)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1, f"expected exactly one MLflow run in {runs_root}, got {[r.info.run_id for r in runs]}"
+    assert (run_dir / "mlflow_run_id").read_text().strip() == runs[0].info.run_id
+    return client, runs[0]
+
+
+def histories(client, run) -> dict[str, list[tuple[int, float]]]:
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+            for k in run.data.metrics}
+
+
+class Launch:
+    """`python pipeline/launch.py ... --wait` in the background, output in a file."""
+
+    def __init__(self, cluster, args: list[str], log: Path):
+        self.log = log
+        self._fh = open(log, "w")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(LAUNCH + args, env=cluster.env, cwd=str(REPO), stdout=self._fh,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def job_id(self, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"submitted job (\d+)", self.text())
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise AssertionError(f"launcher did not submit:\n{self.text()}")
+
+    def wait(self, timeout: float = JOB_WAIT_S) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"launcher --wait still running after {timeout} s:\n{self.text()[-4000:]}")
+        finally:
+            self._fh.close()
+        self.seconds = time.monotonic() - self.t0
+        return rc
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_bad_config_refused_before_submission(slurm_cluster, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 0.1\n  momentom: 0.9\n")  # typo in a key
+    name = "must-not-be-submitted"
+    proc = subprocess.run(LAUNCH + ["--cluster", "testcluster", "--nodes", "2", "--job-name", name,
+                                    "--output-dir", str(tmp_path / "run"), "--config", str(bad)],
+                          env=slurm_cluster.env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err_lines) == 1 and err_lines[0].startswith("error:"), proc.stderr
+    assert "optim.momentom" in err_lines[0]
+    assert "submitted" not in proc.stdout
+    assert slurm_cluster.cmd("squeue", "-h", "--states=all", "-n", name).strip() == ""
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+    # an impossible value, given on the command line: same
+    proc = subprocess.run(LAUNCH + ["--cluster", "testcluster", "--job-name", name, "schedule.epochs=0"],
+                          env=slurm_cluster.env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "schedule.epochs" in proc.stderr
+    assert slurm_cluster.cmd("squeue", "-h", "--states=all", "-n", name).strip() == ""
+
+
+def test_crash_on_one_node_ends_the_job(slurm_cluster, demo_data, tmp_path):
+    run_dir = tmp_path / "crash"
+    launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--nodes", "2", "--output-dir", str(run_dir),
+                                    "--entry", "tests.test_slurm:crash_rank1_midway", "--wait",
+                                    f"runs_root={tmp_path / 'runs'}", *TINY, "schedule.epochs=20"],
+                    tmp_path / "launch.log")
+    job = launch.job_id()
+    rc = launch.wait(timeout=400)
+    out = launch.text()
+    assert rc != 0, out[-3000:]
+    assert "simulated failure on rank 1" in out, out[-3000:]  # the error reaches the user
+    assert "rank 1" in out
+    state = job_state(slurm_cluster, job)
+    assert state == "FAILED", state
+    assert slurm_cluster.cmd("squeue", "-h", "-j", job, check=False).strip() == ""  # nothing left running
+    # it stopped long before the 20 epochs, and rank 0 did not wait for gloo's 30-minute timeout
+    assert launch.seconds < 300, launch.seconds
+
+
+@pytest.fixture(scope="module")
+def engine_jobs(slurm_cluster, demo_data, tmp_path_factory):
+    """Two identical 2-node jobs at the same time: A runs undisturbed, B gets SIGUSR2 mid-training."""
+    root = tmp_path_factory.mktemp("engine_jobs")
+    jobs = {}
+    for name in ("A", "B"):
+        run_dir, runs_root = root / f"{name}-run", root / f"{name}-runs"
+        launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--partition", "gpu", "--nodes", "2",
+                                        "--output-dir", str(run_dir), "--wait", f"runs_root={runs_root}", *TINY],
+                        root / f"{name}.log")
+        jobs[name] = dict(launch=launch, run_dir=run_dir, runs_root=runs_root)
+    for j in jobs.values():
+        j["id"] = j["launch"].job_id()
+
+    # preempt B once its first epoch is checkpointed, i.e. in the middle of training
+    b = jobs["B"]
+    deadline = time.monotonic() + JOB_WAIT_S
+    while not (b["run_dir"] / "last.pt").is_file():
+        assert b["launch"].proc.poll() is None, f"B ended before its first checkpoint:\n{b['launch'].text()[-3000:]}"
+        assert time.monotonic() < deadline, "B never wrote its first checkpoint"
+        time.sleep(0.2)
+    slurm_cluster.cmd("scancel", "--signal=USR2", b["id"])
+    b["signalled_at"] = time.monotonic()
+
+    for j in jobs.values():
+        j["rc"] = j["launch"].wait()
+        j["out"] = j["launch"].text()
+        j["state"] = job_state(slurm_cluster, j["id"])
+    return jobs
+
+
+def test_two_node_ddp_job(slurm_cluster, engine_jobs):
+    a = engine_jobs["A"]
+    assert a["rc"] == 0, a["out"][-4000:]
+    assert a["state"] == "COMPLETED"
+    assert "world_size=2" in a["out"] and "CUDA_VISIBLE_DEVICES=0" in a["out"]  # fake GPU seen by the task
+    assert scontrol_field(slurm_cluster, a["id"], "NodeList") == "n[1-2]"
+    assert scontrol_field(slurm_cluster, a["id"], "Restarts") == "0"
+
+    # every task returned its summary: 2 ranks on the 2 nodes
+    from submitit.core.utils import pickle_load
+
+    results = [pickle_load(a["run_dir"] / "slurm" / a["id"] / f"{a['id']}_{r}_result.pkl") for r in range(2)]
+    assert [o for o, _ in results] == ["success", "success"]
+    assert sorted((r["rank"], r["host"], r["world_size"]) for _, r in results) == [(0, "n1", 2), (1, "n2", 2)]
+
+    client, run = only_run(a["runs_root"], a["run_dir"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2"
+    assert run.data.params["schedule.epochs"] == "3"
+    hist = histories(client, run)
+    epochs = [1, 2, 3]
+    # every head of SSAL (main, joint = main x branch, the branch's group accuracy), every epoch
+    for key in ("val/top1/main", "val/top5/main", "val/top1/joint", "val/top5/joint", "val/group_top1/ssal.0",
+                "val/loss", "train/loss", "train/ce/main", "train/ce/ssal.0"):
+        assert key in hist, f"{key} missing; have {sorted(hist)}"
+        assert [s for s, _ in hist[key]] == epochs, (key, hist[key])
+    # metrics reduced over both ranks: every val image counted once
+    assert all(v == hist["val/samples"][0][1] for _, v in hist["val/samples"])
+
+
+def test_preemption_requeue_resumes_exactly(slurm_cluster, engine_jobs):
+    a, b = engine_jobs["A"], engine_jobs["B"]
+    assert b["rc"] == 0, b["out"][-5000:]
+    assert b["state"] == "COMPLETED"
+    # it really was preempted mid-training and requeued once (same job id)
+    assert scontrol_field(slurm_cluster, b["id"], "Restarts") == "1", b["out"][-3000:]
+    assert "got SIGUSR2" in b["out"] and f"requeueing job {b['id']}" in b["out"]
+    assert "restart=1" in b["out"]
+    m = re.search(r"resumed from \S+: epoch (\d+) step (\d+)", b["out"])
+    assert m, b["out"][-3000:]
+
+    # the same MLflow run continued (one run in B's store, the id kept in the run dir), and it finished
+    client_b, run_b = only_run(b["runs_root"], b["run_dir"])
+    assert run_b.info.status == "FINISHED"
+    assert run_b.data.tags["world_size"] == "2"
+    client_a, run_a = only_run(a["runs_root"], a["run_dir"])
+    hist_a, hist_b = histories(client_a, run_a), histories(client_b, run_b)
+    # every epoch's metrics exactly once, the same steps as the uninterrupted run
+    assert set(hist_b) == set(hist_a)
+    for key in hist_a:
+        steps_b = [s for s, _ in hist_b[key]]
+        assert len(steps_b) == len(set(steps_b)), (key, hist_b[key])
+        assert steps_b == [s for s, _ in hist_a[key]], (key, hist_a[key], hist_b[key])
+    for key in hist_a:  # and the same values for everything that is not a timing
+        if key.startswith("val/") or key in ("train/loss", "train/lr") or key.startswith("train/ce/"):
+            for (sa, va), (sb, vb) in zip(hist_a[key], hist_b[key]):
+                assert vb == pytest.approx(va, rel=1e-5, abs=1e-7), (key, sa, va, vb)
+
+    # final weights: bit-identical to the uninterrupted run's
+    import torch
+
+    wa = torch.load(a["run_dir"] / "final_weights.pt", map_location="cpu", weights_only=False)
+    wb = torch.load(b["run_dir"] / "final_weights.pt", map_location="cpu", weights_only=False)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
