@@ -108,3 +108,64 @@ def mlflow_server(tmp_path_factory):
     srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
     yield srv
     srv.stop()
+
+
+# --- a tiny demo dataset written once per session with the real FFCV writer -------------------
+@_pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """16 classes in 4 super-classes, 12 train + 4 val images each, 32 px: betons + manifest."""
+    out = tmp_path_factory.mktemp("tiny_demo") / "demo"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _subprocess.run([_sys.executable, os.path.join(repo, "datasets", "write_ffcv.py"), "demo", "--out", str(out),
+                     "--num-classes", "16", "--num-superclasses", "4", "--images-per-class", "12",
+                     "--val-images-per-class", "4", "--image-size", "32", "--workers", "2"],
+                    check=True, capture_output=True, timeout=600)
+    return out
+
+
+# --- real SLURM test cluster (slurm/testcluster.sh) for tests/test_slurm*.py -----------------------
+class SlurmTestCluster:
+    """A running slurm/testcluster.sh cluster: `dir`, `env` (os.environ + SLURM_CONF, + the sacct stand-in
+    on PATH when ACCOUNTING=0), `nodes`; `cmd(*args)` runs a SLURM client and returns its stdout."""
+
+    def __init__(self, directory, env, nodes):
+        self.dir, self.env, self.nodes = directory, env, nodes
+
+    def cmd(self, *args, check=True, timeout=60):
+        proc = _subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed rc={proc.returncode}: {proc.stderr.strip()}")
+        return proc.stdout
+
+
+@_pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """Start a real 2-node SLURM cluster once per session (munge, slurmctld, slurmdbd+MariaDB, one slurmd per
+    node in its own network namespace; own namespace prefix and ports so it cannot clash with another one),
+    tear it down (by PID) at the end. Skips only when not root or `ip netns` is unavailable; a cluster that
+    fails to start is an error (its log tail is in the message)."""
+    import os as _os
+    import shutil as _shutil
+    from pathlib import Path as _Path
+
+    if _os.geteuid() != 0:
+        _pytest.skip("the SLURM test cluster needs root (network namespaces, daemons)")
+    if _shutil.which("ip") is None or _subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        _pytest.skip("`ip netns` is unavailable: cannot build the SLURM test cluster")
+    script = _Path(__file__).resolve().parents[1] / "slurm" / "testcluster.sh"
+    directory = tmp_path_factory.mktemp("slurm") / "cluster"
+    nodes = 2
+    env = dict(_os.environ, NODES=str(nodes), CPUS="2", GPUS="2", ACCOUNTING=_os.environ.get("TESTCLUSTER_ACCOUNTING", "1"),
+               NS_PREFIX=f"pt{_os.getpid() % 100000}", CTL_PORT=str(free_port()), DBD_PORT=str(free_port()))
+    up = _subprocess.run(["bash", str(script), "up", str(directory)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    if up.returncode != 0:
+        _subprocess.run(["bash", str(script), "down", str(directory)], env=env, capture_output=True, timeout=300)
+        raise RuntimeError(f"slurm/testcluster.sh up failed (rc={up.returncode}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}")
+    cenv = dict(_os.environ, SLURM_CONF=str(directory / "slurm.conf"))
+    if (directory / "bin" / "sacct").exists():
+        cenv["PATH"] = f"{directory / 'bin'}:{cenv.get('PATH', '')}"
+    try:
+        yield SlurmTestCluster(directory, cenv, nodes)
+    finally:
+        _subprocess.run(["bash", str(script), "down", str(directory)], env=env, capture_output=True, timeout=300)
