@@ -23,10 +23,12 @@ import importlib.util as _importlib_util
 
 from . import baseline, dks, gapcat, grouping, ssal  # noqa: F401  (importing registers the methods)
 
-# MAXL is written separately (ssal_models/maxl.py, its own issue): registered when present.
-# Only absence is tolerated; an error inside maxl.py propagates.
+# MAXL is written separately (ssal_models/maxl.py, its own issue): registered when present
+# (maxl.register(), idempotent).  Only absence is tolerated; an error inside maxl.py propagates.
 if _importlib_util.find_spec(f"{__name__}.maxl") is not None:
-    from . import maxl  # noqa: F401
+    from . import maxl
+
+    maxl.register()
 from .base import Method, register_method
 from .model import BranchedResNet, available_archs, available_methods, build_model, count_parameters
 from .ssal import LinearCombinationHead, fit_linear_combination

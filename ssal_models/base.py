@@ -55,6 +55,11 @@ class Method(nn.Module):
     # how the model combines branch outputs with the main head (GapCat overrides)
     concat_branch_features: bool = False
 
+    def extra_outputs(self, images: torch.Tensor, outputs: "Dict[str, torch.Tensor]") -> "Dict[str, torch.Tensor]":
+        """Called by the model at the end of its forward; a method that needs outputs computed
+        from the images by a network of its own (MAXL's label generator) adds them here."""
+        return outputs
+
     def loss(self, outputs: Outputs, targets: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         ce = cross_entropy(outputs["main"], targets, self.label_smoothing)
         return ce, {"ce/main": ce.detach()}

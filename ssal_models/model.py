@@ -22,7 +22,8 @@ class BranchedResNet(nn.Module):
     ``forward(x)`` returns an ``OrderedDict``: ``"main"`` (the backbone's classifier) first,
     then one entry per branch in build order (``"ssal.0"``, ``"dks.1"``, ...).  A method with
     ``concat_branch_features`` (GapCat) instead concatenates the branch outputs to the main
-    pooled features and returns ``"main"`` alone.
+    pooled features and returns ``"main"`` alone.  A method with ``extra_outputs(images,
+    outputs)`` (MAXL) gets the last word on the returned dict.
     """
 
     def __init__(self, info: BackboneInfo, backbone: nn.Module, build: MethodBuild):
@@ -42,9 +43,9 @@ class BranchedResNet(nn.Module):
                 self._inner_taps.setdefault(STAGES[stage_index], set()).add(block_index)
         self._needed_stages = {tap for tap in self.branch_taps if "." not in tap}
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         bb = self.backbone
-        x = bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
+        x = bb.maxpool(bb.relu(bb.bn1(bb.conv1(images))))
         tapped: Dict[str, torch.Tensor] = {}
         for stage_name in STAGES:
             stage = getattr(bb, stage_name)
@@ -60,11 +61,14 @@ class BranchedResNet(nn.Module):
                 tapped[stage_name] = x
         pooled = torch.flatten(bb.avgpool(x), 1)
         branch_outputs = [branch(tapped[tap]) for branch, tap in zip(self.branches, self.branch_taps)]
-        if self.method.concat_branch_features:
-            return OrderedDict(main=bb.fc(torch.cat([pooled, *branch_outputs], dim=1)))
-        outputs = OrderedDict(main=bb.fc(pooled))
-        outputs.update(zip(self.branch_names, branch_outputs))
-        return outputs
+        if getattr(self.method, "concat_branch_features", False):
+            outputs = OrderedDict(main=bb.fc(torch.cat([pooled, *branch_outputs], dim=1)))
+        else:
+            outputs = OrderedDict(main=bb.fc(pooled))
+            outputs.update(zip(self.branch_names, branch_outputs))
+        # a method may add outputs computed from the images themselves (MAXL's label generator)
+        extra_outputs = getattr(self.method, "extra_outputs", None)
+        return outputs if extra_outputs is None else extra_outputs(images, outputs)
 
 
 def available_archs() -> List[str]:
@@ -110,10 +114,11 @@ def build_model(arch: str, method: str, num_classes: int, **options: Any) -> Bra
 
 
 def count_parameters(model: nn.Module) -> Dict[str, int]:
-    """``{"backbone": n, "<branch name>": n, ..., ["lc": n,] "total": n}``.
+    """``{"backbone": n, "<branch name>": n, ..., ["<method submodule>": n,] "total": n}``.
 
-    ``backbone`` includes the main classifier (for GapCat, widened by the branch features);
-    ``lc`` is SSAL's separately fitted linear-combination head, when one is attached.
+    ``backbone`` includes the main classifier (for GapCat, widened by the branch features).
+    Parameters the method object owns are listed per submodule: SSAL's separately fitted
+    ``lc_head`` when one is attached, MAXL's label ``generator``.
     """
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
@@ -125,8 +130,10 @@ def count_parameters(model: nn.Module) -> Dict[str, int]:
     names = getattr(model, "branch_names", [])
     for name, branch in zip(names, getattr(model, "branches", [])):
         counts[name] = numel(branch)
-    method_params = numel(model.method) if hasattr(model, "method") else 0
-    if method_params:
-        counts["lc"] = method_params
+    method = getattr(model, "method", None)
+    if method is not None:
+        for name, child in method.named_children():
+            if numel(child):
+                counts[name] = numel(child)
     counts["total"] = numel(model)
     return counts

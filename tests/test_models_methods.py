@@ -104,7 +104,8 @@ def test_linear_combination_starts_at_joint_and_fits_better():
     assert nll["lc"] < nll["joint"] - 0.05
     assert not any(p.requires_grad for p in head.parameters())
     counts = ssal_models.count_parameters(model)
-    assert counts["lc"] == (C + 2 + 3 + 4) * C + C
+    assert counts["lc_head"] == (C + 2 + 3 + 4) * C + C
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     with pytest.raises(ValueError, match="does not fit"):
         method.set_linear_combination(ssal_models.LinearCombinationHead(C, [2, 3]))
 
