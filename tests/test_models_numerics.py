@@ -1,4 +1,4 @@
-"""channels_last, autocast (bf16 forward/backward on CPU) and fp16 numerical safety of every loss."""
+"""channels_last, autocast (bf16 / fp16 forward/backward on CPU) and fp16 numerical safety of every loss."""
 import pytest
 import torch
 from torch import nn
@@ -35,17 +35,19 @@ def test_channels_last_matches_contiguous_and_stays_channels_last(method):
         torch.testing.assert_close(out[name], reference[name], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_bf16_autocast_forward_backward_channels_last(method):
+# bf16 for every method; fp16 (slow on CPU) for one method of each branch kind
+@pytest.mark.parametrize("method,dtype", [(m, torch.bfloat16) for m in METHODS]
+                         + [("ssal", torch.float16), ("dks", torch.float16)])
+def test_autocast_forward_backward_channels_last(method, dtype):
     model = build(method, blurpool=True).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     targets = torch.tensor([1, 7])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = model(x)
         loss, parts = model.method.loss(out, targets)
         rules = model.method.predict(out)
         extra = model.method.extra_metrics(out, targets)
-    assert all(v.dtype == torch.bfloat16 for v in out.values())
+    assert all(v.dtype == dtype for v in out.values())
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(torch.isfinite(v) for v in parts.values())
     assert all(v.dtype == torch.float32 and v.shape == (2, C) for v in rules.values())
