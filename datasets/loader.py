@@ -40,6 +40,7 @@ from __future__ import annotations
 import atexit
 import math
 import queue
+import threading
 import warnings
 import weakref
 from pathlib import Path
@@ -59,6 +60,8 @@ from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder,  # no
                                    RandomResizedCropRGBImageDecoder)
 from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.loader.epoch_iterator import IS_CUDA as _FFCV_IS_CUDA  # noqa: E402
+from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
@@ -161,6 +164,53 @@ def _seeded_random_crop(height, width, scale, log_ratio, key):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@numba.njit
+def _center_crop(height, width, ratio):
+    s = min(np.int64(height), np.int64(width))
+    c = np.int64(ratio * s)
+    return (np.int64(height) - c) // 2, (np.int64(width) - c) // 2, c, c
+
+
+def _make_decode(mem_read, my_range, addr: int, crop_params: np.ndarray, center: bool, log_ratio):
+    """FFCV's ResizedCropRGBImageDecoder.decode, with seeded (or center) crop parameters."""
+    jpg = IMAGE_MODES["jpg"]
+    # a fresh dispatcher per decoder, as FFCV does: sharing one between loaders made numba raise
+    # KeyError inside the epoch thread when a second loader compiled against it
+    imdecode_c = Compiler.compile(imdecode)
+    resize_crop_c = Compiler.compile(resize_crop)
+    scale = np.array([float(crop_params[0]), float(crop_params[1])])
+    center_ratio = float(crop_params[0])
+    log_ratio = np.array([float(log_ratio[0]), float(log_ratio[1])])
+
+    def decode(batch_indices, my_storage, metadata, storage_state):
+        destination, temp_storage = my_storage
+        seed = _load_i64(addr)
+        epoch = _load_i64(addr + 8)
+        for dst_ix in my_range(len(batch_indices)):
+            source_ix = batch_indices[dst_ix]
+            field = metadata[source_ix]
+            image_data = mem_read(field["data_ptr"], storage_state)
+            height = np.uint32(field["height"])
+            width = np.uint32(field["width"])
+            if field["mode"] == jpg:
+                temp_buffer = temp_storage[dst_ix]
+                imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                selected_size = 3 * height * width
+                temp_buffer = temp_buffer.reshape(-1)[:selected_size]
+                temp_buffer = temp_buffer.reshape(height, width, 3)
+            else:
+                temp_buffer = image_data.reshape(height, width, 3)
+            if center:
+                i, j, h, w = _center_crop(height, width, center_ratio)
+            else:
+                key = _sample_key(seed, epoch, source_ix, 1)
+                i, j, h, w = _seeded_random_crop(height, width, scale, log_ratio, key)
+            resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+        return destination[:len(batch_indices)]
+
+    return decode
+
+
 class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
     """FFCV's RandomResizedCropRGBImageDecoder with crops drawn from hash(seed, epoch, index)."""
 
@@ -169,38 +219,21 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
         self.cell = cell
 
     def generate_code(self):
-        jpg = IMAGE_MODES["jpg"]
-        mem_read = self.memory_read
-        my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        scale = np.array(self.scale, dtype=np.float64)
-        log_ratio = np.log(np.array(self.ratio, dtype=np.float64))
-        addr = int(self.cell.ctypes.data)
+        decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self.cell.ctypes.data),
+                              np.array([self.scale[0], self.scale[1], 0.0]), center=False,
+                              log_ratio=(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        decode.is_parallel = True
+        return decode
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
-            seed = _load_i64(addr)
-            epoch = _load_i64(addr + 8)
-            for dst_ix in my_range(len(batch_indices)):
-                source_ix = batch_indices[dst_ix]
-                field = metadata[source_ix]
-                image_data = mem_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
-                if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    selected_size = 3 * height * width
-                    temp_buffer = temp_buffer.reshape(-1)[:selected_size]
-                    temp_buffer = temp_buffer.reshape(height, width, 3)
-                else:
-                    temp_buffer = image_data.reshape(height, width, 3)
-                key = _sample_key(seed, epoch, source_ix, 1)
-                i, j, h, w = _seeded_random_crop(height, width, scale, log_ratio, key)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-            return destination[:len(batch_indices)]
 
+class CenterCropDecoder(CenterCropRGBImageDecoder):
+    """FFCV's CenterCropRGBImageDecoder (crop = ratio x shorter side, resized to output_size)."""
+
+    _cell = np.zeros(2, dtype=np.int64)
+
+    def generate_code(self):
+        decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self._cell.ctypes.data),
+                              np.array([self.ratio, 0.0, 0.0]), center=True, log_ratio=(0.0, 0.0))
         decode.is_parallel = True
         return decode
 
@@ -250,6 +283,17 @@ class StatelessQuasiRandom(QuasiRandom):
 
 # ------------------------------------------------------------------ iterator plumbing
 _LIVE_ITERATORS: "weakref.WeakSet[_EpochIter]" = weakref.WeakSet()
+_THREAD_ERRORS: dict = {}  # thread ident -> exception that killed an FFCV epoch thread
+_previous_excepthook = threading.excepthook
+
+
+def _excepthook(args):
+    if isinstance(args.thread, EpochIterator):
+        _THREAD_ERRORS[args.thread.ident] = args.exc_value
+    _previous_excepthook(args)
+
+
+threading.excepthook = _excepthook
 
 
 def _shutdown_ffcv_iterator(it) -> None:
@@ -292,11 +336,35 @@ class _EpochIter:
     def __iter__(self):
         return self
 
+    def _get(self):
+        """FFCV's EpochIterator.__next__, but never waits for ever on a dead producer thread."""
+        it = self._it
+        while True:
+            try:
+                result = it.output_queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not it.is_alive():
+                    try:
+                        result = it.output_queue.get_nowait()
+                        break
+                    except queue.Empty:
+                        err = _THREAD_ERRORS.pop(it.ident, None)
+                        raise RuntimeError(f"FFCV loader thread died: {err!r}" if err else
+                                           "FFCV loader thread died (see the traceback above)") from err
+        if result is None:
+            it.close()
+            raise StopIteration
+        slot, batch = result
+        if _FFCV_IS_CUDA:
+            it.current_stream.wait_stream(it.cuda_streams[slot])  # the H2D copy of this batch is done
+        return batch
+
     def __next__(self):
         if self._done:
             raise StopIteration
         try:
-            batch = next(self._it)
+            batch = self._get()
         except StopIteration:
             self._done = True
             _LIVE_ITERATORS.discard(self)
@@ -570,7 +638,7 @@ class ValLoader(_LoaderBase):
             raise ValueError(f"{beton}: {base.size} samples cannot give each of {world} ranks a share")
         self.indices = share
         self.resolution = int(resolution)
-        image = [CenterCropRGBImageDecoder((self.resolution, self.resolution), ratio=crop_ratio)] + self._image_tail()
+        image = [CenterCropDecoder((self.resolution, self.resolution), ratio=crop_ratio)] + self._image_tail()
         self._loader = self._make(os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
                                   indices=share, pipelines=self._pipelines(image), drop_last=False,
                                   batches_ahead=batches_ahead)

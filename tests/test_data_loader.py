@@ -1,0 +1,159 @@
+"""datasets/loader.py on a small real beton (real FFCV writer + loader, CPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from datasets import loader as L
+from datasets.layouts import scan_imagenet
+from datasets.synth import make_imagenet_tree
+from datasets.writer import WriterSettings, prepare_out_dir, write_source
+
+NUM_CLASSES = 4
+# numba's dispatcher finaliser can print "Exception ignored ... KeyError" when FFCV's per-loader
+# compiled functions are garbage collected; harmless
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    base = tmp_path_factory.mktemp("loader")
+    make_imagenet_tree(base / "src", num_classes=NUM_CLASSES, train_per_class=10, val_per_class=3,
+                       size_range=(24, 56), bad={("val", 0): ["gray"]})
+    out = prepare_out_dir(base / "out", overwrite=False)
+    m = write_source(scan_imagenet(base / "src"), out, WriterSettings(workers=2, write_mode="proportion"),
+                     log=lambda *a: None)
+    return out, m
+
+
+def beton_labels(path):
+    from ffcv.reader import Reader
+    r = Reader(str(path))
+    f = {name: f"f{i}" for i, name in enumerate(r.field_names)}
+    return np.asarray(r.metadata[f["label"]]).reshape(-1)
+
+
+def collect(loader, epoch=None):
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    xs, ys, ids = [], [], []
+    for batch in loader:
+        x, y, i = batch
+        xs.append(x.clone())
+        ys.append(y)
+        ids.append(i)
+    return torch.cat(xs), torch.cat(ys), torch.cat(ids)
+
+
+@pytest.fixture(scope="module")
+def train_a(betons):
+    out, _ = betons
+    return L.create_train_loader(out / "train.beton", batch_size=8, num_workers=2, resolution=24, device="cpu",
+                                 seed=5, order="quasi_random", drop_last=False, return_index=True)
+
+
+def test_train_readback_labels_counts_and_format(betons, train_a):
+    out, m = betons
+    n = m["splits"]["train"]["count"]
+    threads = torch.get_num_threads()
+    assert train_a.dataset_size == n and train_a.num_samples == n and len(train_a) == -(-n // 8)
+    x, y, idx = collect(train_a, epoch=0)
+    assert torch.get_num_threads() == threads  # FFCV's thread-count reset is undone
+    assert sorted(idx.tolist()) == list(range(n))  # every sample exactly once
+    assert torch.equal(y, torch.from_numpy(beton_labels(out / "train.beton"))[idx])
+    assert x.shape == (n, 3, 24, 24) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and y.shape == (n,)
+    batch = next(iter(train_a))
+    assert batch[0].is_contiguous(memory_format=torch.channels_last)
+    assert -2.5 < float(x.min()) < 0 < float(x.max()) < 2.8  # ImageNet-normalised
+    train_a.close()
+
+
+def test_same_seed_same_batches_across_instances(betons, train_a):
+    """Exact resume: a fresh loader (other worker count) at set_epoch(e) reproduces epoch e, images included."""
+    out, _ = betons
+    a0 = collect(train_a, epoch=0)
+    a1 = collect(train_a)  # epoch 1 follows
+    assert not torch.equal(a0[2], a1[2])  # a new order each epoch
+    b = L.create_train_loader(out / "train.beton", batch_size=8, num_workers=1, resolution=24, device="cpu",
+                              seed=5, order="quasi_random", drop_last=False, return_index=True)
+    b1 = collect(b, epoch=1)
+    for u, v in zip(a1, b1):
+        assert torch.equal(u, v)
+    b0 = collect(b, epoch=0)
+    for u, v in zip(a0, b0):
+        assert torch.equal(u, v)
+    # the augmentation really is random: per sample, two epochs give different crops
+    same = [torch.equal(a0[0][a0[2] == i], a1[0][a1[2] == i]) for i in range(8)]
+    assert not all(same)
+
+
+def test_set_resolution_and_abandoned_epoch(train_a):
+    train_a.set_resolution(40)
+    it = iter(train_a)
+    x, _, _ = next(it)
+    assert x.shape[-2:] == (40, 40)
+    # abandon this epoch mid-way; the next iter() closes it cleanly
+    x, _, _ = next(iter(train_a))
+    assert x.shape[-2:] == (40, 40)
+    train_a.set_resolution(24)
+    train_a.close()
+    with pytest.raises(ValueError):
+        train_a.set_resolution(4)
+
+
+def test_val_loader_center_crop_sequential(betons):
+    out, m = betons
+    n = m["splits"]["val"]["count"]
+    assert n == NUM_CLASSES * 3 + 1
+    v = L.create_val_loader(out / "val.beton", batch_size=5, num_workers=2, resolution=32, device="cpu",
+                            channels_last=False, return_index=True)
+    assert len(v) == -(-n // 5) and v.num_samples == n and v.dataset_size == n
+    x, y, idx = collect(v)
+    assert idx.tolist() == list(range(n))  # sequential, no drop_last, no padding
+    assert y.tolist() == beton_labels(out / "val.beton").tolist()
+    assert x.shape == (n, 3, 32, 32) and x.is_contiguous()
+    x2, _, _ = collect(v)
+    assert torch.equal(x, x2)  # deterministic
+    sub = L.create_val_loader(out / "val.beton", batch_size=4, num_workers=1, resolution=32, device="cpu",
+                              indices=[3, 1, 7], return_index=True)
+    xs, ys, ids = collect(sub)
+    assert ids.tolist() == [3, 1, 7] and sub.num_samples == 3 and sub.dataset_size == 3
+    assert torch.allclose(xs, x[[3, 1, 7]])
+
+
+@pytest.mark.parametrize("bad, match", [([0, 99], "must be in"), ([-1, 2], "must be in"), ([1, 1], "duplicate"),
+                                        ([0.5, 1.0], "integers"), ([[0, 1]], "1-D"), ([], "empty")])
+def test_indices_are_validated(betons, bad, match):
+    out, _ = betons
+    with pytest.raises(ValueError, match=match):
+        L.create_val_loader(out / "val.beton", batch_size=4, num_workers=1, resolution=32, device="cpu",
+                            indices=bad)
+    with pytest.raises(ValueError, match=match):
+        L.create_train_loader(out / "train.beton", batch_size=4, num_workers=1, resolution=32, device="cpu",
+                              indices=bad)
+
+
+def test_bad_arguments(betons, tmp_path):
+    out, _ = betons
+    with pytest.raises(FileNotFoundError, match="no such beton"):
+        L.create_val_loader(tmp_path / "x.beton", batch_size=4, num_workers=1, resolution=32, device="cpu")
+    (tmp_path / "junk.beton").write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="not a readable FFCV beton"):
+        L.create_val_loader(tmp_path / "junk.beton", batch_size=4, num_workers=1, resolution=32, device="cpu")
+    with pytest.raises(ValueError, match="order"):
+        L.create_train_loader(out / "train.beton", batch_size=4, num_workers=1, resolution=32, device="cpu",
+                              order="shuffled")
+    with pytest.raises(ValueError, match="distributed"):
+        L.create_train_loader(out / "train.beton", batch_size=4, num_workers=1, resolution=32, device="cpu",
+                              distributed=True)
+
+
+def test_resolution_for_epoch():
+    kw = dict(min_res=160, max_res=192, start_ramp=10, end_ramp=13)
+    assert [L.resolution_for_epoch(e, **kw) for e in (0, 10, 11, 12, 13, 20)] == [160, 160, 160, 192, 192, 192]
+    kw = dict(min_res=32, max_res=64, start_ramp=0, end_ramp=4, step=8)
+    assert [L.resolution_for_epoch(e, **kw) for e in range(5)] == [32, 40, 48, 56, 64]
+    with pytest.raises(ValueError):
+        L.resolution_for_epoch(0, min_res=64, max_res=32, start_ramp=0, end_ramp=1)
