@@ -1,0 +1,304 @@
+"""pipeline/launch.py, pipeline/submitit_launch.py and pipeline/util/preemption.py without a cluster (fast):
+the sbatch script a launch would submit (--dry-run), profiles vs flags, refusals before submission, job arrays,
+the signal protocol and what a SLURM task does with each exit code. The real-cluster runs are in test_slurm.py."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import launch, submitit_launch
+from pipeline.util import preemption
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, str(REPO / "pipeline" / "launch.py")]
+
+
+def run_launch(*args, cwd=None, env=None):
+    return subprocess.run(LAUNCH + list(args), cwd=str(cwd or REPO), capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def sbatch_lines(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI, profiles, dry-run
+
+
+def test_help_runs_as_a_file_from_anywhere(tmp_path):
+    proc = run_launch("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--local", "--nproc", "--partition", "--nodes", "--gpus-per-node", "--cpus-per-task", "--mem",
+                 "--time", "--account", "--qos", "--constraint", "--job-name", "--output-dir", "--cluster", "--wait",
+                 "--array", "scancel --signal=USR2", "testcluster", "example_gpu"):
+        assert flag in proc.stdout, flag
+
+
+def test_dry_run_testcluster_profile(tmp_path):
+    proc = run_launch("--cluster", "testcluster", "--dry-run", "--output-dir", str(tmp_path / "run"),
+                      "schedule.epochs=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    s = sbatch_lines(proc.stdout)
+    assert s["nodes"] == "2" and s["ntasks-per-node"] == "1" and s["gpus-per-node"] == "1"
+    assert s["partition"] == "gpu" and s["time"] == "00:30:00" and s["signal"] == "USR2@60"
+    assert s["cpus-per-task"] == "1" and s["mem"] == "1500M"
+    assert "--kill-on-bad-exit=1" in proc.stdout  # one failing task ends the job
+    assert f"export PYTHONPATH={REPO}" in proc.stdout
+    assert "--resume auto" in proc.stdout
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_flags_override_the_profile(tmp_path):
+    proc = run_launch("--cluster", "example_gpu", "--nodes", "4", "--gpus-per-node", "4", "--cpus-per-task", "6",
+                      "--mem", "200G", "--time", "1-00:00:00", "--account", "acc", "--qos", "high",
+                      "--constraint", "h100", "--job-name", "jn", "--signal-delay", "300", "--sbatch",
+                      "reservation=res1", "--dry-run", "--output-dir", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    s = sbatch_lines(proc.stdout)
+    assert s["nodes"] == "4" and s["gpus-per-node"] == "4" and s["ntasks-per-node"] == "4"  # one task per GPU
+    assert s["cpus-per-task"] == "6" and s["mem"] == "200G" and s["time"] == "1-00:00:00"
+    assert s["account"] == "acc" and s["qos"] == "high" and s["constraint"] == "h100" and s["job-name"] == "jn"
+    assert s["signal"] == "USR2@300" and s["reservation"] == "res1"
+    assert "exclusive" in s  # from the profile's extra sbatch options
+    assert "source .venv/bin/activate" in proc.stdout  # profile setup lines
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cluster", "nosuchcluster"], "no profile"),
+    (["--nodes", "0"], "nodes"),
+    (["--gpus-per-node", "8", "--tasks-per-node", "2"], "one task per GPU"),
+    (["--time", "tomorrow"], "time"),
+    (["--mem", "lots"], "mem"),
+    (["--resume", "/some/ckpt.pt"], "--resume"),
+    (["--sbatch", "novalue"], "--sbatch"),
+])
+def test_bad_launch_options_are_one_line_errors(args, message, tmp_path):
+    proc = run_launch(*args, "--dry-run", "--output-dir", str(tmp_path / "r"))
+    assert proc.returncode == launch.EXIT_USAGE, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_profile_with_unknown_key_is_refused(tmp_path):
+    bad = tmp_path / "mycluster.yaml"
+    bad.write_text("partition: gpu\ngpu_per_node: 8\n")
+    proc = run_launch("--cluster", str(bad), "--dry-run")
+    assert proc.returncode == launch.EXIT_USAGE and "gpu_per_node" in proc.stderr
+
+
+def test_bad_config_is_refused_before_anything(tmp_path, monkeypatch, capsys):
+    submitted = []
+    monkeypatch.setattr(launch, "make_executor", lambda *a, **k: submitted.append(a))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: -1\n")
+    rc = launch.main(["--partition", "gpu", "--nodes", "2", "--config", str(bad), "--output-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == launch.EXIT_USAGE and len(err) == 1 and "optim.lr" in err[0]
+    assert not submitted and not (tmp_path / "r").exists()
+    rc = launch.main(["--partition", "gpu", "optim.momentom=0.9", "--output-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == launch.EXIT_USAGE and "optim.momentom" in err and not submitted
+
+
+def test_no_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    rc = launch.main(["--partition", "gpu", "--output-dir", str(tmp_path / "r")])
+    assert rc == launch.EXIT_USAGE and "sbatch not found" in capsys.readouterr().err
+
+
+def test_existing_run_dir_needs_resume_auto(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"x")
+    rc = launch.main(["--cluster", "testcluster", "--dry-run", "--output-dir", str(run)])
+    assert rc == launch.EXIT_USAGE and "--resume auto" in capsys.readouterr().err
+    rc = launch.main(["--cluster", "testcluster", "--dry-run", "--output-dir", str(run), "--resume", "auto"])
+    assert rc == 0
+
+
+def test_job_array_over_seeds_and_configs(tmp_path):
+    proc = run_launch("--cluster", "testcluster", "--dry-run", "--output-dir", str(tmp_path / "study"),
+                      "--array", "train.seed=0,1", "--array", "optim.lr=0.1,0.2", "--array-parallelism", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-3%3" in proc.stdout
+    runs = [ln for ln in proc.stdout.splitlines() if ln.startswith("# seed=")]
+    assert len(runs) == 4 and str(tmp_path / "study" / "000-seed=0_lr=0.1") in runs[0]
+    proc = run_launch("--cluster", "testcluster", "--dry-run", "--output-dir", str(tmp_path / "s2"),
+                      "--array", f"config={REPO / 'configs' / 'demo.yaml'},{tmp_path / 'missing.yaml'}")
+    assert proc.returncode == launch.EXIT_USAGE and "array element 1" in proc.stderr and "missing.yaml" in proc.stderr
+
+
+def test_array_elements_are_validated_one_by_one(tmp_path):
+    proc = run_launch("--cluster", "testcluster", "--dry-run", "--array", "schedule.epochs=2,0")
+    assert proc.returncode == launch.EXIT_USAGE
+    assert "array element 1" in proc.stderr and "schedule.epochs" in proc.stderr
+
+
+def test_local_refuses_slurm_options():
+    proc = run_launch("--local", "--nodes", "2")
+    assert proc.returncode == launch.EXIT_USAGE and "--local" in proc.stderr
+
+
+def test_local_runs_the_entry_in_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_ENTRY_RC", "0")
+    monkeypatch.setenv("FAKE_ENTRY_OUT", str(tmp_path / "argv.txt"))
+    rc = launch.main(["--local", "--entry", "tests.test_launch:fake_entry", "--output-dir", str(tmp_path / "r"),
+                      "schedule.epochs=1"])
+    assert rc == 0
+    argv = (tmp_path / "argv.txt").read_text().split()
+    assert argv == [f"output_dir={tmp_path / 'r'}", "schedule.epochs=1"]
+
+
+@pytest.mark.parametrize("text, minutes", [("30", 30), ("00:30:00", 30), ("1:00:01", 61), ("2-00", 2880),
+                                           ("1-01:30:00", 1530), ("10:30", 11)])
+def test_time_to_minutes(text, minutes):
+    assert launch.time_to_minutes(text) == minutes
+
+
+# ----------------------------------------------------------------------------- preemption protocol
+
+
+@pytest.fixture
+def clean_preemption():
+    old = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    preemption.reset()
+    yield
+    preemption.reset()
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+def test_usr2_is_preempt_and_requeue(clean_preemption):
+    preemption.install_handlers()
+    assert not preemption.requested()
+    os.kill(os.getpid(), signal.SIGUSR2)
+    assert preemption.requested() and preemption.reason() == preemption.PREEMPT and preemption.requeue_pending()
+    os.kill(os.getpid(), signal.SIGTERM)  # the requeue's own SIGTERM does not turn it into a kill
+    assert preemption.reason() == preemption.PREEMPT and preemption.requeue_pending()
+
+
+def test_term_is_killed_without_requeue(clean_preemption):
+    preemption.install_handlers()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.requested() and preemption.reason() == preemption.KILLED
+    assert not preemption.requeue_pending()
+    preemption.mark_requeue_pending()
+    assert preemption.requeue_pending()
+
+
+def test_second_term_ends_the_process():
+    code = ("import os, signal, time\nfrom pipeline.util import preemption\npreemption.install_handlers()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\nassert preemption.requested()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(5)\nprint('survived')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and "survived" not in proc.stdout
+
+
+def test_handlers_replace_submitits(clean_preemption):
+    # what submitit's process_job does before calling our task ...
+    import submitit
+
+    signal.signal(signal.SIGUSR2, lambda *a: pytest.fail("submitit's handler ran"))
+    # ... and what our task does first
+    preemption.install_handlers()
+    os.kill(os.getpid(), signal.SIGUSR2)
+    assert preemption.requeue_pending()
+    assert submitit  # imported: the versions agree on the hand-over
+
+
+# ----------------------------------------------------------------------------- TrainTask exit codes
+
+
+def fake_entry(argv: list[str]) -> int:
+    """Entry for these tests: records argv, applies FAKE_ENTRY_SIGNAL, returns FAKE_ENTRY_RC."""
+    out = os.environ.get("FAKE_ENTRY_OUT")
+    if out:
+        Path(out).write_text(" ".join(argv))
+    kind = os.environ.get("FAKE_ENTRY_SIGNAL")
+    if kind:
+        preemption.request(kind)
+    return int(os.environ.get("FAKE_ENTRY_RC", "0"))
+
+
+@pytest.fixture
+def task_env(monkeypatch, clean_preemption):
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # no TorchDistributedEnvironment outside SLURM
+    requeued = []
+    monkeypatch.setattr(submitit_launch, "requeue_job", lambda job_id: requeued.append(job_id))
+    monkeypatch.setattr(submitit_launch.time, "sleep", lambda s: None)
+    return requeued
+
+
+def make_task(**kw):
+    return submitit_launch.TrainTask(argv=["--config", "x.yaml", "--resume", "auto"],
+                                     entry="tests.test_launch:fake_entry", **kw)
+
+
+def test_task_success_returns_summary(task_env, monkeypatch):
+    monkeypatch.setenv("FAKE_ENTRY_RC", "0")
+    out = make_task()()
+    assert out["exit_code"] == 0 and out["rank"] == 0
+
+
+def test_task_preempted_rank0_requeues_without_result(task_env, monkeypatch):
+    monkeypatch.setenv("FAKE_ENTRY_RC", str(preemption.EXIT_PREEMPTED))
+    monkeypatch.setenv("FAKE_ENTRY_SIGNAL", preemption.PREEMPT)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    task = make_task(export_torch_env=False)
+    with pytest.raises(SystemExit):  # SystemExit, not an exception: submitit writes no result file
+        task()
+    assert task_env == ["42"]
+
+
+def test_task_preempted_array_element_requeues_itself(task_env, monkeypatch):
+    monkeypatch.setenv("FAKE_ENTRY_RC", str(preemption.EXIT_PREEMPTED))
+    monkeypatch.setenv("FAKE_ENTRY_SIGNAL", preemption.PREEMPT)
+    monkeypatch.setenv("SLURM_JOB_ID", "57")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "50")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    with pytest.raises(SystemExit):
+        make_task(export_torch_env=False)()
+    assert task_env == ["50_7"]
+
+
+def test_task_preempted_other_rank_exits_zero(task_env, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("FAKE_ENTRY_RC", str(preemption.EXIT_PREEMPTED))
+    monkeypatch.setenv("FAKE_ENTRY_SIGNAL", preemption.PREEMPT)
+    with pytest.raises(SystemExit) as exc:
+        make_task()()
+    assert exc.value.code == 0 and task_env == []
+
+
+def test_task_killed_does_not_requeue(task_env, monkeypatch):
+    monkeypatch.setenv("FAKE_ENTRY_RC", str(preemption.EXIT_PREEMPTED))
+    monkeypatch.setenv("FAKE_ENTRY_SIGNAL", preemption.KILLED)
+    with pytest.raises(SystemExit) as exc:
+        make_task()()
+    assert exc.value.code == preemption.EXIT_PREEMPTED and task_env == []
+
+
+def test_task_requeue_limit(task_env, monkeypatch):
+    monkeypatch.setenv("FAKE_ENTRY_RC", str(preemption.EXIT_PREEMPTED))
+    monkeypatch.setenv("FAKE_ENTRY_SIGNAL", preemption.PREEMPT)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    with pytest.raises(RuntimeError, match="max_requeues=3"):
+        make_task(max_requeues=3)()
+    assert task_env == []
+
+
+def test_task_failure_raises(task_env, monkeypatch):
+    monkeypatch.setenv("FAKE_ENTRY_RC", "1")
+    with pytest.raises(RuntimeError, match="exited with code 1 on rank 0"):
+        make_task()()
