@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Loader benchmark: the same JPEG images through (a) datasets.loader from a beton and
+(b) torchvision ImageFolder + PIL transforms + DataLoader, side by side in one run.
+
+Both do random-resized-crop to --res, horizontal flip and ImageNet normalisation to float
+tensors, with the same batch size and number of workers (FFCV: threads; DataLoader: processes,
+persistent). The images are generated here (realistic 160-500 px JPEGs, quality 90) into a
+temporary folder, then written to a beton with the writer's ImageNet defaults (max side 500,
+half JPEG q90 / half raw). Rounds alternate a then b; the first round of each is a warm-up
+(JIT compilation, worker start) and is reported but left out of the medians.
+
+    python bench/loader.py [--images 1000] [--workers 2] [--batch-size 64] [--res 160] [--rounds 4]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=1000, help="number of generated train images (default 1000)")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: all CPUs)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--res", type=int, default=160, help="crop output size (default 160)")
+    p.add_argument("--rounds", type=int, default=4, help="epochs per loader, the first one is warm-up")
+    p.add_argument("--min-size", type=int, default=160)
+    p.add_argument("--max-size", type=int, default=500)
+    p.add_argument("--channels-last", action="store_true",
+                   help="beton loader yields channels-last tensors (skips one copy; default: contiguous NCHW "
+                        "like torchvision)")
+    p.add_argument("--keep", metavar="DIR", help="keep the generated images and beton in DIR")
+    args = p.parse_args(argv)
+
+    import torch
+    from datasets import loader as L
+    from datasets.layouts import scan_imagenet
+    from datasets.synth import make_bench_tree
+    from datasets.writer import WriterSettings, prepare_out_dir, write_source
+
+    threads = torch.get_num_threads()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    try:
+        src = work / "src"
+        if not (src / "train").is_dir():
+            t0 = time.perf_counter()
+            per = max(1, args.images // args.classes)
+            make_bench_tree(src / "train", num_classes=args.classes, per_class=per,
+                            size_range=(args.min_size, args.max_size))
+            make_bench_tree(src / "val", num_classes=args.classes, per_class=1, size_range=(args.min_size, args.max_size), seed=1)
+            print(f"generated {per * args.classes} JPEGs of {args.min_size}-{args.max_size} px in "
+                  f"{time.perf_counter() - t0:.1f} s under {src}")
+        out = work / "beton"
+        if not (out / "manifest.json").exists():
+            settings = WriterSettings(max_resolution=500, write_mode="proportion", compress_probability=0.5,
+                                      jpeg_quality=90, workers=args.workers)
+            write_source(scan_imagenet(src), prepare_out_dir(out, overwrite=True), settings, log=lambda *a: None)
+        n = sum(1 for _ in (src / "train").rglob("*.JPEG"))
+
+        ffcv_loader = L.create_train_loader(out / "train.beton", batch_size=args.batch_size,
+                                            num_workers=args.workers, resolution=args.res, device="cpu",
+                                            order="random", channels_last=args.channels_last, drop_last=False)
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+        tf = T.Compose([T.RandomResizedCrop(args.res, antialias=True), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+        tv_loader = torch.utils.data.DataLoader(ImageFolder(str(src / "train"), tf), batch_size=args.batch_size,
+                                                shuffle=True, num_workers=args.workers, persistent_workers=True,
+                                                drop_last=False)
+        torch.set_num_threads(threads)
+
+        def epoch(loader):
+            t0 = time.perf_counter()
+            count = 0
+            for x, y in loader:
+                count += x.shape[0]
+            return count / (time.perf_counter() - t0)
+
+        rates = {"ffcv": [], "torchvision": []}
+        print(f"{n} images, res {args.res}, batch {args.batch_size}, workers {args.workers}, {os.cpu_count()} CPUs")
+        for r in range(args.rounds):
+            a = epoch(ffcv_loader)
+            b = epoch(tv_loader)
+            rates["ffcv"].append(a)
+            rates["torchvision"].append(b)
+            tag = " (warm-up)" if r == 0 else ""
+            print(f"round {r}{tag}: beton loader {a:8.0f} img/s   ImageFolder+DataLoader {b:8.0f} img/s   "
+                  f"ratio {a / b:5.2f}x", flush=True)
+        if args.rounds > 1:
+            fa = statistics.median(rates["ffcv"][1:])
+            fb = statistics.median(rates["torchvision"][1:])
+            print(f"median after warm-up: beton loader {fa:.0f} img/s, ImageFolder+DataLoader {fb:.0f} img/s, "
+                  f"ratio {fa / fb:.2f}x")
+        ffcv_loader.close()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
