@@ -288,3 +288,31 @@ def test_preemption_requeue_resumes_exactly(slurm_cluster, engine_jobs):
     assert not differ, "metrics differ from the uninterrupted run (key, epoch, A, B):\n" + \
         "\n".join(map(str, differ))
 
+
+
+def test_scancel_keeps_checkpoint_and_marks_run_killed(slurm_cluster, tiny_demo, tmp_path):
+    run_dir, runs_root = tmp_path / "run", tmp_path / "runs"
+    launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--nodes", "2", "--output-dir", str(run_dir),
+                                    "--wait", *tiny(tiny_demo, runs_root), "schedule.epochs=20"],
+                    tmp_path / "launch.log")
+    job = launch.job_id()
+    deadline = time.monotonic() + JOB_WAIT_S
+    while not (run_dir / "last.pt").is_file():
+        assert launch.proc.poll() is None, launch.text()[-3000:]
+        assert time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.2)
+    first = (run_dir / "last.pt").stat().st_mtime_ns
+    slurm_cluster.cmd("scancel", job)  # SIGTERM, no requeue
+    rc = launch.wait(timeout=300)
+    out = launch.text()
+    assert rc != 0 and "cancelled" in out, out[-3000:]
+    assert job_state(slurm_cluster, job).startswith("CANCELLED")
+    assert scontrol_field(slurm_cluster, job, "Restarts") == "0"  # not requeued
+    assert "stopped (stop requested" in out, out[-3000:]  # the engine saw SIGTERM in time and checkpointed
+    assert (run_dir / "last.pt").stat().st_mtime_ns > first  # a fresh, mid-epoch checkpoint
+    import torch
+
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    assert state["step_in_epoch"] > 0 or state["epoch"] > 1
+    _, run = only_run(runs_root, run_dir)
+    assert run.info.status == "KILLED"
