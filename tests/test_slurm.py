@@ -59,6 +59,23 @@ def crash_rank1_midway(argv: list[str]) -> int:
     return main(argv)
 
 
+def array_probe(argv: list[str]) -> int:
+    """Worker entry for the array test: records what this element was given, and when it ran."""
+    import json
+
+    import yaml
+
+    cfg = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())
+    out = Path(cfg["output_dir"])
+    start = time.time()
+    time.sleep(4)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps({
+        "seed": cfg["train"]["seed"], "run_name": cfg["tracking"]["run_name"], "argv": argv,
+        "array_task": os.environ.get("SLURM_ARRAY_TASK_ID"), "start": start, "end": time.time()}))
+    return 0
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -316,3 +333,27 @@ def test_scancel_keeps_checkpoint_and_marks_run_killed(slurm_cluster, tiny_demo,
     assert state["step_in_epoch"] > 0 or state["epoch"] > 1
     _, run = only_run(runs_root, run_dir)
     assert run.info.status == "KILLED"
+
+
+def test_job_array_with_concurrency_limit(slurm_cluster, tmp_path):
+    import json
+
+    root = tmp_path / "study"
+    launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--nodes", "1", "--output-dir", str(root),
+                                    "--entry", "tests.test_slurm:array_probe", "--array", "train.seed=3,4,5",
+                                    "--array-parallelism", "2", "--wait"], tmp_path / "launch.log")
+    rc = launch.wait(timeout=300)
+    assert rc == 0, launch.text()[-3000:]
+    probes = [json.loads((root / f"{i:03d}-seed={seed}" / "probe.json").read_text())
+              for i, seed in enumerate((3, 4, 5))]
+    assert [p["seed"] for p in probes] == [3, 4, 5]
+    assert [p["array_task"] for p in probes] == ["0", "1", "2"]
+    assert len({p["run_name"] for p in probes}) == 3  # one MLflow run name per element
+    assert all(p["argv"][-2:] == ["--resume", "auto"] for p in probes)
+    # never more than 2 elements at once
+    events = sorted([(p["start"], 1) for p in probes] + [(p["end"], -1) for p in probes])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert peak <= 2
