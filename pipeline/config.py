@@ -103,6 +103,9 @@ class EvalConfig:
     every_n_epochs: int = 1  # and always after the last epoch
     tta_flip: bool = False  # average the outputs of the image and its mirror
     topk: list[int] = field(default_factory=lambda: [1, 5])
+    # a seeded share of the *train* split kept out of training and evaluated at the end; its
+    # confusion matrix (confusion_holdout.npy) feeds SSAL's grouping stage without touching val
+    holdout_fraction: float = 0.0
 
 
 @dataclass
@@ -187,6 +190,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -306,6 +314,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule.warmup_epochs: must be <= schedule.epochs={cfg.schedule.epochs}")
     if not 0 <= cfg.schedule.end_lr_ratio <= 1:
         raise ConfigError(f"schedule.end_lr_ratio: must be in [0, 1], got {cfg.schedule.end_lr_ratio}")
+    if not 0 <= cfg.eval.holdout_fraction <= 0.5:
+        raise ConfigError(f"eval.holdout_fraction: must be in [0, 0.5], got {cfg.eval.holdout_fraction}")
     if any(k < 1 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk: every k must be >= 1, got {cfg.eval.topk}")
     if cfg.method.name in ("ssal", "gapcat") and not cfg.method.groups_file and not cfg.method.num_groups:

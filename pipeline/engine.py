@@ -62,64 +62,97 @@ class EpochMeter:
         return metrics
 
 
-@dataclass
-class StepContext:
-    """What a training step needs besides the batch."""
-    model: nn.Module  # possibly DDP-wrapped
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    device: torch.device
-    amp: str
-    grad_clip_norm: float = 0.0
-    channels_last: bool = False
+class StandardTraining:
+    """How a method trains: its optimiser(s) and one optimisation step.
 
-
-def standard_step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor):
-    """One optimisation step: forward, the method's loss, backward, (clip), step.
-
-    Returns the loss (a tensor, no host sync here) and its named parts.
+    The default (every method but MAXL): one SGD optimiser; forward, the method's loss,
+    backward, optional clipping, step; fp16 through a GradScaler. A method that trains
+    differently (MAXL: two networks updated in alternation) subclasses this and is
+    registered in pipeline/train.py's TRAININGS; the loops below stay the same.
     """
-    method = unwrap(ctx.model).method
-    with autocast_context(ctx.device, ctx.amp):
-        outputs = ctx.model(images)
-        loss, parts = method.loss(outputs, labels)
-    ctx.optimizer.zero_grad(set_to_none=True)
-    if ctx.scaler is not None:
-        ctx.scaler.scale(loss).backward()
-        if ctx.grad_clip_norm > 0:
-            ctx.scaler.unscale_(ctx.optimizer)
-            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip_norm)
-        ctx.scaler.step(ctx.optimizer)
-        ctx.scaler.update()
-    else:
-        loss.backward()
-        if ctx.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.grad_clip_norm)
-        ctx.optimizer.step()
-    return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+                 peak_lr: float, *, device: torch.device, amp: str, grad_clip_norm: float = 0.0,
+                 channels_last: bool = False):
+        self.model = model  # the plain model
+        self.train_model = train_model  # possibly DDP / compiled
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"net": optimizer}
+        self.peak_lrs: dict[str, float] = {"net": peak_lr}
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
+        self.device, self.amp = device, amp
+        self.grad_clip_norm, self.channels_last = grad_clip_norm, channels_last
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Every optimiser follows the schedule, each from its own peak lr."""
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = self.peak_lrs[name] * factor
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers["net"].param_groups[0]["lr"]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step; returns the loss (no host sync here) and its named parts."""
+        optimizer = self.optimizers["net"]
+        with autocast_context(self.device, self.amp):
+            outputs = self.train_model(images)
+            loss, parts = self.model.method.loss(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.grad_clip_norm > 0:
+                self.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            optimizer.step()
+        return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Method-specific training statistics of the epoch (reduced over ranks), then reset."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def final_artifacts(self, run_dir) -> list:
+        """Files (paths) to log at the end of the run."""
+        return []
 
 
 def train_one_epoch(
-    ctx: StepContext,
+    training: StandardTraining,
     loader: Iterable,
     *,
     epoch: int,
     steps: int,
     start_step: int,
     meter: EpochMeter,
-    lr_at: Callable[[int], float],
+    lr_factor_at: Callable[[int], float],
     global_step: int,
     stop_requested: Callable[[], bool],
     on_step_end: Callable[[], None] | None = None,
     progress=None,
-    step_fn=standard_step,
 ) -> int:
     """Train `steps` iterations of one epoch, skipping the first `start_step` (mid-epoch resume).
 
     Returns the global step reached. Raises NonFiniteLoss (every rank, together) on a
     NaN/Inf loss and Preempted (every rank, together) when a stop was requested.
     """
-    ctx.model.train()
+    training.train_model.train()
+    device = training.device
     iterator = iter(loader)
     started = time.perf_counter()
     try:
@@ -128,16 +161,14 @@ def train_one_epoch(
                 break
             if step < start_step:
                 continue  # replay the epoch's order up to where the interrupted run stopped
-            lr = lr_at(global_step)
-            for group in ctx.optimizer.param_groups:
-                group["lr"] = lr
-            if ctx.channels_last:
+            training.set_lr_factor(lr_factor_at(global_step))
+            if training.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            loss, parts = step_fn(ctx, images, labels)
+            loss, parts = training.step(images, labels)
             # one small all-reduce per step agrees across ranks on "stop" and "non-finite",
             # so that every rank leaves the loop at the same iteration (no hang in a collective)
             flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop_requested() else 0.0],
-                                 device=ctx.device)
+                                 device=device)
             dist_util.all_reduce_sum(flags)
             if flags[0] > 0:
                 detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
@@ -148,7 +179,7 @@ def train_one_epoch(
             if on_step_end is not None:
                 on_step_end()
             if progress is not None:
-                progress.update(step, loss.item(), lr)
+                progress.update(step, loss.item(), training.lr)
             if flags[1] > 0:
                 meter.seconds += time.perf_counter() - started
                 raise Preempted(f"stop requested at epoch {epoch} step {step + 1}")
@@ -250,7 +281,7 @@ class Progress:
         elif (step + 1) % self.log_every == 0 or step + 1 == self.steps:
             eta = (self.steps - step - 1) * self.batch / max(rate, 1e-9)
             print(f"epoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss {loss:.4f} "
-                  f"lr {lr:.4g} {rate:.0f} img/s/rank eta {eta:.0f}s", flush=True)
+                  f"lr {lr:.4g} {rate:.0f} img/s eta {eta:.0f}s", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -7,6 +7,7 @@ loaders (datasets.loader), the model + method (ssal_models) and the loops (pipel
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -30,6 +31,9 @@ from pipeline.optim import build_optimizer, lr_factor, scaled_lr
 from pipeline.util import checkpoint as ckpt
 from pipeline.util import dist as dist_util
 from pipeline.util import preemption
+
+# methods that train differently from engine.StandardTraining (module:class, imported on use)
+TRAININGS = {"maxl": "pipeline.maxl_training:MaxlTraining"}
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 4
@@ -96,6 +100,16 @@ def load_groupings(cfg: Config, num_classes: int, class_names: list[str]) -> lis
     return groupings
 
 
+def holdout_split(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(train indices, held-out indices) of the train split; (None, None) when nothing is held out.
+    Seeded apart from the training seed's other uses, so changing it does not move other randomness."""
+    if fraction <= 0:
+        return None, None
+    order = np.random.default_rng([seed, 0x401D]).permutation(num_train)
+    cut = max(1, int(round(num_train * fraction)))
+    return np.sort(order[cut:]), np.sort(order[:cut])
+
+
 def method_options(cfg: Config, groupings: list[np.ndarray] | None) -> dict:
     options = dict(cfg.method.options)
     if groupings is not None:
@@ -113,6 +127,14 @@ def build_model(cfg: Config, num_classes: int, groupings) -> nn.Module:
                                        **options)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model/method: {err}") from None
+
+
+def training_class(method: str) -> type:
+    target = TRAININGS.get(method)
+    if target is None:
+        return engine.StandardTraining
+    module_name, _, class_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 # ----------------------------------------------------------------------------- tracking
@@ -192,10 +214,19 @@ class Trainer:
         self.amp = cfg.train.amp if device.type == "cuda" else "none"
         self.channels_last = cfg.train.channels_last and device.type == "cuda"
         batch = cfg.data.batch_size
+        train_beton = data_root / manifest["splits"]["train"]["beton"]
+        train_indices, holdout_indices = holdout_split(int(manifest["splits"]["train"]["count"]),
+                                                       cfg.eval.holdout_fraction, cfg.train.seed)
         self.train_loader = data_loader.create_train_loader(
-            data_root / manifest["splits"]["train"]["beton"], batch_size=batch, num_workers=cfg.data.num_workers,
-            resolution=cfg.data.min_res, device=device, distributed=info.distributed, seed=cfg.train.seed,
-            order=cfg.data.order, os_cache=cfg.data.os_cache, channels_last=self.channels_last)
+            train_beton, batch_size=batch, num_workers=cfg.data.num_workers, resolution=cfg.data.min_res,
+            device=device, distributed=info.distributed, seed=cfg.train.seed, order=cfg.data.order,
+            os_cache=cfg.data.os_cache, channels_last=self.channels_last, indices=train_indices)
+        self.holdout_loader = None
+        if holdout_indices is not None:
+            self.holdout_loader = data_loader.create_val_loader(
+                train_beton, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
+                resolution=cfg.data.val_res, device=device, distributed=info.distributed,
+                channels_last=self.channels_last, indices=holdout_indices)
         self.val_loader = data_loader.create_val_loader(
             data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
             num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
@@ -228,11 +259,10 @@ class Trainer:
             train_model = torch.compile(train_model)
         self.global_batch = batch * info.world_size
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
-        optimizer = build_optimizer(model, cfg.optim, self.global_batch)
-        scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
-        self.ctx = engine.StepContext(model=train_model, optimizer=optimizer, scaler=scaler, device=device,
-                                      amp=self.amp, grad_clip_norm=cfg.optim.grad_clip_norm,
-                                      channels_last=self.channels_last)
+        training_cls = training_class(cfg.method.name)
+        self.training = training_cls(model, train_model, build_optimizer(model, cfg.optim, self.global_batch),
+                                     self.peak_lr, device=device, amp=self.amp,
+                                     grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=self.channels_last)
         if cfg.optim.label_smoothing and hasattr(model.method, "label_smoothing"):
             model.method.label_smoothing = cfg.optim.label_smoothing
 
@@ -255,8 +285,7 @@ class Trainer:
         return {
             "model": self.model_without_ddp.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.ctx.optimizer.state_dict(),
-            "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None,
+            "training": self.training.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
@@ -272,16 +301,22 @@ class Trainer:
 
     def save(self, name: str = ckpt.LAST) -> None:
         if self.info.is_main:
+            self._note_run_id()
             ckpt.atomic_torch_save(self._state(), self.run_dir / name)
+
+    def _note_run_id(self) -> None:
+        """The tracker may learn its run id late (server down at start): keep the newest one."""
+        run_id = getattr(self.tracker, "run_id", None) or self.run_id
+        if run_id and run_id != self.run_id or run_id and not (self.run_dir / RUN_ID_FILE).is_file():
+            self.run_id = run_id
+            (self.run_dir / RUN_ID_FILE).write_text(run_id)
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)
         self.model_without_ddp.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.ctx.optimizer.load_state_dict(state["optimizer"])
-        if self.ctx.scaler is not None and state.get("scaler") is not None:
-            self.ctx.scaler.load_state_dict(state["scaler"])
+        self.training.load_state_dict(state["training"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.meter = engine.EpochMeter(**state["meter"])
@@ -301,8 +336,7 @@ class Trainer:
         self.run_id = self.tracker.start(run_name=cfg.run_name, params=cfg.flat(),
                                          tags=run_tags(cfg, info, self.groupings), run_id=self.run_id)
         if info.is_main:
-            if self.run_id:
-                (self.run_dir / RUN_ID_FILE).write_text(self.run_id)
+            self._note_run_id()
             self._log_static_artifacts()
             print(f"run dir {self.run_dir}; world size {info.world_size}; device {info.device}; "
                   f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}"
@@ -319,16 +353,17 @@ class Trainer:
                                        self.global_batch, cfg.train.log_every)
             start_step = self.step_in_epoch
 
-            def after_step():
+            def after_step():  # the trainer's counters stay exact even when the epoch ends by Preempted
                 self.step_in_epoch += 1
+                self.global_step += 1
                 if self.ema is not None:
                     self.ema.update_parameters(self.model_without_ddp)
 
             try:
-                self.global_step = engine.train_one_epoch(
-                    self.ctx, self.train_loader, epoch=epoch, steps=self.steps_per_epoch, start_step=start_step,
+                engine.train_one_epoch(
+                    self.training, self.train_loader, epoch=epoch, steps=self.steps_per_epoch, start_step=start_step,
                     meter=self.meter, global_step=self.global_step, stop_requested=preemption.requested,
-                    lr_at=lambda it: self.peak_lr * lr_factor(cfg.schedule, it, self.steps_per_epoch),
+                    lr_factor_at=lambda it: lr_factor(cfg.schedule, it, self.steps_per_epoch),
                     on_step_end=after_step, progress=progress)
             finally:
                 progress.close()
@@ -336,7 +371,8 @@ class Trainer:
             metrics["train/epoch_seconds"] = self.meter.seconds
             metrics["train/images_per_second"] = metrics_rate(self.meter, info)
             metrics["train/resolution"] = float(res)
-            metrics["train/lr"] = self.ctx.optimizer.param_groups[0]["lr"]
+            metrics["train/lr"] = self.training.lr
+            metrics.update(self.training.epoch_metrics())
             if info.device.type == "cuda":
                 metrics["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             last_epoch = epoch + 1 == epochs
@@ -364,6 +400,14 @@ class Trainer:
                 self.confusion = confusion
         if not last_metrics:  # resumed after the end: evaluate what there is
             last_metrics, self.confusion = self.evaluate()
+        self.holdout_confusion = None
+        if self.holdout_loader is not None:
+            holdout, self.holdout_confusion = engine.evaluate(
+                self.model_without_ddp, self.holdout_loader, device=self.info.device, amp=self.amp,
+                num_classes=self.num_classes, topk=self.cfg.eval.topk, channels_last=self.channels_last,
+                prefix="holdout")
+            self.tracker.log_metrics(holdout, step=epochs)
+            last_metrics.update(holdout)
         if info.is_main:
             self._log_final_artifacts()
         return last_metrics
@@ -391,11 +435,16 @@ class Trainer:
         conf_path = self.run_dir / "confusion_main.npy"
         np.save(conf_path, self.confusion.numpy())
         self.tracker.log_artifact(str(conf_path))
+        if self.holdout_confusion is not None:
+            np.save(self.run_dir / "confusion_holdout.npy", self.holdout_confusion.numpy())
+            self.tracker.log_artifact(str(self.run_dir / "confusion_holdout.npy"))
         self.tracker.log_figure(plots.confusion_heatmap(self.confusion.numpy(), self.class_names),
                                 "confusion_main.png")
         curves = {k: v for k, v in self.history.items() if k.startswith("val/top1/") or k.startswith("val_ema/top1/")}
         if curves:
             self.tracker.log_figure(plots.accuracy_curves(curves), "accuracy_curves.png")
+        for path in self.training.final_artifacts(self.run_dir):
+            self.tracker.log_artifact(str(path))
         weights = self.run_dir / "final_weights.pt"
         ckpt.atomic_torch_save(self.model_without_ddp.state_dict(), weights)
         if self.cfg.tracking.log_model:

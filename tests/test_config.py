@@ -50,6 +50,13 @@ def test_bad_values_name_the_key(override, message):
     assert "\n" not in str(err.value)
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 1e-4\n")  # YAML 1.1 reads this as a string
+    assert load_config(path, ["optim.lr=1e+2"]).optim.weight_decay == 1e-4
+    assert load_config(path, ["optim.lr=1e+2"]).optim.lr == 100.0
+
+
 def test_bad_yaml_names_the_file_and_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("optim:\n  lr: [0.1\n")
