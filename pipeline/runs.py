@@ -1,0 +1,140 @@
+"""Small MLflow helpers shared by the study tools (groups, fit_lc, report, explain, study).
+
+* :func:`resolve_uri`: ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` or the engine's default
+  SQLite store ``<runs_root>/mlflow.db`` (schema created safely).
+* :func:`client`, :func:`get_run`: an ``MlflowClient`` and a run, with one-line errors.
+* :func:`run_file`: a file of a finished run, from its run folder (tag ``tracking.run_dir``,
+  written by the engine's Tracker) when it is reachable, else downloaded from its artifacts.
+* :func:`study_runs`: every run tagged ``study=<id>`` (optionally one ``stage``) in any experiment.
+* :func:`aux_tracker`: an MLflow run for a non-training stage, through the engine's outage-tolerant
+  :class:`pipeline.tracking.Tracker`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+if __package__ in (None, ""):  # run as a file: the repo root first, not this folder
+    _root = str(Path(__file__).resolve().parents[1])
+    sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+class ToolError(Exception):
+    """A usage / input problem of a study tool: printed as one line ``error: ...``, exit 2."""
+
+
+def resolve_uri(uri: str | None = None, runs_root: str | None = None) -> str:
+    from pipeline import tracking
+    from pipeline.config import resolve_path
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        if uri.startswith("sqlite:///"):
+            tracking.ensure_sqlite_store(uri)
+        return uri
+    return tracking.default_tracking_uri(str(resolve_path(runs_root or "runs")))
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_run(mlflow_client, run_id: str):
+    try:
+        return mlflow_client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 (MlflowException, connection errors)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ToolError(f"run {run_id!r} not found in the tracking store {mlflow_client.tracking_uri} ({first[:200]}); "
+                        f"pass the right --tracking-uri / --runs-root") from None
+
+
+def run_dir_of(run) -> Path | None:
+    path = run.data.tags.get("tracking.run_dir")
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def run_file(mlflow_client, run, name: str, dst_dir: str | Path) -> Path | None:
+    """``name`` of ``run``: the file in its run folder, else its artifact downloaded to ``dst_dir``;
+    None if neither exists."""
+    folder = run_dir_of(run)
+    if folder is not None and (folder / name).is_file():
+        return folder / name
+    try:
+        names = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, os.path.dirname(name) or None)}
+    except Exception:  # noqa: BLE001
+        names = set()
+    if name not in names:
+        return None
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow_client.download_artifacts(run.info.run_id, name, str(dst_dir)))
+
+
+def run_id_from_dir(run_dir: str | Path) -> str:
+    path = Path(run_dir) / "mlflow_run_id"
+    if not path.is_file():
+        raise ToolError(f"{run_dir}: no mlflow_run_id file (not a finished training run folder); "
+                        f"train it first or pass its MLflow run id")
+    return path.read_text().strip()
+
+
+def all_experiment_ids(mlflow_client) -> list[str]:
+    from mlflow.entities import ViewType
+
+    return [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+
+
+def study_runs(mlflow_client, study: str, stage: str | None = None, status: str | None = None) -> list:
+    """Runs tagged ``study`` (and ``stage``), newest first, in every active experiment."""
+    ids = all_experiment_ids(mlflow_client)
+    if not ids:
+        return []
+    query = f"tags.study = '{_quote(study)}'"
+    if stage is not None:
+        query += f" and tags.stage = '{_quote(stage)}'"
+    if status is not None:
+        query += f" and attributes.status = '{status}'"
+    runs = []
+    page = None
+    while True:
+        batch = mlflow_client.search_runs(ids, query, max_results=1000, order_by=["attributes.start_time DESC"],
+                                          page_token=page)
+        runs.extend(batch)
+        page = batch.token
+        if not page:
+            return runs
+
+
+def _quote(text: str) -> str:
+    return str(text).replace("'", "\\'")
+
+
+def aux_tracker(uri: str, experiment: str, run_dir: str | Path, run_name: str,
+                params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None):
+    """A started Tracker for a non-training stage (same outage tolerance as training runs)."""
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(uri=uri, experiment=experiment, run_dir=str(run_dir))
+    tracker.start(run_name=run_name, params=dict(params or {}), tags=dict(tags or {}))
+    return tracker
+
+
+def parse_tags(items) -> dict[str, str]:
+    tags = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ToolError(f"--tag {item!r}: expected KEY=VALUE")
+        tags[key.strip()] = value
+    return tags
+
+
+def repo_root_on_path() -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
