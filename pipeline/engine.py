@@ -82,6 +82,10 @@ class StandardTraining:
         self.device, self.amp = device, amp
         self.grad_clip_norm, self.channels_last = grad_clip_norm, channels_last
 
+    @classmethod
+    def prepare_model(cls, model: nn.Module) -> None:
+        """Called on the plain model before DDP / torch.compile wrap it (default: nothing)."""
+
     def set_lr_factor(self, factor: float) -> None:
         """Every optimiser follows the schedule, each from its own peak lr."""
         for name, optimizer in self.optimizers.items():

@@ -251,6 +251,8 @@ class Trainer:
         if cfg.train.ema_decay > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        training_cls = training_class(cfg.method.name)
+        training_cls.prepare_model(model)  # before DDP wraps it (MAXL: the generator stays out of DDP)
         train_model: nn.Module = model
         if info.distributed:
             train_model = nn.parallel.DistributedDataParallel(
@@ -259,7 +261,6 @@ class Trainer:
             train_model = torch.compile(train_model)
         self.global_batch = batch * info.world_size
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
-        training_cls = training_class(cfg.method.name)
         self.training = training_cls(model, train_model, build_optimizer(model, cfg.optim, self.global_batch),
                                      self.peak_lr, device=device, amp=self.amp,
                                      grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=self.channels_last)
