@@ -593,6 +593,32 @@ def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
 # --------------------------------------------------------------------------------------
 MAXL_OPTIONS = ("psi", "generator_arch", "generator_hidden", "gamma", "entropy_weight", "meta_order", "fd_eps")
 
+#: Options that belong to the training, not to the model (read by ``pipeline.maxl_training``):
+#: validated here, stored with their defaults in ``method.training_options``.
+#: ``generator_lr`` (absolute peak lr, not scaled with the batch), ``generator_weight_decay``,
+#: ``generator_momentum`` (SGD of the generator; supplementary: lr 1e-3, wd 5e-4, no momentum)
+#: and ``generator_every`` (one generator meta step after every N-th multi-task step; 0: never).
+TRAINING_OPTIONS = {"generator_lr": 1e-3, "generator_weight_decay": 5e-4, "generator_momentum": 0.0,
+                    "generator_every": 1}
+
+
+def training_options(options: Dict) -> Dict:
+    """The training options of ``options`` (defaults filled in), validated (``ValueError``)."""
+    out = dict(TRAINING_OPTIONS)
+    for key, default in TRAINING_OPTIONS.items():
+        v = options.get(key, default)
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"maxl: option {key!r} must be an integer >= 0, got {v!r}")
+            out[key] = int(v)
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+                raise ValueError(f"maxl: option {key!r} must be a finite number >= 0, got {v!r}")
+            out[key] = float(v)
+    if not out["generator_lr"] > 0:
+        raise ValueError(f"maxl: option 'generator_lr' must be > 0, got {out['generator_lr']!r}")
+    return out
+
 
 class AuxHead(nn.Module):
     """Auxiliary head on a (N, D, H, W) feature map: global average pool + Linear(D, A)."""
@@ -610,10 +636,12 @@ def build_maxl_method(info, num_classes: int, options: Dict):
     ``layer4`` (the shared pooled features, like the main ``fc``) and a :class:`MaxlMethod`
     owning the generator (``generator_arch`` default: :func:`default_generator_arch`, built
     with :func:`torchvision_backbone`).  Options: see :data:`MAXL_OPTIONS` (``psi`` accepts
-    ``None`` / int / list / ``"cifar100:P-A"``).  Needs the model to call
+    ``None`` / int / list / ``"cifar100:P-A"``) and the training's :data:`TRAINING_OPTIONS`
+    (validated, kept in ``method.training_options``).  Needs the model to call
     ``method.extra_outputs(x, outputs)`` at the end of its forward (``outputs["gen"]``)."""
     from .base import BranchSpec, MethodBuild, check_options
-    check_options("maxl", options, MAXL_OPTIONS)
+    check_options("maxl", options, MAXL_OPTIONS + tuple(TRAINING_OPTIONS))
+    train_opts = training_options(options)
     psi = resolve_psi(num_classes, options.get("psi"))
     meta_order = options.get("meta_order", "second")
     if meta_order not in META_ORDERS:
@@ -628,6 +656,7 @@ def build_maxl_method(info, num_classes: int, options: Dict):
     gbody, gdim = torchvision_backbone(garch)
     gen = LabelGenerator(gbody, gdim, psi, hidden=options.get("generator_hidden"))
     method = MaxlMethod(gen, psi, meta_order=meta_order, **floats)
+    method.training_options = train_opts
     return MethodBuild(method=method, branches=[BranchSpec(MaxlMethod.aux_key, "layer4",
                                                            AuxHead(info.feature_dim, sum(psi)))])
 
