@@ -347,6 +347,38 @@ def default_tracking_uri(cfg: Config) -> str:
         return f"sqlite:///{resolve_path(cfg.runs_root) / 'mlflow.db'}"
 
 
+RUN_ID_FILE = "mlflow_run_id"  # = pipeline.train.RUN_ID_FILE: the engine resumes the run named there
+
+
+def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None, str]:
+    """Create the job's MLflow run now (status SCHEDULED) and leave its id in the run dir, where the engine
+    picks it up (and turns it RUNNING): the launcher can print the run's link at once. Best effort: if the
+    tracking store cannot be reached, the engine creates the run when the job starts."""
+    if not cfg.tracking.enabled:
+        return None, "tracking disabled (tracking.enabled=false)"
+    existing = run_dir / RUN_ID_FILE
+    try:
+        import mlflow
+
+        from pipeline import tracking
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        if existing.is_file() and existing.read_text().strip():  # --resume auto of an earlier run
+            run = client.get_run(existing.read_text().strip())
+        else:
+            exp_id = tracking._get_or_create_experiment(client, uri, cfg.tracking.experiment)
+            run = client.create_run(exp_id, run_name=cfg.run_name, tags={"tracking.run_dir": str(run_dir)})
+            client.update_run(run.info.run_id, status="SCHEDULED")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            existing.write_text(run.info.run_id)
+        rid, eid = run.info.run_id, run.info.experiment_id
+    except Exception as err:  # noqa: BLE001 - never block a submission on tracking
+        return None, f"(run created when the job starts; {type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    if uri.startswith(("http://", "https://")):
+        return rid, f"{uri.rstrip('/')}/#/experiments/{eid}/runs/{rid}"
+    return rid, f"run {rid}: mlflow ui --backend-store-uri {uri}  then http://127.0.0.1:5000/#/experiments/{eid}/runs/{rid}"
+
+
 def make_executor(folder: Path, s: dict[str, Any], job_name: str):
     import submitit
 
@@ -421,27 +453,59 @@ def submit_slurm(args: argparse.Namespace) -> int:
             print(f"# {job.label or 'job'}: {job.run_dir}  argv: {shlex.join(task.argv)}")
         return 0
 
-    if len(jobs) == 1:
-        submitted = [executor.submit(tasks[0])]
-    else:
-        with executor.batch():
-            submitted = [executor.submit(t) for t in tasks]
     uri = default_tracking_uri(first.cfg)
-    for job, sj in zip(jobs, submitted):
+    links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job in jobs]
+    try:
+        if len(jobs) == 1:
+            submitted = [executor.submit(tasks[0])]
+        else:
+            with executor.batch():
+                submitted = [executor.submit(t) for t in tasks]
+    except Exception as err:
+        for job, (rid, _) in zip(jobs, links):  # leave no SCHEDULED run behind
+            _end_scheduled_run(uri, rid, job.run_dir)
+        raise LaunchError(f"submission failed: {type(err).__name__}: {str(err).strip()[:500]}") from None
+    _tag_runs(uri, [rid for rid, _ in links], [sj.job_id for sj in submitted])
+    for job, sj, (_, link) in zip(jobs, submitted, links):
         print(f"submitted job {sj.job_id}: {s['nodes']} node(s) x {s['tasks_per_node']} task(s) = {ntasks} "
               f"rank(s), partition {s['partition'] or '(default)'}{'  [' + job.label + ']' if job.label else ''}",
               flush=True)
         print(f"  run dir: {job.run_dir}")
         print(f"  logs:    {log_path(sj, 'out')}")
         print(f"           {log_path(sj, 'err')}   (rank r: _{{r}}_log.*)")
-        print(f"  MLflow:  experiment '{job.cfg.tracking.experiment}' at {uri}; the run id will be in "
-              f"{job.run_dir / 'mlflow_run_id'}  (mlflow ui --backend-store-uri {uri})")
+        print(f"  MLflow:  experiment '{job.cfg.tracking.experiment}': {link}")
     print(f"  follow:  squeue -j {submitted[0].job_id.split('_')[0]}; preempt: scancel --signal=USR2 JOBID; "
           f"stop: scancel JOBID", flush=True)
     if not args.wait:
         return 0
     codes = [follow(sj, job, uri) for job, sj in zip(jobs, submitted)]
     return max(codes)
+
+
+def _end_scheduled_run(uri: str, run_id: str | None, run_dir: Path) -> None:
+    if not run_id:
+        return
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        if client.get_run(run_id).info.status == "SCHEDULED":
+            client.delete_run(run_id)
+            (run_dir / RUN_ID_FILE).unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+def _tag_runs(uri: str, run_ids: Sequence[str | None], job_ids: Sequence[str]) -> None:
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        for rid, jid in zip(run_ids, job_ids):
+            if rid:
+                client.set_tag(rid, "slurm.job_id", jid)
+    except Exception:  # noqa: BLE001 - best effort
+        pass
 
 
 def log_path(job, kind: str, rank: int = 0) -> Path:
@@ -486,7 +550,7 @@ def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
 
     files = [log_path(job, "out"), log_path(job, "err")]
     offsets = {f: 0 for f in files}
-    run_id_file = spec.run_dir / "mlflow_run_id"
+    run_id_file = spec.run_dir / RUN_ID_FILE
     announced = False
     done_since = None
 

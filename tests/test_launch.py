@@ -302,3 +302,9 @@ def test_task_failure_raises(task_env, monkeypatch):
     monkeypatch.setenv("FAKE_ENTRY_RC", "1")
     with pytest.raises(RuntimeError, match="exited with code 1 on rank 0"):
         make_task()()
+
+
+def test_run_id_file_name_matches_the_engine():
+    from pipeline import train
+
+    assert launch.RUN_ID_FILE == train.RUN_ID_FILE
