@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -138,3 +139,78 @@ def repo_root_on_path() -> None:
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
+
+
+# ----------------------------------------------------------------------------- trained models
+
+
+def resolve_run(run_id: str | None, run_dir: str | None, uri: str | None, runs_root: str | None):
+    """(mlflow client or None, run or None, local run folder or None) from --run / --run-dir."""
+    if bool(run_id) == bool(run_dir):
+        raise ToolError("give exactly one of --run RUN_ID or --run-dir DIR")
+    folder = None
+    if run_dir:
+        folder = Path(run_dir)
+        if not folder.is_dir():
+            raise ToolError(f"--run-dir: no such folder {run_dir}")
+        if not (folder / "config.yaml").is_file():
+            raise ToolError(f"--run-dir: {run_dir} has no config.yaml (not a training run folder)")
+    mlflow_client = run = None
+    if run_id or (folder is not None and (folder / "mlflow_run_id").is_file()):
+        mlflow_client = client(resolve_uri(uri, runs_root))
+        run = get_run(mlflow_client, run_id or run_id_from_dir(folder))
+        if folder is None:
+            folder = run_dir_of(run)
+    return mlflow_client, run, folder
+
+
+def load_trained(mlflow_client, run, folder: Path | None, tmp: str | Path, weights: str = "final_weights.pt"):
+    """(cfg, model in eval mode on CPU, class names, groupings or None) of a finished training run.
+
+    Files come from the run folder when present, else from the run's MLflow artifacts. The groupings
+    are read from the weights (SSAL / GapCat keep them as buffers), so no groups file is needed."""
+    import numpy as np
+    import torch
+    import yaml
+
+    from pipeline import config as config_lib
+
+    def fetch(name: str) -> Path:
+        if folder is not None and (folder / name).is_file():
+            return folder / name
+        path = run_file(mlflow_client, run, name, tmp) if run is not None else None
+        if path is None:
+            where = folder if folder is not None else f"run {run.info.run_id}"
+            raise ToolError(f"{where}: no {name} (is the run finished? was tracking.log_model off?)")
+        return path
+
+    raw = yaml.safe_load(fetch("config.yaml").read_text())
+    raw.setdefault("method", {})["groups_file"] = ""  # groupings come from the weights
+    try:
+        cfg = config_lib.config_from_dict(raw)
+    except config_lib.ConfigError as err:
+        raise ToolError(f"config.yaml of the run does not load with this code ({err})") from None
+    state = torch.load(fetch(weights), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a full checkpoint (last.pt / best.pt)
+    buffers = sorted((k for k in state if re.match(r"^method\.class_to_group_\d+$", k)),
+                     key=lambda k: int(k.rsplit("_", 1)[1]))
+    groupings = [state[k].numpy().astype(np.int64) for k in buffers] or None
+    names, num_classes = None, None
+    try:
+        from datasets.manifest import class_names, read_manifest
+        from pipeline.config import resolve_path
+
+        manifest = read_manifest(resolve_path(cfg.data.root))
+        names, num_classes = class_names(manifest), int(manifest["num_classes"])
+    except Exception:  # noqa: BLE001 (dataset not on this machine: sizes from the weights)
+        num_classes = int(state["backbone.fc.weight"].shape[0])
+        names = [str(i) for i in range(num_classes)]
+    from pipeline.train import build_model
+
+    try:
+        model = build_model(cfg, num_classes, groupings)
+        model.load_state_dict(state)
+    except (config_lib.ConfigError, RuntimeError) as err:
+        raise ToolError(f"the run's weights do not fit its config ({str(err).splitlines()[0][:300]})") from None
+    return cfg, model.eval(), names, groupings
