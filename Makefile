@@ -29,7 +29,7 @@ $(STAMP): requirements.txt | apt
 	touch $(STAMP)
 
 demo: venv
-	$(PY) pipeline/launch.py --local
+	$(PY) pipeline/launch.py --local --resume auto
 
 test: venv
 	$(PY) -m pytest -ra
