@@ -1,0 +1,231 @@
+"""MAXL in the training pipeline (pipeline/maxl_training.py): the training class in process, and
+end to end on the tiny demo set with real FFCV loaders, 2-process gloo DDP under torchrun, a real
+MLflow SQLite store and real signals (SIGUSR2 mid-epoch, exact resume)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssal_models
+from pipeline.config import REPO_ROOT, OptimConfig
+from pipeline.optim import build_optimizer
+from ssal_models import maxl as mx
+
+CONFIG = "configs/demo_maxl.yaml"
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def tiny_model(**options):
+    torch.manual_seed(0)
+    options = {"psi": 2, "generator_arch": "resnet10", "meta_order": "first", "generator_every": 2, **options}
+    return ssal_models.build_model("resnet18", "maxl", 4, **options)
+
+
+def make_training(model):
+    from pipeline.maxl_training import MaxlTraining
+
+    MaxlTraining.prepare_model(model)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=5e-4), 256)
+    return MaxlTraining(model, model, optimizer, 0.1, device=torch.device("cpu"), amp="none")
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, 16, 16, generator=g), torch.arange(8) % 4
+
+
+def snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def changed(before, params):
+    return any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_training_options_are_validated_by_the_model_builder():
+    model = tiny_model(generator_lr=0.05, generator_every=3)
+    assert model.method.training_options == {"generator_lr": 0.05, "generator_weight_decay": 5e-4,
+                                             "generator_momentum": 0.0, "generator_every": 3}
+    for bad in ({"generator_every": -1}, {"generator_every": 1.5}, {"generator_lr": 0},
+                {"generator_weight_decay": "x"}, {"generator_momentum": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tiny_model(**bad)
+    with pytest.raises(ValueError, match="unknown option"):
+        tiny_model(generator_steps=2)
+
+
+def test_two_optimisers_alternation_metrics_state_and_artifacts(tmp_path):
+    model = tiny_model()
+    training = make_training(model)
+    gen, net = mx.generator_parameters(model), mx.multitask_parameters(model)
+    # the generator is kept out of DDP and out of the multi-task optimiser
+    assert {f"method.generator.{n}" for n, _ in model.method.generator.named_parameters()} \
+        <= set(model._ddp_params_and_buffers_to_ignore)
+    net_opt, gen_opt = training.optimizers["net"], training.optimizers["generator"]
+    assert {id(p) for g in net_opt.param_groups for p in g["params"]} == {id(p) for p in net}
+    assert [id(p) for p in gen_opt.param_groups[0]["params"]] == [id(p) for p in gen]
+    assert gen_opt.param_groups[0]["weight_decay"] == 5e-4 and gen_opt.param_groups[0]["momentum"] == 0.0
+    training.set_lr_factor(0.5)  # every optimiser follows the schedule from its own peak lr
+    assert net_opt.param_groups[0]["lr"] == pytest.approx(0.05) and gen_opt.param_groups[0]["lr"] == 5e-4
+    training.set_lr_factor(1.0)
+
+    g0, n0 = snapshot(gen), snapshot(net)
+    loss, parts = training.step(*batch(0))  # iteration 1: multi-task step only
+    assert torch.isfinite(loss) and set(parts) == {"focal/main", "focal/aux"}
+    assert changed(n0, net) and not changed(g0, gen)
+    n1 = snapshot(net)
+    training.step(*batch(1))  # iteration 2: multi-task step, then a generator meta step
+    assert changed(g0, gen) and changed(n1, net)
+    assert all(p.grad is None for p in gen)  # no stale generator gradients
+
+    state = training.state_dict()
+    metrics = training.epoch_metrics()
+    assert metrics["train/generator_steps"] == 1 and metrics["train/generator_skipped"] == 0
+    assert 0 < metrics["train/label_fraction"] <= 1 and metrics["train/entropy_term"] <= 0
+    assert 0 <= metrics["train/aux_acc"] <= 1 and metrics["train/meta_loss"] > 0
+    assert sum(training.last_counts) == 16 and training.sums.sum() == 0  # reset for the next epoch
+
+    # a fresh training object restores both optimisers, the alternation counter and the epoch sums
+    other = make_training(tiny_model())
+    other.load_state_dict(state)
+    assert other.iteration == 2 and other.sums[0] == 16 and other.counts.sum() == 16
+    assert other.optimizers["net"].state_dict()["state"].keys() == net_opt.state_dict()["state"].keys()
+    assert other.epoch_metrics() == pytest.approx(metrics)
+
+    paths = training.final_artifacts(tmp_path)
+    assert [p.name for p in paths] == ["maxl_label_distribution.json", "maxl_label_distribution.png"]
+    info = json.loads(paths[0].read_text())
+    assert info["psi"] == [2, 2, 2, 2] and sum(info["counts"]) == 16 and len(info["per_class"]) == 4
+    assert info["label_fraction"] == metrics["train/label_fraction"]
+
+
+def test_generator_every_zero_never_trains_the_generator():
+    model = tiny_model(generator_every=0)
+    training = make_training(model)
+    g0 = snapshot(mx.generator_parameters(model))
+    for seed in range(2):
+        training.step(*batch(seed))
+    assert not changed(g0, mx.generator_parameters(model))
+    assert "train/meta_loss" not in training.epoch_metrics()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def tiny_overrides(data_root: Path, work: Path, **extra) -> list[str]:
+    values = {
+        "data.root": str(data_root), "data.batch_size": 16, "data.val_batch_size": 32, "data.num_workers": 1,
+        "data.min_res": 32, "data.max_res": 32, "data.val_res": 32, "runs_root": str(work / "runs"),
+        "tracking.experiment": "maxl-test", "train.log_every": 1, "schedule.epochs": 2,
+        "train.max_steps_per_epoch": 4, "output_dir": str(work / "run"),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def torchrun_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "pipeline.train", "--config", CONFIG, *args]
+
+
+def only_run(work: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("maxl-test").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def steps_of(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+MAXL_METRICS = ("train/label_fraction", "train/entropy_term", "train/aux_acc", "train/meta_loss",
+                "train/generator_steps", "train/generator_lr", "val/aux_acc", "val/aux_in_set",
+                "val/top1/main", "val/top5/main", "val/top1/aux_sum", "train/loss")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, tmp_path):
+    """Uninterrupted 2-process run vs the same run stopped by SIGUSR2 inside epoch 2 and resumed:
+    identical final weights (both networks), one MLflow run with every epoch's MAXL metrics."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    # meta_order=second: the exact meta step under DDP (the config's first order is cheaper on CPU)
+    extra = {"method.options.meta_order": "second"}
+    result = subprocess.run(torchrun_cmd(*tiny_overrides(tiny_demo, straight, **extra)), cwd=REPO_ROOT, env=env(),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, run = only_run(straight)
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == "maxl" and run.data.tags["world_size"] == "2"
+    metrics = run.data.metrics
+    for key in MAXL_METRICS:
+        assert key in metrics, sorted(metrics)
+        assert steps_of(client, run.info.run_id, key) == [1, 2], key
+    assert metrics["train/generator_steps"] == 2  # generator_every 2, 4 steps per epoch
+    assert 0 < metrics["train/label_fraction"] <= 1 and metrics["train/entropy_term"] < 0
+    assert metrics["val/samples"] == 64
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"maxl_label_distribution.json", "maxl_label_distribution.png", "final_weights.pt"} <= artifacts
+    labels = json.loads((straight / "run" / "maxl_label_distribution.json").read_text())
+    assert labels["psi"] == [5] * 16 and sum(labels["counts"]) == 4 * 16 * 2  # last epoch, both ranks
+    assert labels["label_fraction"] == pytest.approx(metrics["train/label_fraction"])
+
+    proc = subprocess.Popen(torchrun_cmd(*tiny_overrides(tiny_demo, interrupted, **extra)), cwd=REPO_ROOT,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "epoch 2/2 step 1/4" in line:
+                break
+        assert "epoch 2/2 step 1/4" in lines[-1], "".join(lines)[-3000:]
+        for pid in children(proc.pid):  # SLURM sends the pre-end signal to every task
+            os.kill(pid, signal.SIGUSR2)
+        rest = proc.communicate(timeout=600)[0]
+    finally:
+        proc.kill()
+    assert "checkpoint saved" in rest, rest[-3000:]
+    state = torch.load(interrupted / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1 and 1 <= state["step_in_epoch"] < 4  # stopped inside epoch 2
+    assert set(state["training"]["optimizers"]) == {"net", "generator"}
+    assert state["training"]["maxl"]["iteration"] == 4 + state["step_in_epoch"]
+
+    result = subprocess.run(torchrun_cmd("--resume", "auto", *tiny_overrides(tiny_demo, interrupted, **extra)),
+                            cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+
+    a = torch.load(straight / "run" / "final_weights.pt", map_location="cpu", weights_only=True)
+    b = torch.load(interrupted / "run" / "final_weights.pt", map_location="cpu", weights_only=True)
+    assert a.keys() == b.keys() and any(k.startswith("method.generator.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    client_b, run_b = only_run(interrupted)  # the resumed job continued the same MLflow run
+    assert run_b.info.status == "FINISHED"
+    for key in MAXL_METRICS:
+        assert steps_of(client_b, run_b.info.run_id, key) == [1, 2], key
+        assert run_b.data.metrics[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
