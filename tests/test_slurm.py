@@ -72,6 +72,23 @@ def array_probe(argv: list[str]) -> int:
     return 0
 
 
+def env_probe(argv: list[str]) -> dict:
+    """Worker entry for the GPU-layout test: what torch.distributed and CUDA would see in this task."""
+    import json
+    import socket
+
+    import yaml
+
+    out = Path(yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())["output_dir"])
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE")
+    info = {k: os.environ.get(k) for k in keys}
+    info["host"] = socket.gethostname()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"env-{info['RANK']}.json").write_text(json.dumps(info))
+    return 0
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -364,3 +381,21 @@ def test_job_array_with_concurrency_limit(slurm_cluster, tmp_path):
         running += delta
         peak = max(peak, running)
     assert peak <= 2
+
+
+def test_one_task_per_gpu_environment(slurm_cluster, tmp_path):
+    """2 nodes x 2 (fake) GPUs: 4 tasks, ranks 0-3, local ranks 0-1 per node, every task sees its node's GPUs
+    (the engine picks cuda:LOCAL_RANK), MASTER_ADDR is the first node."""
+    import json
+
+    run_dir = tmp_path / "gpus"
+    launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--nodes", "2", "--gpus-per-node", "2",
+                                    "--output-dir", str(run_dir), "--entry", "tests.test_slurm:env_probe", "--wait"],
+                    tmp_path / "launch.log")
+    assert launch.wait(timeout=300) == 0, launch.text()[-3000:]
+    envs = sorted((json.loads(p.read_text()) for p in run_dir.glob("env-*.json")), key=lambda e: int(e["RANK"]))
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
+    assert {e["WORLD_SIZE"] for e in envs} == {"4"} and {e["LOCAL_WORLD_SIZE"] for e in envs} == {"2"}
+    assert [(e["host"], e["LOCAL_RANK"]) for e in envs] == [("n1", "0"), ("n1", "1"), ("n2", "0"), ("n2", "1")]
+    assert {e["MASTER_ADDR"] for e in envs} == {"n1"} and len({e["MASTER_PORT"] for e in envs}) == 1
+    assert {e["CUDA_VISIBLE_DEVICES"] for e in envs} == {"0,1"}
