@@ -156,11 +156,16 @@ def resolve_run(run_id: str | None, run_dir: str | None, uri: str | None, runs_r
         if not (folder / "config.yaml").is_file():
             raise ToolError(f"--run-dir: {run_dir} has no config.yaml (not a training run folder)")
     mlflow_client = run = None
-    if run_id or (folder is not None and (folder / "mlflow_run_id").is_file()):
+    if run_id:
         mlflow_client = client(resolve_uri(uri, runs_root))
-        run = get_run(mlflow_client, run_id or run_id_from_dir(folder))
-        if folder is None:
-            folder = run_dir_of(run)
+        run = get_run(mlflow_client, run_id)
+        folder = run_dir_of(run)
+    elif (folder / "mlflow_run_id").is_file():
+        mlflow_client = client(resolve_uri(uri, runs_root))
+        try:
+            run = get_run(mlflow_client, run_id_from_dir(folder))
+        except ToolError as err:  # the folder is enough; the new run just has no source link
+            print(f"warning: {err}; going on with the files in {folder}", file=sys.stderr)
     return mlflow_client, run, folder
 
 
