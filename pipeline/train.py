@@ -324,7 +324,12 @@ class Trainer:
         self.best_top1, self.history = state["best_top1"], state["history"]
         self.run_id = state.get("mlflow_run_id")
         ckpt.set_rng_state(state["rng"])
-        if self.info.is_main:
+        if not self.info.is_main:
+            return
+        if self.epoch >= self.cfg.schedule.epochs:
+            print(f"{path}: the run already finished its {self.cfg.schedule.epochs} epochs; evaluating it again "
+                  f"(raise schedule.epochs to train further)", flush=True)
+        else:
             print(f"resumed from {path}: epoch {self.epoch + 1} step {self.step_in_epoch}", flush=True)
 
     # -- the loop
