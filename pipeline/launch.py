@@ -143,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submit a job array over these values (repeatable: cartesian product)")
     g.add_argument("--array-parallelism", type=int, dest="array_parallelism", metavar="N")
     g.add_argument("--dry-run", action="store_true", help="print the sbatch script(s), submit nothing")
-    # Seam for the study issue: a `--study STUDY.yaml` would expand into a list of JobSpec (see expand_jobs)
-    # and reuse submit_slurm() unchanged. Not built here.
+    g = p.add_argument_group("studies (pipeline/study.py)")
+    g.add_argument("--study", metavar="STUDY.yaml",
+                   help="run a multi-stage study (studies/*.yaml): --local runs its unfinished stages here one after "
+                        "the other; otherwise one SLURM job per stage with afterok dependencies (the SLURM flags "
+                        "above apply to training stages); key=value overrides apply to every training stage")
     return p
 
 
@@ -618,6 +621,10 @@ def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
+    if args.study:
+        from pipeline import study
+
+        return study.launch_study(args)
     try:
         if args.local:
             slurm_only = [f for f in ("partition", "nodes", "gpus_per_node", "cluster", "array", "wait")

@@ -543,6 +543,15 @@ def launch_study(args: argparse.Namespace) -> int:
         if args.config or args.array:
             raise StudyError("--study takes its recipes from the study file: drop --config / --array "
                              "(key=value overrides apply to every training stage)")
+        unused = [f for f in ("output_dir", "resume", "wait") if getattr(args, f, None)]
+        if unused:
+            raise StudyError(f"--study does not take {', '.join('--' + f.replace('_', '-') for f in unused)} "
+                             f"(stage folders come from the study; finished stages are skipped, the others resume)")
+        if args.local:
+            slurm_only = [f for f in ("partition", "nodes", "gpus_per_node", "cluster") if getattr(args, f, None)]
+            if slurm_only:
+                raise StudyError(f"--local does not take SLURM options "
+                                 f"({', '.join('--' + f.replace('_', '-') for f in slurm_only)})")
         study = load_study(args.study, args.overrides)
         if args.local:
             return run_local(study, dry_run=getattr(args, "dry_run", False))
