@@ -169,3 +169,73 @@ def slurm_cluster(tmp_path_factory):
         yield SlurmTestCluster(directory, cenv, nodes)
     finally:
         _subprocess.run(["bash", str(script), "down", str(directory)], env=env, capture_output=True, timeout=300)
+
+
+# --- the demo study run once per session (tests/test_studies.py, test_explain.py, test_ui.py) -----------
+class DemoStudy:
+    """A finished small demo study: `root` (tmp), `data` (its demo set: 16 classes in 4 planted
+    super-classes), `study_file`, `runs_root`, `uri` (SQLite store), `out` (stdout+stderr of the run),
+    `rc`, `seconds`, and `run(*extra)` to launch the same study again (returns CompletedProcess)."""
+
+    STUDY = """\
+study: ci
+experiment: ci-study
+base:
+  overrides:
+    data.batch_size: 32
+    data.val_batch_size: 64
+    data.num_workers: 1
+    schedule.epochs: 6
+    schedule.peak_epoch: 2
+    eval.holdout_fraction: 0.25
+stages:
+  baseline:
+    overrides: {method.name: baseline}
+  groups:
+    kind: groups
+    from: baseline
+    k: [4]
+    criterion: join
+  ssal1:
+    overrides: {method.name: ssal, method.groups_file: "${groups}", schedule.epochs: 2}
+  lc:
+    kind: lc
+    from: ssal1
+    epochs: 5
+"""
+
+    def __init__(self, root):
+        import os as _os
+        from pathlib import Path as _Path
+
+        self.root = _Path(root)
+        self.repo = _Path(__file__).resolve().parents[1]
+        self.data = self.root / "demo16"
+        self.runs_root = self.root / "runs"
+        self.uri = f"sqlite:///{self.runs_root / 'mlflow.db'}"
+        self.study_file = self.root / "ci.yaml"
+        self.study_file.write_text(self.STUDY)
+        self.env = dict(_os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+    def write_data(self):
+        _subprocess.run([_sys.executable, str(self.repo / "datasets" / "write_ffcv.py"), "demo", "--out", str(self.data),
+                         "--num-classes", "16", "--num-superclasses", "4", "--images-per-class", "48",
+                         "--val-images-per-class", "16", "--image-size", "32", "--workers", "2"],
+                        check=True, capture_output=True, timeout=600)
+
+    def run(self, *extra, timeout=1500):
+        cmd = [_sys.executable, str(self.repo / "pipeline" / "launch.py"), "--study", str(self.study_file), "--local",
+               f"data.root={self.data}", f"runs_root={self.runs_root}", *extra]
+        return _subprocess.run(cmd, cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+@_pytest.fixture(scope="session")
+def demo_study(tmp_path_factory):
+    """The CI demo study (baseline -> groups -> ssal1 -> lc -> report) run once with --local."""
+    study = DemoStudy(tmp_path_factory.mktemp("demo_study"))
+    study.write_data()
+    started = _time.monotonic()
+    result = study.run()
+    study.seconds = _time.monotonic() - started
+    study.rc, study.out = result.returncode, result.stdout + result.stderr
+    return study

@@ -1,0 +1,217 @@
+"""Studies: the study file (parsing, stage graph, errors), SLURM submission with afterok dependencies
+(a recording executor), and the demo study end to end on CPU (real FFCV, real MLflow SQLite store):
+grouping recovers the planted super-classes, the report has a row per stage, a re-run skips all."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import study as study_lib
+from pipeline.config import REPO_ROOT
+
+
+def write(tmp_path, text, name="s.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASIC = """\
+study: t1
+base:
+  overrides: {schedule.epochs: 1}
+stages:
+  baseline:
+    overrides: {method.name: baseline}
+  groups: {kind: groups, from: baseline, k: [4]}
+  ssal: {overrides: {method.name: ssal, method.groups_file: "${groups}"}}
+  lc: {kind: lc, from: ssal}
+  dks: {overrides: {method.name: dks}}
+"""
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def test_stage_graph_order_refs_and_commands(tmp_path):
+    s = study_lib.load_study(write(tmp_path, BASIC), [f"runs_root={tmp_path / 'runs'}"])
+    assert list(s.stages) == ["baseline", "groups", "ssal", "lc", "dks", "report"]
+    assert s.stages["ssal"].deps == ["groups"] and s.stages["lc"].deps == ["ssal"]
+    assert s.stages["dks"].deps == [] and set(s.stages["report"].deps) == {"baseline", "groups", "ssal", "lc", "dks"}
+    assert s.experiment == "study-t1" and s.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    ssal = s.stages["ssal"].argv
+    assert f"method.groups_file={s.stages['groups'].output}" in ssal
+    assert s.stages["groups"].output == tmp_path / "runs" / "studies" / "t1" / "groups" / "groups.json"
+    for tag in ("tracking.tags.study=t1", "tracking.tags.stage=ssal", "tracking.run_name=ssal", "--resume"):
+        assert tag in ssal
+    # command-line overrides come after the stage's (they win), forced keys last
+    assert ssal.index("schedule.epochs=1") < ssal.index(f"runs_root={tmp_path / 'runs'}")
+    groups = s.stages["groups"].argv
+    assert groups[groups.index("--from-run-dir") + 1] == str(s.stages["baseline"].output)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("study: x\nstages: {a: {kind: train, overrides: {method.name: nope}}}\n", "method.name"),
+    ("study: x\nstages: {a: {colour: red}}\n", "unknown key(s) colour"),
+    ("study: x\nstages: {a: {after: [b]}, b: {after: [a]}}\n", "cycle"),
+    ("study: x\nstages: {a: {overrides: {method.groups_file: '${zz}'}}}\n", "${zz} names no other stage"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: nope, k: [2]}}\n", "from: needs the name of a training stage"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: four}}\n", "k: expected a list"),
+    ("study: 'bad id!'\nstages: {a: {}}\n", "study: needs an id"),
+    ("study: x\nstages: {}\n", "stages: needs a mapping"),
+    ("study: x\nbase: {config: configs/missing.yaml}\nstages: {a: {}}\n", "no such recipe"),
+    ("study: x\nstages: [1, 2\n", "not valid YAML"),
+])
+def test_bad_study_files_fail_with_one_line(tmp_path, text, message):
+    with pytest.raises(study_lib.StudyError) as err:
+        study_lib.load_study(write(tmp_path, text), [f"runs_root={tmp_path}"])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_launch_study_cli_errors_exit_2(tmp_path, capsys):
+    from pipeline import launch
+
+    assert launch.main(["--study", str(tmp_path / "nope.yaml"), "--local"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    path = write(tmp_path, BASIC)
+    assert launch.main(["--study", str(path), "--local", "--nodes", "2"]) == 2
+    assert "--local does not take SLURM options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["demo", "imagenet_resnet50", "imagenet_resnet152", "tinyimagenet_resnet18"])
+def test_shipped_studies_validate(tmp_path, name):
+    s = study_lib.load_study(REPO_ROOT / "studies" / f"{name}.yaml", [f"runs_root={tmp_path}"])
+    assert s.id == name and "report" in s.stages
+    kinds = {st.kind for st in s.stages.values()}
+    assert "train" in kinds
+    if name != "imagenet_resnet152":
+        assert {"groups", "lc"} <= kinds
+        assert any("method.name=gapcat" in " ".join(st.argv) for st in s.stages.values())
+
+
+# ----------------------------------------------------------------------------- SLURM (recording executor)
+
+
+class RecordingExecutor:
+    submitted = []
+
+    def __init__(self, folder, settings, name):
+        self.folder, self.settings, self.name = folder, settings, name
+
+    def submit(self, task):
+        job_id = str(1000 + len(RecordingExecutor.submitted))
+        RecordingExecutor.submitted.append((self.name, dict(self.settings), task, job_id))
+        return type("Job", (), {"job_id": job_id})()
+
+
+def test_slurm_chain_uses_afterok_dependencies(tmp_path):
+    from pipeline import launch
+
+    s = study_lib.load_study(write(tmp_path, BASIC), [f"runs_root={tmp_path / 'runs'}"])
+    args = launch.build_parser().parse_args(["--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4"])
+    RecordingExecutor.submitted = []
+    ids = study_lib.submit_slurm(s, launch.slurm_settings(args), make_executor=RecordingExecutor)
+    jobs = {name.split("-", 1)[1]: (settings, task, job_id) for name, settings, task, job_id in RecordingExecutor.submitted}
+    assert list(jobs) == ["baseline", "groups", "ssal", "lc", "dks", "report"] and set(ids) == set(jobs)
+    dep = lambda stage: jobs[stage][0]["sbatch"].get("dependency")  # noqa: E731
+    assert dep("baseline") is None and dep("dks") is None  # siblings start at once
+    assert dep("groups") == f"afterok:{ids['baseline']}" and dep("ssal") == f"afterok:{ids['groups']}"
+    assert dep("lc") == f"afterok:{ids['ssal']}"
+    assert dep("report").split(":")[1:] == [ids[n] for n in ("baseline", "groups", "ssal", "lc", "dks")]
+    assert jobs["groups"][0]["sbatch"]["kill-on-invalid-dep"] == "yes"
+    # training stages get the cluster shape; light stages one task (lc one GPU)
+    assert (jobs["ssal"][0]["nodes"], jobs["ssal"][0]["tasks_per_node"]) == (2, 4)
+    assert (jobs["groups"][0]["nodes"], jobs["groups"][0]["gpus_per_node"]) == (1, 0)
+    assert (jobs["lc"][0]["gpus_per_node"], jobs["lc"][0]["tasks_per_node"]) == (1, 1)
+    assert jobs["ssal"][1].entry == "pipeline.train:main" and jobs["groups"][1].entry == "pipeline.groups:main"
+    assert "--resume" in jobs["ssal"][1].argv
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _client(demo_study):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=demo_study.uri)
+
+
+@pytest.mark.slow
+def test_demo_study_end_to_end(demo_study):
+    assert demo_study.rc == 0, demo_study.out[-4000:]
+    print(f"demo study: {demo_study.seconds:.0f} s")
+    study_dir = demo_study.runs_root / "studies" / "ci"
+    # grouping from the baseline's held-out confusion recovers the planted super-classes
+    data = json.loads((study_dir / "groups" / "groups.json").read_text())
+    meta = data["metadata"]
+    assert meta["confusion_split"] == "holdout" and meta["criterion"] == "join"
+    ari = meta["ari_vs_planted_superclasses"]["4"]
+    print(f"ARI vs planted super-classes: {ari}")
+    assert ari >= 0.8, meta
+    manifest = json.loads((demo_study.data / "manifest.json").read_text())
+    assert data["class_names"] == [c["name"] for c in manifest["classes"]]
+    # every run carries the comparison tags; the report has a row per stage and the expected columns
+    client = _client(demo_study)
+    from pipeline import runs
+
+    tagged = runs.study_runs(client, "ci")
+    stages = {r.data.tags["stage"] for r in tagged}
+    assert stages == {"baseline", "groups", "ssal1", "lc", "report"}
+    for run in tagged:
+        assert run.info.status == "FINISHED", run.data.tags
+        if run.data.tags["stage"] in ("baseline", "ssal1", "lc"):
+            for tag in ("study", "stage", "method", "arch", "dataset"):
+                assert run.data.tags.get(tag), (tag, run.data.tags)
+    ssal = next(r for r in tagged if r.data.tags["stage"] == "ssal1")
+    assert {"val/top1/main", "val/top1/joint", "val/top5/joint"} <= set(ssal.data.metrics)
+    lc = next(r for r in tagged if r.data.tags["stage"] == "lc")
+    assert "val/top1/lc" in lc.data.metrics and lc.data.tags["source_run"] == ssal.info.run_id
+    report = (study_dir / "report" / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    for column in ("stage", "run", "method", "top1 main", "top5 main", "top1 joint", "top5 joint", "top1 lc",
+                   "params (M)", "img/s", "wall (min)"):
+        assert column in header, header
+    rows = {r.split("|")[1].strip(): r for r in table[1:]}
+    assert set(rows) == {"baseline", "groups", "ssal1", "lc"}, report
+    cells = dict(zip(header, [c.strip() for c in rows["ssal1"].strip("|").split("|")]))
+    assert float(cells["top1 joint"]) >= 0 and float(cells["params (M)"]) > 1 and cells["img/s"]
+    summary = next(r for r in tagged if r.data.tags["stage"] == "report")
+    assert {"report.md", "report.png", "report.csv"} <= {a.path for a in client.list_artifacts(summary.info.run_id)}
+
+
+@pytest.mark.slow
+def test_demo_study_rerun_skips_finished_stages(demo_study):
+    assert demo_study.rc == 0, demo_study.out[-4000:]
+    client = _client(demo_study)
+    from pipeline import runs
+
+    before = len(runs.study_runs(client, "ci"))
+    result = demo_study.run(timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("baseline", "groups", "ssal1", "lc", "report"):
+        assert f"[study] {stage}: finished earlier, skipped" in result.stdout, result.stdout
+    assert "pipeline.train" not in result.stdout.split("summary:")[-1]
+    assert len(runs.study_runs(client, "ci")) == before
+
+
+@pytest.mark.slow
+def test_unfinished_stage_reruns_and_report_follows(demo_study, tmp_path):
+    """Delete the groups output: that stage (and the report) run again; training stages stay skipped."""
+    assert demo_study.rc == 0, demo_study.out[-4000:]
+    groups_json = demo_study.runs_root / "studies" / "ci" / "groups" / "groups.json"
+    saved = groups_json.read_bytes()
+    groups_json.unlink()
+    try:
+        result = demo_study.run(timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = result.stdout
+        assert "[study] baseline: finished earlier, skipped" in out and "[study] ssal1: finished earlier, skipped" in out
+        assert "[study] groups: done" in out and "[study] report: done" in out
+        assert groups_json.is_file()
+    finally:
+        if not groups_json.is_file():
+            groups_json.write_bytes(saved)
