@@ -399,7 +399,9 @@ def make_executor(folder: Path, s: dict[str, Any], job_name: str):
         slurm_signal_delay_s=s["signal_delay_s"],
         # one failing task ends the step (and the job): nobody is left waiting in a collective
         slurm_srun_args=["--kill-on-bad-exit=1"],
-        slurm_setup=[f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        # the pre-end signal goes to the tasks (--signal=USR2@N, scancel --signal=USR2 JOBID); a stray USR2 to
+        # the batch shell (scancel --batch) must not kill the script that runs srun
+        slurm_setup=["trap '' USR2", f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
                      f"cd {shlex.quote(str(REPO_ROOT))}", *[str(line) for line in s["setup"]]],
         slurm_additional_parameters=extra,
         slurm_array_parallelism=s["array_parallelism"],
