@@ -32,7 +32,8 @@ as DDP does for the multi-task net's buffers, so every rank, and every checkpoin
 same generator. Mid-epoch resume is exact: the iteration counter and the epoch's statistics are
 in :meth:`state_dict`.
 
-Per-epoch metrics (:meth:`epoch_metrics`, summed over ranks): ``train/label_fraction`` (the
+Per-epoch metrics (:meth:`epoch_metrics`; the sums are all-reduced at every step, so a mid-epoch
+checkpoint, written by rank 0, holds every rank's share): ``train/label_fraction`` (the
 supplementary's "Label %": fraction of auxiliary classes that are the argmax of the generated
 distribution of at least one training sample of the epoch), ``train/entropy_term`` (batch
 ``H = sum pbar log pbar``, mean over the epoch's batches, weighted by batch size),
@@ -129,7 +130,8 @@ class MaxlTraining(StandardTraining):
 
     def _reset_epoch(self) -> None:
         self.counts = torch.zeros(self.num_aux, dtype=torch.float64, device=self.device)
-        # samples, entropy*batch, aux hits, meta loss sum, generator steps, skipped steps
+        # samples, entropy*batch, aux hits (all over ranks), meta loss sum (rank mean),
+        # generator steps, skipped generator steps
         self.sums = torch.zeros(6, dtype=torch.float64, device=self.device)
 
     # -- one iteration
@@ -141,13 +143,17 @@ class MaxlTraining(StandardTraining):
             outputs = self.train_model(images)
             loss, parts = method.loss(outputs, labels)
         with torch.no_grad():
+            # summed over ranks at every step (one small all-reduce), so that every rank, and a
+            # mid-epoch checkpoint written by rank 0, holds the whole epoch's statistics so far
             stats = method.statistics(outputs, labels)
             hits = method.extra_metrics(outputs, labels)["aux_acc"].sum()
             n = labels.shape[0]
-            self.counts += stats["label_counts"].to(self.counts.dtype)
-            self.sums[0] += n
-            self.sums[1] += stats["entropy_term"].double() * n
-            self.sums[2] += hits.double()
+            packed = torch.cat([stats["label_counts"].double(),
+                                torch.stack([torch.tensor(float(n), dtype=torch.float64, device=self.device),
+                                             stats["entropy_term"].double() * n, hits.double()])])
+            dist_util.all_reduce_sum(packed)
+            self.counts += packed[:self.num_aux]
+            self.sums[:3] += packed[self.num_aux:]
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -180,7 +186,7 @@ class MaxlTraining(StandardTraining):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.generator_params]
         bad = 0.0 if bool(stats["finite"]) else 1.0
         flat = torch.cat([g.reshape(-1).float() for g in grads]
-                         + [torch.tensor([bad], device=self.device)])
+                         + [stats["meta_loss"].reshape(1).float(), torch.tensor([bad], device=self.device)])
         dist_util.all_reduce_sum(flat)
         world = dist.get_world_size() if _distributed() else 1
         if flat[-1].item() > 0:  # non-finite on some rank: every rank skips this step
@@ -192,25 +198,22 @@ class MaxlTraining(StandardTraining):
                 p.grad = (flat[offset:offset + k].view_as(p) / world).to(p.dtype)
                 offset += k
             gen_optimizer.step()
-            self.sums[3] += stats["meta_loss"].double()
+            self.sums[3] += flat[-2].double() / world  # mean over ranks
             self.sums[4] += 1
         gen_optimizer.zero_grad(set_to_none=True)  # no stale generator grads in the next net step
 
     # -- metrics, checkpoints, artifacts
 
     def epoch_metrics(self) -> dict[str, float]:
-        counts, sums = self.counts.clone(), self.sums.clone()
-        dist_util.all_reduce_sum(counts)
-        dist_util.all_reduce_sum(sums)
-        world = dist.get_world_size() if _distributed() else 1
+        counts, sums = self.counts, self.sums  # already summed over ranks (see step)
         samples = max(sums[0].item(), 1.0)
-        steps = sums[4].item()  # summed over ranks: each rank counts the same steps
+        steps = sums[4].item()
         metrics = {
             "train/label_fraction": mx.used_label_fraction(counts),
             "train/entropy_term": sums[1].item() / samples,
             "train/aux_acc": sums[2].item() / samples,
-            "train/generator_steps": steps / world,
-            "train/generator_skipped": sums[5].item() / world,
+            "train/generator_steps": steps,
+            "train/generator_skipped": sums[5].item(),
             "train/generator_lr": self.optimizers["generator"].param_groups[0]["lr"],
         }
         if steps > 0:
