@@ -360,6 +360,9 @@ def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None,
     if not cfg.tracking.enabled:
         return None, "tracking disabled (tracking.enabled=false)"
     existing = run_dir / RUN_ID_FILE
+    # a tracking server that does not answer must not hold the submission up for minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     try:
         import mlflow
 
@@ -426,8 +429,9 @@ def submit_slurm(args: argparse.Namespace) -> int:
         raise LaunchError("--resume: SLURM jobs take only --resume auto (continue the run in --output-dir)")
     jobs = expand_jobs(args, args.output_dir)  # every config validated before anything is submitted
     for job in jobs:
-        if (job.run_dir / LAST).is_file() and args.resume != "auto":
-            raise LaunchError(f"output dir {job.run_dir} already holds a run (checkpoint {LAST}): pass --resume auto "
+        held = [name for name in (LAST, RUN_ID_FILE) if (job.run_dir / name).is_file()]
+        if held and args.resume != "auto":
+            raise LaunchError(f"output dir {job.run_dir} already holds a run ({', '.join(held)}): pass --resume auto "
                               f"to continue it, or choose another --output-dir")
     if not args.dry_run and shutil.which("sbatch") is None:
         raise LaunchError("sbatch not found: run this on a SLURM login node (or slurm/testcluster.sh up; "
@@ -458,8 +462,8 @@ def submit_slurm(args: argparse.Namespace) -> int:
             print(f"# {job.label or 'job'}: {job.run_dir}  argv: {shlex.join(task.argv)}")
         return 0
 
-    uri = default_tracking_uri(first.cfg)
-    links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job in jobs]
+    uris = [default_tracking_uri(job.cfg) for job in jobs]
+    links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job, uri in zip(jobs, uris)]
     try:
         if len(jobs) == 1:
             submitted = [executor.submit(tasks[0])]
@@ -467,10 +471,11 @@ def submit_slurm(args: argparse.Namespace) -> int:
             with executor.batch():
                 submitted = [executor.submit(t) for t in tasks]
     except Exception as err:
-        for job, (rid, _) in zip(jobs, links):  # leave no SCHEDULED run behind
+        for job, uri, (rid, _) in zip(jobs, uris, links):  # leave no SCHEDULED run behind
             _end_scheduled_run(uri, rid, job.run_dir)
         raise LaunchError(f"submission failed: {type(err).__name__}: {str(err).strip()[:500]}") from None
-    _tag_runs(uri, [rid for rid, _ in links], [sj.job_id for sj in submitted])
+    for uri, (rid, _), sj in zip(uris, links, submitted):
+        _tag_runs(uri, [rid], [sj.job_id])
     for job, sj, (_, link) in zip(jobs, submitted, links):
         print(f"submitted job {sj.job_id}: {s['nodes']} node(s) x {s['tasks_per_node']} task(s) = {ntasks} "
               f"rank(s), partition {s['partition'] or '(default)'}{'  [' + job.label + ']' if job.label else ''}",
@@ -483,7 +488,7 @@ def submit_slurm(args: argparse.Namespace) -> int:
           f"stop: scancel JOBID", flush=True)
     if not args.wait:
         return 0
-    codes = [follow(sj, job, uri) for job, sj in zip(jobs, submitted)]
+    codes = [follow(sj, job, uri) for job, sj, uri in zip(jobs, submitted, uris)]
     return max(codes)
 
 

@@ -124,6 +124,11 @@ def test_existing_run_dir_needs_resume_auto(tmp_path, monkeypatch, capsys):
     assert rc == launch.EXIT_USAGE and "--resume auto" in capsys.readouterr().err
     rc = launch.main(["--cluster", "testcluster", "--dry-run", "--output-dir", str(run), "--resume", "auto"])
     assert rc == 0
+    submitted_only = tmp_path / "s"  # submitted before, no checkpoint yet: its MLflow run id is there
+    submitted_only.mkdir()
+    (submitted_only / launch.RUN_ID_FILE).write_text("abc")
+    rc = launch.main(["--cluster", "testcluster", "--dry-run", "--output-dir", str(submitted_only)])
+    assert rc == launch.EXIT_USAGE and launch.RUN_ID_FILE in capsys.readouterr().err
 
 
 def test_job_array_over_seeds_and_configs(tmp_path):
@@ -308,3 +313,28 @@ def test_run_id_file_name_matches_the_engine():
     from pipeline import train
 
     assert launch.RUN_ID_FILE == train.RUN_ID_FILE
+
+
+def test_mlflow_run_is_created_at_submission(tmp_path):
+    """The launcher's MLflow run (SCHEDULED, id in the run dir) is the one the engine will resume."""
+    import mlflow
+
+    from pipeline.config import load_config
+
+    cfg = load_config(None, [f"runs_root={tmp_path / 'runs'}", "tracking.experiment=launch-test"])
+    uri = launch.default_tracking_uri(cfg)
+    rid, link = launch.create_mlflow_run(cfg, tmp_path / "run", uri)
+    assert rid and rid in link and "mlflow ui --backend-store-uri" in link
+    assert (tmp_path / "run" / launch.RUN_ID_FILE).read_text() == rid
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(rid)
+    assert run.info.status == "SCHEDULED" and run.info.run_name == cfg.run_name
+    # again with the id already there (--resume auto): the same run
+    assert launch.create_mlflow_run(cfg, tmp_path / "run", uri)[0] == rid
+
+
+def test_unreachable_tracking_server_does_not_block_submission(tmp_path):
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["tracking.uri=http://127.0.0.1:9", f"runs_root={tmp_path}"])
+    rid, link = launch.create_mlflow_run(cfg, tmp_path / "run", cfg.tracking.uri)
+    assert rid is None and "created when the job starts" in link
