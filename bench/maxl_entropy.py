@@ -12,6 +12,16 @@ each run's per-epoch metrics from its checkpoint history and prints one table: p
 used-label fraction of each lambda (counted over the epoch's training samples), and at the end
 the entropy term, the validation top-1 of the main head and the auxiliary accuracy.  Minutes on
 a CPU per lambda (``configs/demo_maxl.yaml``: 4 epochs of 40 steps); not part of the tests.
+
+Measured (2 shared CPU cores, seed 0; "Label %" of the last epoch's 2560 training samples,
+160 auxiliary classes; 0.88 already at the random initialisation):
+
+    configs/demo_maxl.yaml (generator lr 1e-2)     lambda=0.2: 0.887   lambda=0: 0.869
+    same, method.options.generator_lr=0.1          lambda=0.2: 0.956   lambda=0: 0.900
+      (per epoch 0.881 0.919 0.931 0.956 vs 0.875 0.875 0.894 0.900; val top-1 0.558 vs 0.561)
+
+The entropy term raises the used fraction, as in supplementary Table 2; with ~80 generator
+steps the generator moves little, so the gap is small at the demo's lr and grows with it.
 """
 from __future__ import annotations
 
