@@ -50,6 +50,17 @@ class EpochMeter:
         for name, value in parts.items():
             self.parts_sum[name] = self.parts_sum.get(name, 0.0) + value * batch
 
+    def summed_over_ranks(self, device: torch.device) -> "EpochMeter":
+        """The sums of every rank (for a mid-epoch checkpoint, which only rank 0 writes).
+        Collective: every rank must call it. `seconds` stays this rank's."""
+        names = sorted(self.parts_sum)
+        sums = torch.tensor([self.samples, self.loss_sum] + [self.parts_sum[n] for n in names],
+                            dtype=torch.float64, device=device)
+        dist_util.all_reduce_sum(sums)
+        values = sums.tolist()
+        return EpochMeter(samples=int(values[0]), loss_sum=values[1],
+                          parts_sum={n: values[2 + i] for i, n in enumerate(names)}, seconds=self.seconds)
+
     def reduced(self, device: torch.device) -> dict[str, float]:
         """Means over every rank's samples (sums all-reduced, then divided once)."""
         names = sorted(self.parts_sum)

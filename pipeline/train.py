@@ -320,7 +320,8 @@ class Trainer:
         self.training.load_state_dict(state["training"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
-        self.meter = engine.EpochMeter(**state["meter"])
+        # a mid-epoch checkpoint's sums are over all ranks already: rank 0 alone carries them on
+        self.meter = engine.EpochMeter(**state["meter"]) if self.info.is_main else engine.EpochMeter()
         self.best_top1, self.history = state["best_top1"], state["history"]
         self.run_id = state.get("mlflow_run_id")
         ckpt.set_rng_state(state["rng"])
@@ -504,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except engine.Preempted as reason:
+        # the checkpoint holds every rank's share of the interrupted epoch's sums; after the
+        # resume rank 0 carries them on and the other ranks start from zero (no double count)
+        trainer.meter = trainer.meter.summed_over_ranks(info.device)
         trainer.save()
         if preemption.requeue_pending():
             status = None  # the requeued job continues this MLflow run

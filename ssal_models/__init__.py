@@ -10,25 +10,18 @@ Contract (used by the training engine)::
     total, parts = m.loss(out, targets)        # parts: unweighted, detached named terms
     rules = m.predict(out)             # {rule: (N, C) float32 log-probabilities}
     extra = m.extra_metrics(out, targets)      # {name: (N,) bool per-sample correctness}
-    m.name                             # "baseline" | "ssal" | "gapcat" | "dks" | "ds"
+    m.name                             # "baseline" | "ssal" | "gapcat" | "dks" | "ds" | "maxl"
     ssal_models.count_parameters(model)         # {"backbone", one per branch, "total"}
 
 Archs: resnet18, resnet34, resnet50, resnet152 (torchvision, random init).  Every method
 accepts ``blurpool`` and ``zero_init_residual``; method options are documented in
-``ssal_models.ssal`` (``ssal``), ``.gapcat``, ``.dks`` (``dks`` and ``ds``), ``.baseline``.
-A new method registers a builder with :func:`ssal_models.base.register_method` in its own
-module, imported below (see ``ssal_models/base.py``); ``maxl.py`` is imported when it exists.
+``ssal_models.ssal`` (``ssal``), ``.gapcat``, ``.dks`` (``dks`` and ``ds``), ``.baseline``,
+``.maxl`` (``maxl``). A new method registers a builder with
+:func:`ssal_models.base.register_method` in its own module, imported below (see ``ssal_models/base.py``).
 """
-import importlib.util as _importlib_util
+from . import baseline, dks, gapcat, grouping, maxl, ssal  # noqa: F401  (importing registers the methods)
 
-from . import baseline, dks, gapcat, grouping, ssal  # noqa: F401  (importing registers the methods)
-
-# MAXL is written separately (ssal_models/maxl.py, its own issue): registered when present
-# (maxl.register(), idempotent).  Only absence is tolerated; an error inside maxl.py propagates.
-if _importlib_util.find_spec(f"{__name__}.maxl") is not None:
-    from . import maxl
-
-    maxl.register()
+maxl.register()  # explicit (idempotent): see ssal_models/maxl.py
 from .base import Method, register_method
 from .model import BranchedResNet, available_archs, available_methods, build_model, count_parameters
 from .ssal import LinearCombinationHead, fit_linear_combination

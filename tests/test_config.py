@@ -82,7 +82,7 @@ def test_shipped_recipes_parse(recipe):
     cfg = load_config(recipe, overrides)
     expected_dataset = "demo" if recipe.parent.name == "configs" else recipe.parent.name
     assert cfg.data.dataset == expected_dataset
-    if "_" in recipe.stem:  # configs/<dataset>/<arch>_<method>.yaml
+    if recipe.parent.name != "configs":  # configs/<dataset>/<arch>_<method>.yaml
         assert cfg.model.arch == recipe.stem.split("_")[0]
 
 
