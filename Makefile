@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := build-essential pkg-config libopencv-dev libturbojpeg0-dev
+APT_PACKAGES := build-essential pkg-config libopencv-dev libturbojpeg0-dev chromium
 
 .PHONY: venv demo test test-fast apt clean-runs
 
