@@ -1,0 +1,64 @@
+"""pipeline/report.py on runs logged straight into a SQLite store (no training)."""
+import pytest
+
+from pipeline import report
+from pipeline.tracking import Tracker, default_tracking_uri
+
+
+def log_run(uri, tmp_path, stage, method, metrics, history=None, study="rep"):
+    tracker = Tracker(uri=uri, experiment="rep-exp", run_dir=str(tmp_path / stage))
+    tracker.start(stage, params={"model.arch": "resnet18"} if method != "groups" else {},
+                  tags={"study": study, "stage": stage, "method": method, "arch": "resnet18", "dataset": "demo"})
+    for step, values in enumerate(history or [], start=1):
+        tracker.log_metrics(values, step=step)
+    tracker.log_metrics(metrics, step=9)
+    tracker.end("FINISHED")
+    return tracker.run_id
+
+
+def test_table_rows_columns_and_artifacts(tmp_path, capsys):
+    uri = default_tracking_uri(str(tmp_path / "runs"))
+    log_run(uri, tmp_path, "baseline", "baseline", {"val/top1/main": 0.5, "val/top5/main": 0.9, "model/params": 11e6,
+                                                      "run/wall_seconds": 120},
+            history=[{"train/images_per_second": 100}, {"train/images_per_second": 300}, {"train/images_per_second": 200}])
+    log_run(uri, tmp_path, "groups", "groups", {"groups/ari/k4": 1.0})
+    log_run(uri, tmp_path, "ssal1", "ssal", {"val/top1/main": 0.52, "val/top1/joint": 0.55, "val/top5/main": 0.91,
+                                             "val/top5/joint": 0.93, "model/params": 12e6})
+    log_run(uri, tmp_path, "dks2", "dks", {"val/top1/main": 0.51, "val/top1/ensemble": 0.53, "val/top1/dks.0": 0.4})
+    log_run(uri, tmp_path, "other", "baseline", {"val/top1/main": 0.1}, study="another")
+    out = tmp_path / "out"
+    assert report.main(["--study", "rep", "--tracking-uri", uri, "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert text in capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:5] == ["stage", "run", "method", "arch", "status"]
+    # every rule's top-1 / top-5, known rules first, then the rest
+    assert header[5:13] == ["top1 main", "top5 main", "top1 joint", "top5 joint", "top1 ensemble", "top5 ensemble",
+                            "top1 dks.0", "top5 dks.0"]
+    assert header[-3:] == ["params (M)", "img/s", "wall (min)"]
+    rows = {r.strip("|").split("|")[0].strip(): dict(zip(header, [c.strip() for c in r.strip("|").split("|")]))
+            for r in table[1:]}
+    assert set(rows) == {"baseline", "groups", "ssal1", "dks2"}  # another study's run left out
+    assert rows["baseline"]["top1 main"] == "50.00" and rows["baseline"]["top1 joint"] == ""
+    assert rows["baseline"]["img/s"] == "200" and rows["baseline"]["wall (min)"] == "2.0"
+    assert rows["ssal1"]["top1 joint"] == "55.00" and rows["ssal1"]["params (M)"] == "12.00"
+    assert "groups: k4 ARI 1.000" in text
+    assert (out / "report.png").stat().st_size > 5000 and (out / "report.csv").is_file()
+    # the summary run: tagged, with the three files; not a row of the next report
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("rep-exp")
+    summary = client.search_runs([exp.experiment_id], "tags.method = 'report'")
+    assert len(summary) == 1 and summary[0].data.tags["study"] == "rep"
+    assert {"report.md", "report.png", "report.csv"} <= {a.path for a in client.list_artifacts(summary[0].info.run_id)}
+    assert report.main(["--study", "rep", "--tracking-uri", uri, "--out", str(out), "--no-mlflow"]) == 0
+    assert "| report |" not in (out / "report.md").read_text()
+
+
+def test_unknown_study_is_one_line_exit_2(tmp_path, capsys):
+    uri = default_tracking_uri(str(tmp_path / "runs"))
+    assert report.main(["--study", "nope", "--tracking-uri", uri, "--no-mlflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow's own INFO lines come first)
+    assert err.startswith("error: no runs tagged study='nope'")
