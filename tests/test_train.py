@@ -70,6 +70,7 @@ def test_two_process_gloo_run_logs_every_head(tiny_demo, tmp_path):
         assert key in metrics, sorted(metrics)
         assert [s for s, _ in metrics_steps_sorted(client, run.info.run_id, key)] == [1, 2]
     assert any(k.startswith("val/group_top1/") for k in metrics), sorted(metrics)
+    assert metrics["model/params/total"] > metrics["model/params/backbone"] > 0  # SSAL branch params on top
     assert "val_ema/top1/main" in metrics and "val_ema/top1/joint" in metrics  # the EMA weights, as own heads
     # counts are summed over ranks, never averaged or padded: each val image counted once
     assert metrics["val/samples"] == 16 * 4
