@@ -28,9 +28,8 @@ if __package__ in (None, ""):  # run as a file: the repo root first, not this fo
     _root = str(Path(__file__).resolve().parents[1])
     sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from pipeline.runs import ToolError
+from pipeline.runs import ToolError, run_cli
 
-EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,13 +246,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-        return 0
-    except ToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,8 @@ if __package__ in (None, ""):  # run as a file: the repo root first, not this fo
 
 import numpy as np
 
-from pipeline.runs import ToolError
+from pipeline.runs import ToolError, run_cli
 
-EXIT_USAGE = 2
 HOLDOUT_FILE = "confusion_holdout.npy"
 VAL_FILE = "confusion_main.npy"
 
@@ -278,16 +277,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-        return 0
-    except ToolError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as err:  # from the grouping code: a bad matrix / k
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    # ValueError: from the grouping code (a bad matrix / k)
+    return run_cli(build_parser, run, argv, usage_errors=(ToolError, ValueError))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,22 @@ if __package__ in (None, ""):  # run as a file: the repo root first, not this fo
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+EXIT_USAGE = 2
+
+
 class ToolError(Exception):
     """A usage / input problem of a study tool: printed as one line ``error: ...``, exit 2."""
+
+
+def run_cli(build_parser, run, argv=None, usage_errors: tuple = (ToolError,)) -> int:
+    """The `main` of every study tool: parse, run, and turn a usage error into one line + exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except usage_errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def resolve_uri(uri: str | None = None, runs_root: str | None = None) -> str:
