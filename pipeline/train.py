@@ -114,7 +114,26 @@ def method_options(cfg: Config, groupings: list[np.ndarray] | None) -> dict:
     options = dict(cfg.method.options)
     if groupings is not None:
         options["groupings"] = [g.tolist() for g in groupings]
+    psi = options.get("psi")
+    if isinstance(psi, str) and psi.endswith((".json", ".yaml", ".yml")):
+        options["psi"] = read_hierarchy_file(psi)
     return options
+
+
+def read_hierarchy_file(path_text: str) -> list[int]:
+    """MAXL's ψ from a file: a YAML/JSON list of per-class auxiliary-class counts, or a mapping
+    with key `psi` holding that list (ssal_models stays free of file I/O)."""
+    import yaml
+
+    path = resolve_path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"method.options.psi: no such hierarchy file {path_text}")
+    data = yaml.safe_load(path.read_text())
+    counts = data.get("psi") if isinstance(data, dict) else data
+    if not (isinstance(counts, list) and counts and all(isinstance(c, int) and c >= 1 for c in counts)):
+        raise ConfigError(f"method.options.psi: {path_text} must hold a list of positive integers "
+                          f"(auxiliary classes per primary class), or {{psi: [...]}}")
+    return counts
 
 
 def build_model(cfg: Config, num_classes: int, groupings) -> nn.Module:

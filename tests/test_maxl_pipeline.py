@@ -230,3 +230,20 @@ def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, t
         assert steps_of(client_b, run_b.info.run_id, key) == [1, 2], key
         # every rank's share of the interrupted epoch is in the checkpoint: the epoch means match
         assert run_b.data.metrics[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
+
+
+def test_psi_from_a_hierarchy_file(tmp_path):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.train import build_model, method_options
+
+    hierarchy = tmp_path / "psi.yaml"
+    hierarchy.write_text("psi: [2, 3, 1, 4]\n")
+    cfg = load_config(None, ["method.name=maxl", f"method.options.psi={hierarchy}"])
+    assert method_options(cfg, None)["psi"] == [2, 3, 1, 4]
+    model = build_model(cfg, 4, None)
+    assert model(torch.randn(2, 3, 32, 32))["aux"].shape == (2, 10)  # sum of psi auxiliary classes
+    hierarchy.write_text("[2, zero]\n")
+    with pytest.raises(ConfigError, match="must hold a list of positive integers"):
+        method_options(cfg, None)
+    with pytest.raises(ConfigError, match="wrong length|psi"):
+        build_model(load_config(None, ["method.name=maxl", "method.options.psi=[1, 2]"]), 4, None)
