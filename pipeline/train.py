@@ -364,9 +364,10 @@ class Trainer:
         if info.is_main:
             self._note_run_id()
             self._log_static_artifacts()
-            import ssal_models
-            counts = ssal_models.count_parameters(self.model_without_ddp)
-            self.tracker.log_metrics({f"model/params/{name}": float(n) for name, n in counts.items()}, step=0)
+            if self.resume_path is None:  # once per run: a resumed run has them already
+                import ssal_models
+                counts = ssal_models.count_parameters(self.model_without_ddp)
+                self.tracker.log_metrics({f"model/params/{n}": float(v) for n, v in counts.items()}, step=0)
             print(f"run dir {self.run_dir}; world size {info.world_size}; device {info.device}; "
                   f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}"
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)

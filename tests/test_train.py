@@ -134,6 +134,9 @@ def test_resume_mid_epoch_gives_the_same_weights(tiny_demo, tmp_path):
     assert run.info.status == "FINISHED"
     for key in ("val/top1/main", "train/loss"):
         assert [s for s, _ in metrics_steps_sorted(client, run.info.run_id, key)] == [1, 2]
+    for key in run.data.metrics:  # nothing logged twice by the resumed job
+        steps = [s for s, _ in metric_steps(client, run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
     straight_client, straight_run = only_run(straight)
     assert run.data.metrics["train/loss"] == pytest.approx(straight_run.data.metrics["train/loss"], rel=1e-6)
 
