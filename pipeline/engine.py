@@ -4,7 +4,6 @@ through the model's method object (`loss`, `predict`, `extra_metrics`, see ssal_
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -301,7 +300,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
