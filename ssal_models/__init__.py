@@ -14,7 +14,8 @@ Contract (used by the training engine)::
     ssal_models.count_parameters(model)         # {"backbone", one per branch, "total"}
 
 Archs: resnet18, resnet34, resnet50, resnet152 (torchvision, random init).  Every method
-accepts ``blurpool`` and ``zero_init_residual``; method options are documented in
+accepts ``blurpool``, ``zero_init_residual`` and the capacity options ``width_multiplier``,
+``stem_convs``, ``stem_conv_width`` (``ssal_models.backbones``); method options are documented in
 ``ssal_models.ssal`` (``ssal``), ``.gapcat``, ``.dks`` (``dks`` and ``ds``), ``.baseline``,
 ``.maxl`` (``maxl``). A new method registers a builder with
 :func:`ssal_models.base.register_method` in its own module, imported below (see ``ssal_models/base.py``).

@@ -108,7 +108,9 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 
 
 def check_options(method: str, options: Mapping[str, Any], valid: Iterable[str]) -> None:
-    valid = sorted(set(valid) | {"blurpool", "zero_init_residual"})
+    # the backbone options every method takes (ssal_models.model.build_model reads them)
+    valid = sorted(set(valid) | {"blurpool", "zero_init_residual",
+                                 "width_multiplier", "stem_convs", "stem_conv_width"})
     for key in options:
         if key not in valid:
             raise ValueError(f"unknown option {key!r} for method {method!r}; valid options: {', '.join(valid)}")

@@ -1,5 +1,5 @@
 """The plain backbone: the main classifier and its cross-entropy, no branches (option-free
-apart from the backbone's ``blurpool`` / ``zero_init_residual``)."""
+apart from the backbone's ``blurpool`` / ``zero_init_residual`` and capacity options)."""
 from __future__ import annotations
 
 from typing import Any, Dict

@@ -33,7 +33,9 @@ Options of ``build_model(arch, "dks" | "ds", C, ...)``
 * ``blocks``: per branch, the block count of each stage copy (e.g. ``[[1, 2], [2]]``);
   default from the table above.
 * ``width``: a multiplier on every copy's planes (default 1.0; e.g. 0.5 for the "narrow"
-  variant of the paper's ablation), rounded, at least 8.
+  variant of the paper's ablation), rounded, at least 8.  A backbone built with
+  ``width_multiplier`` m gets copies m times as wide too (planes x ``width`` x m): the copies
+  mirror the backbone's own later stages.
 * ``ce_weights``: ``[w_main, w_0, ...]`` or one number; default 1.
 * ``kl_weight`` (``dks`` only): weight of the synergy term; default 1.
 
@@ -172,7 +174,8 @@ def _build(method: str, info: BackboneInfo, num_classes: int, options: Dict[str,
     zero_init_residual = bool(options.get("zero_init_residual", False))
     branches = []
     for index, (tap, stage_index, branch_blocks) in enumerate(zip(stages, stage_indices, blocks)):
-        planes = [max(8, round(p * width)) for p in COPY_PLANES[stage_index]]
+        # the copies of the later stages are as wide as the backbone's own (width_multiplier)
+        planes = [max(8, round(p * width * info.width_multiplier)) for p in COPY_PLANES[stage_index]]
         module = DKSBranch(info.block, info.tap_channels(tap), planes, branch_blocks, num_classes, zero_init_residual)
         branches.append(BranchSpec(f"{method}.{index}", tap, module))
     return MethodBuild(DKSMethod(method, num_classes, [b.name for b in branches], ce_weights, kl_weight), branches)

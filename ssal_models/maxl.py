@@ -635,7 +635,8 @@ def build_maxl_method(info, num_classes: int, options: Dict):
     """``ssal_models.base`` method builder: the auxiliary head as a branch named ``"aux"`` on
     ``layer4`` (the shared pooled features, like the main ``fc``) and a :class:`MaxlMethod`
     owning the generator (``generator_arch`` default: :func:`default_generator_arch`, built
-    with :func:`torchvision_backbone`).  Options: see :data:`MAXL_OPTIONS` (``psi`` accepts
+    with :func:`torchvision_backbone`; the backbone's capacity options size the auxiliary
+    head through ``info.feature_dim``, not the generator).  Options: see :data:`MAXL_OPTIONS` (``psi`` accepts
     ``None`` / int / list / ``"cifar100:P-A"``) and the training's :data:`TRAINING_OPTIONS`
     (validated, kept in ``method.training_options``).  Needs the model to call
     ``method.extra_outputs(x, outputs)`` at the end of its forward (``outputs["gen"]``)."""

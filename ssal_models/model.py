@@ -12,7 +12,8 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
-from .backbones import ARCHS, STAGES, BackboneInfo, apply_blurpool, backbone_info, build_backbone
+from .backbones import (ARCHS, STAGES, BackboneInfo, apply_blurpool, backbone_info, backbone_stem,
+                        build_backbone)
 from .base import METHODS, Method, MethodBuild
 
 
@@ -45,7 +46,7 @@ class BranchedResNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         bb = self.backbone
-        x = bb.maxpool(bb.relu(bb.bn1(bb.conv1(images))))
+        x = backbone_stem(bb, images)
         tapped: Dict[str, torch.Tensor] = {}
         for stage_name in STAGES:
             stage = getattr(bb, stage_name)
@@ -71,6 +72,10 @@ class BranchedResNet(nn.Module):
         return outputs if extra_outputs is None else extra_outputs(images, outputs)
 
 
+# backbone options that size the network (ssal_models.backbones.backbone_info validates them)
+CAPACITY_OPTIONS = ("width_multiplier", "stem_convs", "stem_conv_width")
+
+
 def available_archs() -> List[str]:
     return list(ARCHS)
 
@@ -82,18 +87,22 @@ def available_methods() -> List[str]:
 def build_model(arch: str, method: str, num_classes: int, **options: Any) -> BranchedResNet:
     """Build ``arch`` with ``method``'s branches, loss and prediction rules.
 
-    Backbone options (every method): ``blurpool`` (bool), ``zero_init_residual`` (bool).
+    Backbone options (every method): ``blurpool`` (bool), ``zero_init_residual`` (bool), and
+    the capacity options ``width_multiplier`` (number > 0, default 1.0: scales the stem and
+    every stage), ``stem_convs`` (int >= 0, default 0: extra 3x3 conv-BN-ReLU layers before
+    ``layer1``) and ``stem_conv_width`` (int >= 1, default 256: their filters); see
+    :mod:`ssal_models.backbones`.  Branches see the scaled channel counts.
     Method options: see the method's module (``ssal_models.ssal``, ``.dks``, ...).
     Every bad argument raises ``ValueError`` with a one-line message naming it and the valid
     choices.  Works under ``with torch.device("meta"):`` (no data-dependent code at build).
     """
-    info = backbone_info(arch)
+    options = dict(options)
+    info = backbone_info(arch, **{key: options.pop(key) for key in CAPACITY_OPTIONS if key in options})
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(available_methods())}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     num_classes = int(num_classes)
-    options = dict(options)
     blurpool = options.pop("blurpool", False)
     zero_init_residual = options.pop("zero_init_residual", False)
     for key, value in (("blurpool", blurpool), ("zero_init_residual", zero_init_residual)):
@@ -101,7 +110,7 @@ def build_model(arch: str, method: str, num_classes: int, **options: Any) -> Bra
             raise ValueError(f"option {key!r} must be true or false, got {value!r}")
     options["zero_init_residual"] = zero_init_residual  # branch builders of the backbone's block type need it
 
-    backbone = build_backbone(arch, num_classes, zero_init_residual)
+    backbone = build_backbone(info, num_classes, zero_init_residual)
     build = METHODS[method](info, num_classes, options)
     if build.main_extra_features:
         # the main classifier reads the pooled features plus the branch features (GapCat)

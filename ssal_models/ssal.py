@@ -13,7 +13,8 @@ Options of ``build_model(arch, "ssal", C, ...)``
   ImageNet code).
 * ``loss_weights``: ``[λ_f, λ_1, ..., λ_n]`` (main first) or one number for all; default 1.
 * ``widths``: base width ``w`` of each branch head; default the planes of the stage it reads
-  (``layer1`` 64, ``layer2`` 128, ``layer3`` 256, ``layer4`` 512, for every arch).
+  (``layer1`` 64, ``layer2`` 128, ``layer3`` 256, ``layer4`` 512, for every arch; times the
+  backbone's ``width_multiplier``, rounded, e.g. 96 / 192 / 384 / 768 at 1.5).
 
 Branch head (:class:`SSALHead`), a small Inception-style conv head after its tap point::
 
@@ -56,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import STAGE_PLANES, STAGES, BackboneInfo, init_like_torchvision
+from .backbones import STAGES, BackboneInfo, init_like_torchvision
 from .base import (BranchSpec, Method, MethodBuild, Outputs, check_options, cross_entropy, float_list,
                    log_probs, positive_float, register_method, stage_list)
 from .grouping import validate_grouping
@@ -137,7 +138,7 @@ def parse_layout(method: str, info: BackboneInfo, options: Dict[str, Any],
                              f"(one per branch), got {value!r}")
         widths = [int(w) for w in value]
     else:
-        widths = [STAGE_PLANES[STAGES.index(tap.split(".")[0])] for tap in stages]
+        widths = [info.stage_planes(STAGES.index(tap.split(".")[0])) for tap in stages]
     return stages, widths, groupings
 
 
