@@ -50,6 +50,11 @@ class ModelConfig:
     arch: str = "resnet18"
     blurpool: bool = False
     zero_init_residual: bool = False
+    # capacity baselines (SSAL paper Table 2): 1.5 = WideResnet18; stem_convs 4 (x 256) =
+    # DeepResnet18, stem_conv_width 512 = DWResnet18 (extra 3x3 conv-BN-ReLU before layer1)
+    width_multiplier: float = 1.0  # scales the stem and every stage's channels (> 0)
+    stem_convs: int = 0  # extra conv layers between the stem and layer1 (>= 0)
+    stem_conv_width: int = 256  # their filters (>= 1; not scaled by width_multiplier)
 
 
 @dataclass
@@ -298,6 +303,16 @@ def validate(cfg: Config) -> None:
     for key in non_negative:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]}")
+    if not (cfg.model.width_multiplier > 0 and math.isfinite(cfg.model.width_multiplier)):
+        raise ConfigError(f"model.width_multiplier: must be a finite number > 0 (1.5 = 50% more filters), "
+                          f"got {cfg.model.width_multiplier}")
+    if math.floor(64 * cfg.model.width_multiplier + 0.5) < 1:  # as ssal_models.backbones rounds
+        raise ConfigError(f"model.width_multiplier: {cfg.model.width_multiplier} leaves the stem with 0 channels "
+                          f"(use >= 1/128)")
+    if cfg.model.stem_convs < 0:
+        raise ConfigError(f"model.stem_convs: must be >= 0 (extra conv layers before layer1), got {cfg.model.stem_convs}")
+    if cfg.model.stem_conv_width < 1:
+        raise ConfigError(f"model.stem_conv_width: must be >= 1, got {cfg.model.stem_conv_width}")
     if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError(f"optim.lr: must be a positive number, got {cfg.optim.lr}")
     if not 0 <= cfg.optim.label_smoothing < 1:

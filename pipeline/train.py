@@ -143,7 +143,8 @@ def build_model(cfg: Config, num_classes: int, groupings) -> nn.Module:
     try:
         return ssal_models.build_model(cfg.model.arch, cfg.method.name, num_classes,
                                        blurpool=cfg.model.blurpool, zero_init_residual=cfg.model.zero_init_residual,
-                                       **options)
+                                       width_multiplier=cfg.model.width_multiplier, stem_convs=cfg.model.stem_convs,
+                                       stem_conv_width=cfg.model.stem_conv_width, **options)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model/method: {err}") from None
 
