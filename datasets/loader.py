@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 import queue
 import threading
 import warnings
@@ -51,6 +52,15 @@ import torch
 
 _threads_before = torch.get_num_threads()
 import numba  # noqa: E402
+
+# numba prefers its TBB threading layer whenever a libtbb is installed (Debian's OpenCV pulls one
+# in), and FFCV only ever runs parallel code from its loader threads, never the main thread:
+# TBB, set up in a thread that is gone by then, is finalised at exit from the main thread, and a
+# process that trained to the end aborted now and then ("terminate called without an active
+# exception", SIGABRT; numba/numba#10556 is the hang of the same pattern). OpenMP is thread-safe
+# too and has nothing to finalise. NUMBA_THREADING_LAYER, when set, still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "omp"
 from llvmlite import ir  # noqa: E402
 from numba.core import types as nb_types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402

@@ -157,3 +157,25 @@ def test_resolution_for_epoch():
     assert [L.resolution_for_epoch(e, **kw) for e in range(5)] == [32, 40, 48, 56, 64]
     with pytest.raises(ValueError):
         L.resolution_for_epoch(0, min_res=64, max_res=32, start_ramp=0, end_ramp=1)
+
+
+def test_loader_process_uses_openmp_layer_and_exits_cleanly(betons):
+    """numba would pick TBB when a libtbb is installed; FFCV's thread-only use of it made finished
+    processes abort at exit now and then. The loader selects OpenMP (see datasets/loader.py)."""
+    import os
+    import subprocess
+    import sys
+
+    out, _ = betons
+    script = ("import sys, numba\nfrom datasets import loader as L\n"
+              "for make in (L.create_train_loader, L.create_val_loader):\n"
+              f"    ld = make({str(out / 'train.beton')!r}, batch_size=8, num_workers=2, resolution=24, device='cpu')\n"
+              "    n = sum(len(y) for _, y in ld)\n"
+              "print(numba.threading_layer(), n)\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["omp", str(NUM_CLASSES * 10)], result.stdout
+    assert "terminate called" not in result.stderr
