@@ -169,10 +169,21 @@ def make_tracker(cfg: Config, info: dist_util.DistInfo, run_dir: Path):
     return tracking.Tracker(uri=uri, experiment=cfg.tracking.experiment, run_dir=str(run_dir))
 
 
+def arch_label(model_cfg) -> str:
+    """The arch tag: the torchvision name, plus the capacity options when they are set
+    (``resnet18-w1.5``, ``resnet18-stem4x256``), so capacity baselines differ in the report."""
+    label = model_cfg.arch
+    if model_cfg.width_multiplier != 1.0:
+        label += f"-w{model_cfg.width_multiplier:g}"
+    if model_cfg.stem_convs:
+        label += f"-stem{model_cfg.stem_convs}x{model_cfg.stem_conv_width}"
+    return label
+
+
 def run_tags(cfg: Config, info: dist_util.DistInfo, groupings) -> dict[str, str]:
     tags = {
         "method": cfg.method.name,
-        "arch": cfg.model.arch,
+        "arch": arch_label(cfg.model),
         "dataset": cfg.data.dataset,
         "world_size": str(info.world_size),
         "branches": str(len(groupings) if groupings is not None else len(cfg.method.options.get("stages", []) or [])),

@@ -168,6 +168,14 @@ def test_config_keys_reach_the_model():
     assert (defaults.model.width_multiplier, defaults.model.stem_convs, defaults.model.stem_conv_width) == (1.0, 0, 256)
 
 
+def test_arch_tag_names_the_capacity_options():
+    from pipeline.train import arch_label
+
+    assert arch_label(load_config(None, ["model.arch=resnet34"]).model) == "resnet34"
+    assert arch_label(load_config(None, ["model.width_multiplier=1.5"]).model) == "resnet18-w1.5"
+    assert arch_label(load_config(None, ["model.stem_convs=4", "model.stem_conv_width=512"]).model) == "resnet18-stem4x512"
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.width_multiplier=0", "model.width_multiplier: must be a finite number > 0"),
     ("model.width_multiplier=-2", "model.width_multiplier: must be a finite number > 0"),
