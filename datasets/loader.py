@@ -77,7 +77,7 @@ from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
-from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner  # noqa: E402
 
 torch.set_num_threads(_threads_before)  # importing ffcv set it to 1
@@ -278,6 +278,56 @@ class SeededHorizontalFlip(Operation):
     def declare_state_and_memory(self, previous_state: State):
         from dataclasses import replace
         return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+
+
+class SeededFlipNormalize(Operation):
+    """CPU tail in one pass: seeded horizontal flip (the same draw as :class:`SeededHorizontalFlip`)
+    and uint8 -> float32 ImageNet normalisation, written straight in the output layout.
+
+    FFCV's chain (flip copy, ``NormalizeImage``, ``ToTorchImage(channels_last=False)``) touches
+    each image three more times, and its ``.contiguous()`` allocates a fresh float batch every
+    step; this writes each output value once (``channels_first``: ``(3, H, W)`` per image, else
+    ``(H, W, 3)``). ``flip_prob=0`` for evaluation. Same values as FFCV's lookup table."""
+
+    def __init__(self, cell: np.ndarray, flip_prob: float, channels_first: bool):
+        super().__init__()
+        self.cell = cell
+        self.flip_prob = float(flip_prob)
+        self.channels_first = bool(channels_first)
+        table = (np.arange(256)[:, None] - IMAGENET_MEAN[None, :]) / IMAGENET_STD[None, :]
+        self.table = table.astype(np.float32)
+
+    def generate_code(self):
+        my_range = Compiler.get_iterator()
+        table, flip_prob, chw = self.table, self.flip_prob, self.channels_first
+        addr = int(self.cell.ctypes.data)
+
+        def flip_normalize(images, dst, indices):
+            seed = _load_i64(addr)
+            epoch = _load_i64(addr + 8)
+            height, width = images.shape[1], images.shape[2]
+            for i in my_range(images.shape[0]):
+                flip = flip_prob > 0 and _uniform(_sample_key(seed, epoch, indices[i], 2), 0) < flip_prob
+                for y in range(height):
+                    for x in range(width):
+                        xs = width - 1 - x if flip else x
+                        for c in range(3):
+                            if chw:
+                                dst[i, c, y, x] = table[images[i, y, xs, c], c]
+                            else:
+                                dst[i, y, x, c] = table[images[i, y, xs, c], c]
+            return dst[:images.shape[0]]
+
+        flip_normalize.is_parallel = True
+        flip_normalize.with_indices = True
+        return flip_normalize
+
+    def declare_state_and_memory(self, previous_state: State):
+        from dataclasses import replace
+        height, width, channels = previous_state.shape
+        shape = (channels, height, width) if self.channels_first else (height, width, channels)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("float32")),
+                AllocationQuery(shape, np.dtype("float32")))
 
 
 class StatelessQuasiRandom(QuasiRandom):
@@ -484,12 +534,14 @@ class _LoaderBase:
             self._inv_std = (1.0 / torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device)).view(1, 3, 1, 1)
 
     # pipelines -----------------------------------------------------------
-    def _image_tail(self) -> list:
+    def _image_tail(self, cell: np.ndarray, flip_prob: float) -> list:
+        """The ops after the decoder: flip (``flip_prob`` > 0) and the conversion to tensors."""
         if self.device.type == "cuda":
             # uint8 NHWC -> pinned -> GPU (non-blocking) -> NCHW channels-last view; float on the GPU in _convert
-            return [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage(channels_last=True)]
-        return [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(),
-                ToTorchImage(channels_last=self.channels_last)]
+            flip = [SeededHorizontalFlip(cell, flip_prob)] if flip_prob > 0 else []
+            return flip + [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage(channels_last=True)]
+        tail = [SeededFlipNormalize(cell, flip_prob, channels_first=not self.channels_last), ToTensor()]
+        return tail + [ToTorchImage(channels_last=True)] if self.channels_last else tail
 
     def _int_pipeline(self) -> list:
         p = [IntDecoder(), ToTensor()]
@@ -603,7 +655,7 @@ class TrainLoader(_LoaderBase):
         self.effective_order = {v: k for k, v in ORDERS.items()}[ffcv_order]
         self._decoder = SeededRandomResizedCropDecoder((self.resolution, self.resolution), self._cell,
                                                        scale=scale, ratio=ratio)
-        image = [self._decoder, SeededHorizontalFlip(self._cell)] + self._image_tail()
+        image = [self._decoder] + self._image_tail(self._cell, flip_prob=0.5)
         self._loader = self._make(os_cache=os_cache, order=ffcv_order, distributed=dist_on, seed=self.seed,
                                   indices=idx, pipelines=self._pipelines(image), drop_last=drop_last,
                                   batches_ahead=batches_ahead)
@@ -648,7 +700,8 @@ class ValLoader(_LoaderBase):
             raise ValueError(f"{beton}: {base.size} samples cannot give each of {world} ranks a share")
         self.indices = share
         self.resolution = int(resolution)
-        image = [CenterCropDecoder((self.resolution, self.resolution), ratio=crop_ratio)] + self._image_tail()
+        image = ([CenterCropDecoder((self.resolution, self.resolution), ratio=crop_ratio)]
+                 + self._image_tail(CenterCropDecoder._cell, flip_prob=0.0))
         self._loader = self._make(os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
                                   indices=share, pipelines=self._pipelines(image), drop_last=False,
                                   batches_ahead=batches_ahead)

@@ -179,3 +179,37 @@ def test_loader_process_uses_openmp_layer_and_exits_cleanly(betons):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["omp", str(NUM_CLASSES * 10)], result.stdout
     assert "terminate called" not in result.stderr
+
+
+def _ffcv_reference(beton, decoder, flip_cell=None):
+    """FFCV's own chain for the same decoder: [flip copy,] NormalizeImage, ToTorchImage(NCHW)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
+
+    flip = [L.SeededHorizontalFlip(flip_cell)] if flip_cell is not None else []
+    image = [decoder, *flip, NormalizeImage(L.IMAGENET_MEAN, L.IMAGENET_STD, np.float32), ToTensor(),
+             ToTorchImage(channels_last=False)]
+    loader = Loader(str(beton), batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": image, "label": [IntDecoder(), ToTensor()], "index": None})
+    return torch.cat([x.clone() for x, _ in loader])  # sequential: row k is sample k
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_fused_flip_normalize_equals_ffcv_ops(betons, split):
+    out, _ = betons
+    beton = out / f"{split}.beton"
+    if split == "train":
+        make = lambda cl: L.create_train_loader(beton, batch_size=8, num_workers=2, resolution=24,  # noqa: E731
+                                                device="cpu", seed=3, order="random", drop_last=False,
+                                                return_index=True, channels_last=cl)
+        cell = np.array([3, 0], dtype=np.int64)
+        expected = _ffcv_reference(beton, L.SeededRandomResizedCropDecoder((24, 24), cell), flip_cell=cell)
+    else:
+        make = lambda cl: L.create_val_loader(beton, batch_size=8, num_workers=2, resolution=24, device="cpu",  # noqa: E731
+                                              return_index=True, channels_last=cl)
+        expected = _ffcv_reference(beton, L.CenterCropDecoder((24, 24), ratio=L.DEFAULT_CROP_RATIO))
+    for channels_last in ((False, True) if split == "train" else (False,)):  # one op for both splits
+        x, _, idx = collect(make(channels_last))
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.equal(x[torch.argsort(idx)], expected), (split, channels_last)
