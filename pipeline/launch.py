@@ -21,7 +21,9 @@ if __package__ in (None, ""):  # run as a file: the repo root first on sys.path,
     sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != _here and p != _root]
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import itertools
 import math
 import os
@@ -465,15 +467,17 @@ def submit_slurm(args: argparse.Namespace) -> int:
     uris = [default_tracking_uri(job.cfg) for job in jobs]
     links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job, uri in zip(jobs, uris)]
     try:
-        if len(jobs) == 1:
-            submitted = [executor.submit(tasks[0])]
-        else:
-            with executor.batch():
-                submitted = [executor.submit(t) for t in tasks]
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's refusal: it is in err
+            if len(jobs) == 1:
+                submitted = [executor.submit(tasks[0])]
+            else:
+                with executor.batch():
+                    submitted = [executor.submit(t) for t in tasks]
     except Exception as err:
         for job, uri, (rid, _) in zip(jobs, uris, links):  # leave no SCHEDULED run behind
             _end_scheduled_run(uri, rid, job.run_dir)
-        raise LaunchError(f"submission failed: {type(err).__name__}: {str(err).strip()[:500]}") from None
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:500]
+        raise LaunchError(f"submission failed: {type(err).__name__}: {message}") from None
     for uri, (rid, _), sj in zip(uris, links, submitted):
         _tag_runs(uri, [rid], [sj.job_id])
     for job, sj, (_, link) in zip(jobs, submitted, links):

@@ -49,18 +49,24 @@ under ``<runs_root>/studies/<id>/``.
 Resuming. A stage whose MLflow run (tags ``study``, ``stage``) is FINISHED -- and, for a groups
 stage, whose JSON exists -- is skipped; an unfinished training stage continues from its last
 checkpoint (``--resume auto``). So re-running the same command after a crash, a preemption or an
-added stage runs only what is missing. The report stage runs again whenever another stage ran.
+added stage runs only what is missing. The report stage runs again whenever another stage ran. On SLURM, a
+stage whose job from an earlier submission is still queued or running is not submitted again (what is
+submitted now waits for that job), so the command may be repeated while the chain is in flight.
 
 SLURM. One job per stage (1 node / 1 task for groups and report; 1 GPU for lc and explain when
 the profile has GPUs; the profile and flags for training), each with ``--dependency=afterok:<the
 jobs of its dependencies>`` and ``--kill-on-invalid-dep=yes`` (a failed stage cancels what
 depends on it), all submitted at once through the launcher's submitit executor
-(``pipeline.launch.make_executor``, ``pipeline.submitit_launch.TrainTask``).
+(``pipeline.launch.make_executor``, ``pipeline.submitit_launch.TrainTask``). If sbatch refuses one (a bad
+partition, more nodes than the partition has ...), the jobs submitted before it are cancelled and the error
+is one line, exit 2. Job folders and logs: ``<study dir>/slurm/<stage>/<job id>/``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import os
 import re
@@ -489,47 +495,121 @@ def stage_settings(study: Study, stage: Stage, base: dict) -> dict:
     return s
 
 
+LIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED",
+               "RESIZING", "SIGNALING", "STAGE_OUT")
+
+
+def live_jobs(study: Study) -> dict[str, tuple[str, str]]:
+    """stage -> (id, state) of a job this study submitted for it earlier that is still queued or running.
+
+    The ids are the job folders under ``<study dir>/slurm/<stage>/`` (submitit's ``%j``); squeue says which of
+    them are alive (by job name, so that long-gone ids are no error). Without SLURM's clients, or without
+    earlier submissions, nothing is alive."""
+    recorded = {name: {p.name for p in (study.dir / "slurm" / name).glob("*") if p.is_dir() and p.name.isdigit()}
+                for name in study.stages}
+    if not any(recorded.values()):
+        return {}
+    names = ",".join(f"{study.id}-{name}" for name, ids in recorded.items() if ids)
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i|%T|%j", f"--name={names}"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        print(f"[study] warning: cannot ask squeue which earlier jobs are still queued ({err}); submitting "
+              f"every unfinished stage", file=sys.stderr, flush=True)
+        return {}
+    if proc.returncode != 0:
+        print(f"[study] warning: squeue failed ({proc.stderr.strip()[:200]}); submitting every unfinished stage",
+              file=sys.stderr, flush=True)
+        return {}
+    live: dict[str, tuple[str, str]] = {}
+    for line in proc.stdout.splitlines():
+        job, _, rest = line.strip().partition("|")
+        state, _, name = rest.partition("|")
+        stage = name[len(study.id) + 1:]
+        if state in LIVE_STATES and job in recorded.get(stage, ()) and int(job) >= int(live.get(stage, ("0",))[0]):
+            live[stage] = (job, state)  # the newest one
+    return live
+
+
+def _scancel(job_ids: Sequence[str]) -> bool:
+    try:
+        return subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def submit_slurm(study: Study, settings: dict, dry_run: bool = False, make_executor=None) -> dict[str, str]:
-    """Submit one job per unfinished stage with afterok dependencies. Returns stage -> job id."""
+    """Submit one job per unfinished stage with afterok dependencies. Returns stage -> job id.
+
+    A stage whose earlier job is still queued or running (``live_jobs``) is not submitted again: stages
+    submitted now depend on that job. The report is the exception when something new is submitted: a new
+    report job follows everything, the old one is cancelled if it is still waiting (or, if it is running
+    already, the new one starts after it). If a submission fails, the jobs submitted before it are cancelled
+    and a StudyError names the stage and sbatch's message."""
     from pipeline.submitit_launch import TrainTask
 
     if make_executor is None:
         from pipeline.launch import make_executor
     status = stage_status(study)
     print(describe(study, status), flush=True)
-    job_ids: dict[str, str] = {}
-    ran_any = False
+    live = live_jobs(study)
+    job_ids: dict[str, str] = {}  # stage -> the job it waits for: submitted now, or one still in the queue
+    submitted: list[str] = []
     for stage in study.stages.values():
-        if status[stage.name] == "finished" and not (stage.kind == "report" and ran_any):
+        if status[stage.name] == "finished" and not (stage.kind == "report" and submitted):
             print(f"[study] {stage.name}: finished earlier, skipped", flush=True)
+            continue
+        superseded = live.get(stage.name) if stage.kind == "report" and submitted else None
+        if stage.name in live and not superseded:
+            job_ids[stage.name] = live[stage.name][0]
+            print(f"[study] {stage.name}: job {live[stage.name][0]} is still in the queue, not submitted again",
+                  flush=True)
             continue
         s = stage_settings(study, stage, settings)
         deps = [job_ids[d] for d in stage.deps if d in job_ids]
         if deps:
             s["sbatch"]["dependency"] = "afterok:" + ":".join(deps)
             s["sbatch"]["kill-on-invalid-dep"] = "yes"
+        if superseded:  # never two reports at once in the same folder (a cancelled one satisfies afterany)
+            s["sbatch"]["dependency"] = ",".join(filter(None, [s["sbatch"].get("dependency"),
+                                                               f"afterany:{superseded[0]}"]))
         folder = study.dir / "slurm" / stage.name
         task = TrainTask(argv=list(stage.argv), entry=stage.entry, max_requeues=s["max_requeues"],
                          env={str(k): str(v) for k, v in s["env"].items()})
-        ran_any = True
         if dry_run:
             job_ids[stage.name] = f"<{stage.name}>"
+            submitted.append(job_ids[stage.name])
             print(f"[study] would submit {stage.name} ({stage.kind}): {s['nodes']} node(s) x {s['tasks_per_node']} "
                   f"task(s){', ' + str(s['gpus_per_node']) + ' GPU/node' if s['gpus_per_node'] else ''}"
                   f"{', dependency ' + s['sbatch']['dependency'] if deps else ''}\n    {stage.entry} "
                   f"{shlex.join(stage.argv)}", flush=True)
             continue
-        executor = make_executor(folder, s, f"{study.id}-{stage.name}")
-        job = executor.submit(task)
+        try:
+            executor = make_executor(folder, s, f"{study.id}-{stage.name}")
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's refusal: it is in err
+                job = executor.submit(task)
+        except Exception as err:  # noqa: BLE001 - sbatch's refusal (submitit's FailedJobError) and the like
+            message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
+            if submitted:  # a half-submitted chain is worse than none
+                message += (f"; cancelled the job(s) submitted before it ({', '.join(submitted)})" if
+                            _scancel(submitted) else f"; could NOT cancel the jobs submitted before it: "
+                            f"scancel {' '.join(submitted)}")
+            raise StudyError(f"submitting stage {stage.name} failed: {type(err).__name__}: {message}") from None
         job_ids[stage.name] = str(job.job_id)
+        submitted.append(str(job.job_id))
         print(f"[study] submitted {stage.name} ({stage.kind}) as job {job.job_id}"
               f"{' after ' + ','.join(deps) if deps else ''}; logs in {folder}", flush=True)
+        if superseded and superseded[1] == "PENDING" and _scancel([superseded[0]]):
+            print(f"[study] {stage.name}: cancelled its earlier job {superseded[0]}, which was still waiting "
+                  f"(job {job.job_id} follows the new stages)", flush=True)
     if not job_ids:
         print("[study] every stage is finished; nothing submitted", flush=True)
+    elif not submitted:
+        print("[study] every unfinished stage is still in the queue; nothing submitted", flush=True)
     else:
         print(f"[study] follow: squeue -u $USER; re-run the same command after a failure (finished stages are "
               f"skipped); table: python pipeline/report.py --study {study.id} --tracking-uri {study.uri}", flush=True)
-    return job_ids
+    return {name: job_ids[name] for name in job_ids if job_ids[name] in submitted}
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -586,7 +666,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         study = load_study(args.study, args.overrides)
         if args.local or args.dry_run:
             return run_local(study, dry_run=args.dry_run)
-        print(describe(study, stage_status(study)))
+        status = stage_status(study)
+        for name, (job, _) in live_jobs(study).items():
+            if status[name] != "finished":
+                status[name] += f", SLURM job {job} in the queue"
+        print(describe(study, status))
         return 0
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
