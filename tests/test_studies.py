@@ -1,6 +1,6 @@
 """Studies: the study file (parsing, stage graph, errors), SLURM submission with afterok dependencies
-(a recording executor), and the demo study end to end on CPU (real FFCV, real MLflow SQLite store):
-grouping recovers the planted super-classes, the report has a row per stage, a re-run skips all."""
+(a recording executor: job shapes; the real cluster: tests/test_slurm_study.py), and the demo study end
+to end on CPU (real FFCV, real MLflow SQLite store): grouping recovers the planted super-classes, the report has a row per stage, a re-run skips all."""
 import json
 import sys
 from pathlib import Path
@@ -108,6 +108,9 @@ class RecordingExecutor:
 
 
 def test_slurm_chain_uses_afterok_dependencies(tmp_path):
+    """Each stage's job settings without a cluster, in a second: the GPU shapes (2 nodes x 4 GPUs for training,
+    one task for groups/report, one GPU for lc) that the CPU test cluster cannot show, and the dependency
+    strings handed to sbatch. SLURM itself holding and honouring them: tests/test_slurm_study.py."""
     from pipeline import launch
 
     s = study_lib.load_study(write(tmp_path, BASIC), [f"runs_root={tmp_path / 'runs'}"])
