@@ -9,7 +9,10 @@ temporary folder, then written to a beton with the writer's ImageNet defaults (m
 half JPEG q90 / half raw). Rounds alternate a then b; the first round of each is a warm-up
 (JIT compilation, worker start) and is reported but left out of the medians.
 
-    python bench/loader.py [--images 1000] [--workers 2] [--batch-size 64] [--res 160] [--rounds 4]
+Epochs are a few thousand images so that each epoch's start (thread start, the first batches in
+flight) weighs on either loader about as little as in a real epoch.
+
+    python bench/loader.py [--images 3000] [--workers 2] [--batch-size 64] [--res 160] [--rounds 4]
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=1000, help="number of generated train images (default 1000)")
+    p.add_argument("--images", type=int, default=3000, help="number of generated train images (default 3000)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: all CPUs)")
     p.add_argument("--batch-size", type=int, default=64)
