@@ -144,6 +144,12 @@ def _uniform(key, k):
     return float(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
+@numba.njit(inline="always")
+def _flip_drawn(seed, epoch, index, flip_prob):
+    """Whether sample ``index`` is flipped in ``epoch`` (hash stream 2; crops use stream 1)."""
+    return flip_prob > 0 and _uniform(_sample_key(seed, epoch, index, 2), 0) < flip_prob
+
+
 @numba.njit
 def _seeded_random_crop(height, width, scale, log_ratio, key):
     """torchvision / FFCV RandomResizedCrop parameters, drawn from the hash stream ``key``."""
@@ -265,7 +271,7 @@ class SeededHorizontalFlip(Operation):
             seed = _load_i64(addr)
             epoch = _load_i64(addr + 8)
             for i in my_range(images.shape[0]):
-                if _uniform(_sample_key(seed, epoch, indices[i], 2), 0) < flip_prob:
+                if _flip_drawn(seed, epoch, indices[i], flip_prob):
                     dst[i] = images[i, :, ::-1]
                 else:
                     dst[i] = images[i]
@@ -281,7 +287,7 @@ class SeededHorizontalFlip(Operation):
 
 
 class SeededFlipNormalize(Operation):
-    """CPU tail in one pass: seeded horizontal flip (the same draw as :class:`SeededHorizontalFlip`)
+    """CPU tail in one pass: seeded horizontal flip (``_flip_drawn``, as :class:`SeededHorizontalFlip`)
     and uint8 -> float32 ImageNet normalisation, written straight in the output layout.
 
     FFCV's chain (flip copy, ``NormalizeImage``, ``ToTorchImage(channels_last=False)``) touches
@@ -307,7 +313,7 @@ class SeededFlipNormalize(Operation):
             epoch = _load_i64(addr + 8)
             height, width = images.shape[1], images.shape[2]
             for i in my_range(images.shape[0]):
-                flip = flip_prob > 0 and _uniform(_sample_key(seed, epoch, indices[i], 2), 0) < flip_prob
+                flip = _flip_drawn(seed, epoch, indices[i], flip_prob)
                 for y in range(height):
                     for x in range(width):
                         xs = width - 1 - x if flip else x
