@@ -107,10 +107,14 @@ def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
 # ----------------------------------------------------------------------------- option checks
 
 
+# backbone options that size the network (ssal_models.backbones.backbone_info validates them)
+CAPACITY_OPTIONS = ("width_multiplier", "stem_convs", "stem_conv_width")
+# the backbone options every method takes (ssal_models.model.build_model reads them)
+BACKBONE_OPTIONS = ("blurpool", "zero_init_residual", *CAPACITY_OPTIONS)
+
+
 def check_options(method: str, options: Mapping[str, Any], valid: Iterable[str]) -> None:
-    # the backbone options every method takes (ssal_models.model.build_model reads them)
-    valid = sorted(set(valid) | {"blurpool", "zero_init_residual",
-                                 "width_multiplier", "stem_convs", "stem_conv_width"})
+    valid = sorted(set(valid) | set(BACKBONE_OPTIONS))
     for key in options:
         if key not in valid:
             raise ValueError(f"unknown option {key!r} for method {method!r}; valid options: {', '.join(valid)}")

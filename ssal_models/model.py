@@ -14,7 +14,7 @@ from torch import nn
 
 from .backbones import (ARCHS, STAGES, BackboneInfo, apply_blurpool, backbone_info, backbone_stem,
                         build_backbone)
-from .base import METHODS, Method, MethodBuild
+from .base import CAPACITY_OPTIONS, METHODS, Method, MethodBuild
 
 
 class BranchedResNet(nn.Module):
@@ -70,10 +70,6 @@ class BranchedResNet(nn.Module):
         # a method may add outputs computed from the images themselves (MAXL's label generator)
         extra_outputs = getattr(self.method, "extra_outputs", None)
         return outputs if extra_outputs is None else extra_outputs(images, outputs)
-
-
-# backbone options that size the network (ssal_models.backbones.backbone_info validates them)
-CAPACITY_OPTIONS = ("width_multiplier", "stem_convs", "stem_conv_width")
 
 
 def available_archs() -> List[str]:
