@@ -6,8 +6,9 @@ Both do random-resized-crop to --res, horizontal flip and ImageNet normalisation
 tensors, with the same batch size and number of workers (FFCV: threads; DataLoader: processes,
 persistent). The images are generated here (realistic 160-500 px JPEGs, quality 90) into a
 temporary folder, then written to a beton with the writer's ImageNet defaults (max side 500,
-half JPEG q90 / half raw). Rounds alternate a then b; the first round of each is a warm-up
-(JIT compilation, worker start) and is reported but left out of the medians.
+half JPEG q90 / half raw). Rounds alternate a then b (b first in the first round); the first
+round of each is a warm-up (JIT compilation, worker start) and is reported but left out of the
+medians.
 
 Epochs are a few thousand images so that each epoch's start (thread start, the first batches in
 flight) weighs on either loader about as little as in a real epoch.
@@ -96,8 +97,14 @@ def main(argv=None) -> int:
         rates = {"ffcv": [], "torchvision": []}
         print(f"{n} images, res {args.res}, batch {args.batch_size}, workers {args.workers}, {os.cpu_count()} CPUs")
         for r in range(args.rounds):
-            a = epoch(ffcv_loader)
-            b = epoch(tv_loader)
+            if r == 0:
+                # fork the DataLoader's workers before the beton loader's buffers exist: forked after,
+                # they would share those pages copy-on-write and make its next epoch copy every one
+                b = epoch(tv_loader)
+                a = epoch(ffcv_loader)
+            else:
+                a = epoch(ffcv_loader)
+                b = epoch(tv_loader)
             rates["ffcv"].append(a)
             rates["torchvision"].append(b)
             tag = " (warm-up)" if r == 0 else ""

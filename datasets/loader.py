@@ -19,15 +19,18 @@ epoch reaches the compiled pipeline through a small int64 array read by address,
 it does not recompile anything.
 
 Lifetime of a batch. On CPU the images of a batch are views into FFCV's ring of batch
-buffers: they stay valid until the next-but-one batch is requested (clone them to keep them).
-Labels (and indices) are always fresh tensors. On CUDA the float conversion makes fresh tensors.
+buffers, which is kept across epochs: they stay valid until the next-but-one batch is requested
+(clone them to keep them). Labels (and indices) are always fresh tensors. On CUDA the float
+conversion makes fresh tensors.
 
-Devices. CPU: decode, crop, flip and uint8 -> float normalisation all run in FFCV's numba
-worker threads. CUDA: uint8 NHWC batches are copied with ``non_blocking=True`` from pinned
-memory on FFCV's side streams (``ToDevice``), turned into a channels-last NCHW view
-(``ToTorchImage``) and converted to float and normalised on the GPU in the consumer's current
-stream (FFCV's GPU ``NormalizeImage`` needs cupy, which is not a dependency). The CUDA path is
-written from FFCV's source (ops.py, normalize.py, epoch_iterator.py) and has not been run here.
+Devices. The decoders crop, resize, flip and (on CPU) normalise each image in one call to
+:func:`datasets.resample.resample_crop`, in FFCV's numba worker threads. CPU: they write
+normalised float32 straight in the layout handed out (NCHW, or NHWC viewed as channels-last
+NCHW). CUDA: they write uint8 NHWC, copied with ``non_blocking=True`` from pinned memory on
+FFCV's side streams (``ToDevice``), turned into a channels-last NCHW view (``ToTorchImage``) and
+converted to float and normalised on the GPU in the consumer's current stream (FFCV's GPU
+``NormalizeImage`` needs cupy, which is not a dependency). The CUDA path is written from FFCV's
+source (ops.py, epoch_iterator.py) and has not been run here.
 
 Gotchas handled: importing FFCV and creating / iterating its loaders reset torch's thread count
 (restored here); an iterator abandoned mid-epoch is closed (its thread stopped and joined)
@@ -44,6 +47,7 @@ import queue
 import threading
 import warnings
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -68,17 +72,18 @@ from numba.extending import intrinsic  # noqa: E402
 from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.rgb_image import (IMAGE_MODES, CenterCropRGBImageDecoder,  # noqa: E402
                                    RandomResizedCropRGBImageDecoder)
-from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.libffcv import imdecode  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.loader.epoch_iterator import IS_CUDA as _FFCV_IS_CUDA  # noqa: E402
 from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
-from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner  # noqa: E402
+
+from datasets.resample import LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8, resample_crop  # noqa: E402
 
 torch.set_num_threads(_threads_before)  # importing ffcv set it to 1
 
@@ -187,16 +192,19 @@ def _center_crop(height, width, ratio):
     return (np.int64(height) - c) // 2, (np.int64(width) - c) // 2, c, c
 
 
-def _make_decode(mem_read, my_range, addr: int, crop_params: np.ndarray, center: bool, log_ratio):
-    """FFCV's ResizedCropRGBImageDecoder.decode, with seeded (or center) crop parameters."""
+def _make_decode(mem_read, my_range, addr: int, crop_params: np.ndarray, center: bool, log_ratio, layout: int,
+                 flip_prob: float):
+    """FFCV's ResizedCropRGBImageDecoder.decode with seeded (or center) crop parameters, the seeded
+    flip, and ``resample_crop`` in place of OpenCV's resize (it writes the output layout directly)."""
     jpg = IMAGE_MODES["jpg"]
     # a fresh dispatcher per decoder, as FFCV does: sharing one between loaders made numba raise
     # KeyError inside the epoch thread when a second loader compiled against it
     imdecode_c = Compiler.compile(imdecode)
-    resize_crop_c = Compiler.compile(resize_crop)
     scale = np.array([float(crop_params[0]), float(crop_params[1])])
     center_ratio = float(crop_params[0])
     log_ratio = np.array([float(log_ratio[0]), float(log_ratio[1])])
+    norm_scale = (1.0 / IMAGENET_STD).astype(np.float32)
+    norm_shift = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
 
     def decode(batch_indices, my_storage, metadata, storage_state):
         destination, temp_storage = my_storage
@@ -221,119 +229,64 @@ def _make_decode(mem_read, my_range, addr: int, crop_params: np.ndarray, center:
             else:
                 key = _sample_key(seed, epoch, source_ix, 1)
                 i, j, h, w = _seeded_random_crop(height, width, scale, log_ratio, key)
-            resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+            flip = _flip_drawn(seed, epoch, source_ix, flip_prob)
+            resample_crop(temp_buffer, i, j, h, w, destination[dst_ix], norm_scale, norm_shift, layout, flip)
         return destination[:len(batch_indices)]
 
     return decode
 
 
-class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
-    """FFCV's RandomResizedCropRGBImageDecoder with crops drawn from hash(seed, epoch, index)."""
+class _LayoutOutput:
+    """The decoders below write their output in one of resample's layouts: uint8 HWC (for the GPU,
+    which normalises there), or ImageNet-normalised float32 CHW / HWC (CPU)."""
 
-    def __init__(self, output_size, cell: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    layout = LAYOUT_HWC_U8
+
+    def declare_state_and_memory(self, previous_state: State):
+        state, (_, temp) = super().declare_state_and_memory(previous_state)
+        h, w = self.output_size
+        shape, dtype = {LAYOUT_HWC_U8: ((h, w, 3), np.dtype("uint8")),
+                        LAYOUT_CHW_F32: ((3, h, w), np.dtype("float32")),
+                        LAYOUT_HWC_F32: ((h, w, 3), np.dtype("float32"))}[self.layout]
+        return replace(state, shape=shape, dtype=dtype), (AllocationQuery(shape, dtype), temp)
+
+
+class SeededRandomResizedCropDecoder(_LayoutOutput, RandomResizedCropRGBImageDecoder):
+    """FFCV's RandomResizedCropRGBImageDecoder with crop and flip drawn from hash(seed, epoch, index),
+    writing ``layout`` (see :mod:`datasets.resample`)."""
+
+    def __init__(self, output_size, cell: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 layout: int = LAYOUT_HWC_U8, flip_prob: float = 0.5):
         super().__init__(output_size, scale=scale, ratio=ratio)
         self.cell = cell
+        self.layout = layout
+        self.flip_prob = float(flip_prob)
 
     def generate_code(self):
         decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self.cell.ctypes.data),
                               np.array([self.scale[0], self.scale[1], 0.0]), center=False,
-                              log_ratio=(math.log(self.ratio[0]), math.log(self.ratio[1])))
+                              log_ratio=(math.log(self.ratio[0]), math.log(self.ratio[1])), layout=self.layout,
+                              flip_prob=self.flip_prob)
         decode.is_parallel = True
         return decode
 
 
-class CenterCropDecoder(CenterCropRGBImageDecoder):
-    """FFCV's CenterCropRGBImageDecoder (crop = ratio x shorter side, resized to output_size)."""
+class CenterCropDecoder(_LayoutOutput, CenterCropRGBImageDecoder):
+    """FFCV's CenterCropRGBImageDecoder (crop = ratio x shorter side, resized to output_size),
+    writing ``layout``."""
 
     _cell = np.zeros(2, dtype=np.int64)
 
+    def __init__(self, output_size, ratio=DEFAULT_CROP_RATIO, layout: int = LAYOUT_HWC_U8):
+        super().__init__(output_size, ratio=ratio)
+        self.layout = layout
+
     def generate_code(self):
         decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self._cell.ctypes.data),
-                              np.array([self.ratio, 0.0, 0.0]), center=True, log_ratio=(0.0, 0.0))
+                              np.array([self.ratio, 0.0, 0.0]), center=True, log_ratio=(0.0, 0.0),
+                              layout=self.layout, flip_prob=0.0)
         decode.is_parallel = True
         return decode
-
-
-class SeededHorizontalFlip(Operation):
-    """Horizontal flip with probability ``flip_prob``, decided by hash(seed, epoch, index)."""
-
-    def __init__(self, cell: np.ndarray, flip_prob: float = 0.5):
-        super().__init__()
-        self.cell = cell
-        self.flip_prob = flip_prob
-
-    def generate_code(self):
-        my_range = Compiler.get_iterator()
-        flip_prob = float(self.flip_prob)
-        addr = int(self.cell.ctypes.data)
-
-        def flip(images, dst, indices):
-            seed = _load_i64(addr)
-            epoch = _load_i64(addr + 8)
-            for i in my_range(images.shape[0]):
-                if _flip_drawn(seed, epoch, indices[i], flip_prob):
-                    dst[i] = images[i, :, ::-1]
-                else:
-                    dst[i] = images[i]
-            return dst
-
-        flip.is_parallel = True
-        flip.with_indices = True
-        return flip
-
-    def declare_state_and_memory(self, previous_state: State):
-        from dataclasses import replace
-        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
-
-
-class SeededFlipNormalize(Operation):
-    """CPU tail in one pass: seeded horizontal flip (``_flip_drawn``, as :class:`SeededHorizontalFlip`)
-    and uint8 -> float32 ImageNet normalisation, written straight in the output layout.
-
-    FFCV's chain (flip copy, ``NormalizeImage``, ``ToTorchImage(channels_last=False)``) touches
-    each image three more times, and its ``.contiguous()`` allocates a fresh float batch every
-    step; this writes each output value once (``channels_first``: ``(3, H, W)`` per image, else
-    ``(H, W, 3)``). ``flip_prob=0`` for evaluation. Same values as FFCV's lookup table."""
-
-    def __init__(self, cell: np.ndarray, flip_prob: float, channels_first: bool):
-        super().__init__()
-        self.cell = cell
-        self.flip_prob = float(flip_prob)
-        self.channels_first = bool(channels_first)
-        table = (np.arange(256)[:, None] - IMAGENET_MEAN[None, :]) / IMAGENET_STD[None, :]
-        self.table = table.astype(np.float32)
-
-    def generate_code(self):
-        my_range = Compiler.get_iterator()
-        table, flip_prob, chw = self.table, self.flip_prob, self.channels_first
-        addr = int(self.cell.ctypes.data)
-
-        def flip_normalize(images, dst, indices):
-            seed = _load_i64(addr)
-            epoch = _load_i64(addr + 8)
-            height, width = images.shape[1], images.shape[2]
-            for i in my_range(images.shape[0]):
-                flip = _flip_drawn(seed, epoch, indices[i], flip_prob)
-                for y in range(height):
-                    for x in range(width):
-                        xs = width - 1 - x if flip else x
-                        for c in range(3):
-                            if chw:
-                                dst[i, c, y, x] = table[images[i, y, xs, c], c]
-                            else:
-                                dst[i, y, x, c] = table[images[i, y, xs, c], c]
-            return dst[:images.shape[0]]
-
-        flip_normalize.is_parallel = True
-        flip_normalize.with_indices = True
-        return flip_normalize
-
-    def declare_state_and_memory(self, previous_state: State):
-        from dataclasses import replace
-        height, width, channels = previous_state.shape
-        shape = (channels, height, width) if self.channels_first else (height, width, channels)
-        return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("float32")),
-                AllocationQuery(shape, np.dtype("float32")))
 
 
 class StatelessQuasiRandom(QuasiRandom):
@@ -519,6 +472,25 @@ def _check_positive(name, value, minimum=1):
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
 
+def _reuse_batch_memory(graph) -> None:
+    """FFCV allocates its ring of batch buffers afresh every epoch (at res 160, batch 64 and 500 px
+    images: 340 MB, most of it room for decoded JPEGs), so each epoch first-touches new pages
+    (page faults and zeroing: ~10 % of the CPU loader here), and on CUDA pins them again. Keep the
+    buffers while the requirements (shapes, dtypes; set_resolution changes them) stay the same.
+    Safe because an epoch's thread has ended before the next epoch's starts (see __iter__)."""
+    allocate = graph.allocate_memory
+    held = {}
+
+    def allocate_memory(batch_size, batches_ahead):
+        key = (batch_size, batches_ahead, repr(graph.collect_requirements()[0]))
+        if key not in held:
+            held.clear()  # drop the old buffers before the new ones are allocated
+            held[key] = allocate(batch_size, batches_ahead)
+        return held[key]
+
+    graph.allocate_memory = allocate_memory
+
+
 class _LoaderBase:
     def __init__(self, *, beton: str, batch_size: int, num_workers: int, device: torch.device, channels_last: bool,
                  distributed: bool, rank: int, world_size: int, image_dtype: torch.dtype, return_index: bool):
@@ -540,14 +512,19 @@ class _LoaderBase:
             self._inv_std = (1.0 / torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device)).view(1, 3, 1, 1)
 
     # pipelines -----------------------------------------------------------
-    def _image_tail(self, cell: np.ndarray, flip_prob: float) -> list:
-        """The ops after the decoder: flip (``flip_prob`` > 0) and the conversion to tensors."""
+    def _layout(self) -> int:
+        """What the decoder writes: uint8 HWC for the GPU (normalised there, in _convert), else
+        normalised float32 in the layout handed out (so nothing copies it again on CPU)."""
+        if self.device.type == "cuda":
+            return LAYOUT_HWC_U8
+        return LAYOUT_HWC_F32 if self.channels_last else LAYOUT_CHW_F32
+
+    def _image_tail(self) -> list:
+        """The ops after the decoder: to tensors, and on to the GPU or into an NCHW view."""
         if self.device.type == "cuda":
             # uint8 NHWC -> pinned -> GPU (non-blocking) -> NCHW channels-last view; float on the GPU in _convert
-            flip = [SeededHorizontalFlip(cell, flip_prob)] if flip_prob > 0 else []
-            return flip + [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage(channels_last=True)]
-        tail = [SeededFlipNormalize(cell, flip_prob, channels_first=not self.channels_last), ToTensor()]
-        return tail + [ToTorchImage(channels_last=True)] if self.channels_last else tail
+            return [ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage(channels_last=True)]
+        return [ToTensor(), ToTorchImage(channels_last=True)] if self.channels_last else [ToTensor()]
 
     def _int_pipeline(self) -> list:
         p = [IntDecoder(), ToTensor()]
@@ -562,9 +539,11 @@ class _LoaderBase:
     def _make(self, **kwargs) -> Loader:
         threads = torch.get_num_threads()
         try:
-            return Loader(self.beton, batch_size=self.batch_size, num_workers=self.num_workers, **kwargs)
+            loader = Loader(self.beton, batch_size=self.batch_size, num_workers=self.num_workers, **kwargs)
         finally:
             torch.set_num_threads(threads)
+        _reuse_batch_memory(loader.graph)
+        return loader
 
     # conversion ------------------------------------------------------------
     def _convert(self, batch):
@@ -660,8 +639,8 @@ class TrainLoader(_LoaderBase):
             ffcv_order = OrderOption.RANDOM
         self.effective_order = {v: k for k, v in ORDERS.items()}[ffcv_order]
         self._decoder = SeededRandomResizedCropDecoder((self.resolution, self.resolution), self._cell,
-                                                       scale=scale, ratio=ratio)
-        image = [self._decoder] + self._image_tail(self._cell, flip_prob=0.5)
+                                                       scale=scale, ratio=ratio, layout=self._layout())
+        image = [self._decoder] + self._image_tail()
         self._loader = self._make(os_cache=os_cache, order=ffcv_order, distributed=dist_on, seed=self.seed,
                                   indices=idx, pipelines=self._pipelines(image), drop_last=drop_last,
                                   batches_ahead=batches_ahead)
@@ -706,8 +685,8 @@ class ValLoader(_LoaderBase):
             raise ValueError(f"{beton}: {base.size} samples cannot give each of {world} ranks a share")
         self.indices = share
         self.resolution = int(resolution)
-        image = ([CenterCropDecoder((self.resolution, self.resolution), ratio=crop_ratio)]
-                 + self._image_tail(CenterCropDecoder._cell, flip_prob=0.0))
+        image = ([CenterCropDecoder((self.resolution, self.resolution), ratio=crop_ratio, layout=self._layout())]
+                 + self._image_tail())
         self._loader = self._make(os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
                                   indices=share, pipelines=self._pipelines(image), drop_last=False,
                                   batches_ahead=batches_ahead)

@@ -123,6 +123,23 @@ def test_val_loader_center_crop_sequential(betons):
     assert torch.allclose(xs, x[[3, 1, 7]])
 
 
+def test_batch_buffers_are_kept_across_epochs_until_the_resolution_changes(betons):
+    """FFCV allocates its batch ring every epoch; the loader keeps it while the shapes stay the same."""
+    out, _ = betons
+    loader = L.create_train_loader(out / "train.beton", batch_size=8, num_workers=1, resolution=24, device="cpu",
+                                   seed=1, order="sequential", drop_last=False, channels_last=False)
+    graph = loader._loader.graph
+    a0 = [x.clone() for x, _ in loader]
+    ring = graph.allocate_memory(8, 3)
+    assert graph.allocate_memory(8, 3) is ring
+    loader.set_resolution(32)
+    assert [x.shape[-1] for x, _ in loader] == [32] * len(a0)
+    assert graph.allocate_memory(8, 3) is not ring
+    loader.set_resolution(24)
+    loader.set_epoch(0)
+    assert all(torch.equal(u, v) for u, v in zip(a0, (x for x, _ in loader)))  # reused buffers, same batches
+
+
 @pytest.mark.parametrize("bad, match", [([0, 99], "must be in"), ([-1, 2], "must be in"), ([1, 1], "duplicate"),
                                         ([0.5, 1.0], "integers"), ([[0, 1]], "1-D"), ([], "empty")])
 def test_indices_are_validated(betons, bad, match):
@@ -181,35 +198,87 @@ def test_loader_process_uses_openmp_layer_and_exits_cleanly(betons):
     assert "terminate called" not in result.stderr
 
 
-def _ffcv_reference(beton, decoder, flip_cell=None):
-    """FFCV's own chain for the same decoder: [flip copy,] NormalizeImage, ToTorchImage(NCHW)."""
+def stored_images(beton):
+    """Every image of a beton as uint8 HWC, read and decoded here (not through the loader)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+
+    r = Reader(str(beton))
+    meta = r.metadata[f"f{r.field_names.index('image')}"]
+    sizes = dict(zip(r.alloc_table["ptr"].tolist(), r.alloc_table["size"].tolist()))
+    raw = np.fromfile(beton, dtype=np.uint8)
+    images = []
+    for m in meta:
+        h, w, ptr = int(m["height"]), int(m["width"]), int(m["data_ptr"])
+        data = raw[ptr:ptr + sizes[ptr]]
+        if m["mode"] == IMAGE_MODES["jpg"]:
+            image = np.empty((h, w, 3), np.uint8)
+            assert imdecode(data, image, h, w, h, w, 0, 0, 1, 1, False, False) == 0
+        else:
+            image = data[:h * w * 3].reshape(h, w, 3)
+        images.append(image)
+    return images
+
+
+def uint8_batches(beton, decoder):
+    """The decoder's uint8 HWC output (what the CUDA path ships to the GPU), through FFCV's own Loader."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, ToTensor, ToTorchImage
+    from ffcv.transforms import ToTensor
 
-    flip = [L.SeededHorizontalFlip(flip_cell)] if flip_cell is not None else []
-    image = [decoder, *flip, NormalizeImage(L.IMAGENET_MEAN, L.IMAGENET_STD, np.float32), ToTensor(),
-             ToTorchImage(channels_last=False)]
     loader = Loader(str(beton), batch_size=8, num_workers=2, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": image, "label": [IntDecoder(), ToTensor()], "index": None})
-    return torch.cat([x.clone() for x, _ in loader])  # sequential: row k is sample k
+                    pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()], "index": None})
+    x = torch.cat([x.clone() for x, _ in loader])
+    return x, torch.arange(len(x))  # sequential: row k is sample k
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_fused_flip_normalize_equals_ffcv_ops(betons, split):
+def test_images_are_the_seeded_crop_flip_and_normalisation_of_the_stored_ones(betons, split):
+    """End to end: each output image is the resample of its own sample's crop (seeded by
+    (seed, epoch, index) for train, center for val), flipped when drawn, normalised, in the
+    layout asked for; the GPU path's uint8 output is the same image rounded."""
+    from datasets.resample import LAYOUT_HWC_U8
+    from tests.test_data_resample import reference
+
     out, _ = betons
     beton = out / f"{split}.beton"
+    images = stored_images(beton)
+    seed, epoch, res = 3, 2, 24
+    kw = dict(batch_size=8, num_workers=2, resolution=res, device="cpu", return_index=True)
+    flips = []
+    for variant in ("nchw", "channels_last", "uint8"):
+        if variant == "uint8":
+            cell = np.array([seed, epoch], dtype=np.int64)
+            decoder = (L.SeededRandomResizedCropDecoder((res, res), cell, layout=LAYOUT_HWC_U8) if split == "train"
+                       else L.CenterCropDecoder((res, res), layout=LAYOUT_HWC_U8))
+            x, idx = uint8_batches(beton, decoder)
+        else:
+            channels_last = variant == "channels_last"
+            loader = (L.create_train_loader(beton, seed=seed, order="random", drop_last=False,
+                                            channels_last=channels_last, **kw) if split == "train"
+                      else L.create_val_loader(beton, channels_last=channels_last, **kw))
+            x, _, idx = collect(loader, epoch=epoch)
+            assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            x = x.permute(0, 2, 3, 1)
+        assert sorted(idx.tolist()) == list(range(len(images)))
+        for got, k in zip(x.numpy(), idx.tolist()):
+            image = images[k]
+            h, w = image.shape[:2]
+            if split == "train":
+                top, left, ch, cw = L._seeded_random_crop(h, w, np.array([0.08, 1.0]),
+                                                          np.log(np.array([3 / 4, 4 / 3])),
+                                                          np.uint64(L._sample_key(seed, epoch, k, 1)))
+                flip = L._flip_drawn(seed, epoch, k, 0.5)
+            else:
+                top, left, ch, cw = L._center_crop(h, w, L.DEFAULT_CROP_RATIO)
+                flip = False
+            flips.append(flip)
+            expected = reference(image, top, left, ch, cw, res, res, flip)
+            if variant == "uint8":
+                assert got.dtype == np.uint8 and np.abs(got - np.floor(expected + 0.5)).max() <= 1, (split, k)
+            else:
+                np.testing.assert_allclose(got, (expected - L.IMAGENET_MEAN) / L.IMAGENET_STD, atol=1e-5, rtol=0,
+                                           err_msg=f"{split} {variant} sample {k}")
     if split == "train":
-        make = lambda cl: L.create_train_loader(beton, batch_size=8, num_workers=2, resolution=24,  # noqa: E731
-                                                device="cpu", seed=3, order="random", drop_last=False,
-                                                return_index=True, channels_last=cl)
-        cell = np.array([3, 0], dtype=np.int64)
-        expected = _ffcv_reference(beton, L.SeededRandomResizedCropDecoder((24, 24), cell), flip_cell=cell)
-    else:
-        make = lambda cl: L.create_val_loader(beton, batch_size=8, num_workers=2, resolution=24, device="cpu",  # noqa: E731
-                                              return_index=True, channels_last=cl)
-        expected = _ffcv_reference(beton, L.CenterCropDecoder((24, 24), ratio=L.DEFAULT_CROP_RATIO))
-    for channels_last in ((False, True) if split == "train" else (False,)):  # one op for both splits
-        x, _, idx = collect(make(channels_last))
-        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        assert torch.equal(x[torch.argsort(idx)], expected), (split, channels_last)
+        assert 0 < sum(flips) < len(flips)  # both branches of the flip were checked
