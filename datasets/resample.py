@@ -147,8 +147,8 @@ def resample_crop(image, top, left, height, width, out, scale, shift, layout, fl
             _horizontal(row, x_idx, x_w, acc)
             _store(acc, out, y, scale, shift, layout)
     else:
-        # enlarging: each source row is filtered horizontally once; the two in use are kept
-        # (a whole filtered crop would be a large allocation per image, and malloc maps and unmaps those)
+        # enlarging: each source row is filtered horizontally once, and only the two in use are
+        # kept (the output rows walk down the crop), so the scratch stays small and in cache
         lo = np.empty((3, out_w), np.float32)
         hi = np.empty((3, out_w), np.float32)
         lo_row = -1
