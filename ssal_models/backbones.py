@@ -196,11 +196,8 @@ class ScaledResNet(tv_resnet.ResNet):
         self.fc = nn.Linear(info.feature_dim, num_classes)
         init_like_torchvision(self, zero_init_residual)
 
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem_convs(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
-
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(backbone_stem(self, x)))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
