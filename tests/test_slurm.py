@@ -336,7 +336,10 @@ def test_preempted_epoch_train_metrics_match(engine_jobs):
 def test_scancel_keeps_checkpoint_and_marks_run_killed(slurm_cluster, tiny_demo, tmp_path):
     run_dir, runs_root = tmp_path / "run", tmp_path / "runs"
     launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--nodes", "2", "--output-dir", str(run_dir),
-                                    "--wait", *tiny(tiny_demo, runs_root), "schedule.epochs=20", "train.log_every=1"],
+                                    "--wait", *tiny(tiny_demo, runs_root), "schedule.epochs=20", "train.log_every=1",
+                                    # 48 steps an epoch (192 images / 2 ranks / 2): the cancel lands long before
+                                    # the epoch ends (with 8 it sometimes came after, in epoch 2)
+                                    "data.batch_size=2", "train.max_steps_per_epoch=48"],
                     tmp_path / "launch.log")
     job = launch.job_id()
     deadline = time.monotonic() + JOB_WAIT_S
