@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         check.save()
     if "throughput" not in args.skip:
         path = out / "train_throughput.json"
-        check.run("throughput", [py, "bench/train_throughput.py", "--images", "2000", "--steps", "30", "--warmup", "8",
+        check.run("throughput", [py, "bench/train_throughput.py", "--steps", "30", "--warmup", "8",
                                  "--json", str(path)], limit=150)
         check.merge_json("throughput", path)
     if "branch_overhead" not in args.skip:
