@@ -8,7 +8,8 @@ Stages, each a subprocess with its own time limit, in this order:
 2. bench/train_throughput.py: P3 (FFCV-fed / synthetic img/s, target >= 0.95) and P4 (ResNet-50
    bf16 channels-last img/s fed by FFCV, target >= 5000 on an H100/H200);
 3. bench/branch_overhead.py --device cuda (ResNet-50): SSAL x3 step <= 1.20x the backbone's, every
-   method's step ratio / FLOPs ratio <= 1.10; with the authors' heads where `head: authors` exists;
+   method's step ratio / FLOPs ratio <= 1.10; again with `--head authors` (SSAL / GapCat with the
+   authors' heads) where this checkout has that option, else gpu_check.json says it is missing;
 4. bench/gpu_memory.py: RN50 SSAL x3 b256 bf16 peak memory, MAXL RN50 b64 bf16 first- and
    second-order step time and memory.
 
@@ -155,22 +156,23 @@ def junit_summary(path: Path) -> dict:
     return summary
 
 
-def authors_heads() -> tuple[list[str], str | None]:
-    """The branch_overhead specs with the authors' heads, or why there are none."""
+def authors_heads_missing() -> str | None:
+    """Why bench/branch_overhead.py cannot run with the authors' SSAL / GapCat heads here, or None."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     import ssal_models
 
-    specs = []
-    for method in ("ssal", "gapcat"):
-        try:
-            with torch.device("meta"):
-                ssal_models.build_model("resnet18", method, 10, groupings=[[c % 2 for c in range(10)]], head="authors")
-            specs.append(f"{method}:head=authors")
-        except ValueError as err:
-            return [], f"missing: method.options.head=authors is not in this checkout ({err})"
-    return specs, None
+    help_text = subprocess.run([sys.executable, "bench/branch_overhead.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True).stdout
+    if "--head" not in help_text:
+        return "missing: bench/branch_overhead.py has no --head option in this checkout (issue 15)"
+    try:
+        with torch.device("meta"):
+            ssal_models.build_model("resnet18", "ssal", 10, groupings=[[c % 2 for c in range(10)]], head="authors")
+    except ValueError as err:
+        return f"missing: method.options.head=authors is not in this checkout ({err})"
+    return None
 
 
 def check_targets(check: Check, device_name: str) -> None:
@@ -181,12 +183,15 @@ def check_targets(check: Check, device_name: str) -> None:
             missed.append(f"P3 fed/synthetic {throughput['p3_fed_over_synthetic']:.3f} < 0.95")
         if any(k in device_name for k in ("H100", "H200")) and throughput["p4_img_s"] < TARGETS["p4_img_s_min_h100_h200"]:
             missed.append(f"P4 {throughput['p4_img_s']:.0f} img/s < 5000 on {device_name}")
-    overhead = stages.get("branch_overhead", {}).get("figures")
-    for row in (overhead or {}).get("rows", []):
-        if row["method"] == "ssal" and row["arch"] == "resnet50" and row["step_ratio"] > TARGETS["ssal3_step_ratio_max"]:
-            missed.append(f"SSAL x3 ResNet-50 step x{row['step_ratio']:.2f} > 1.20")
-        if row["step_over_flops"] > TARGETS["step_over_flops_max"]:
-            missed.append(f"{row['arch']} {row['method']} step/FLOPs x{row['step_over_flops']:.2f} > 1.10")
+    # the 1.20x SSAL target is for the light heads (issue 7); the authors' heads report their ratio
+    for name, heads in (("branch_overhead", "light"), ("branch_overhead_authors", "authors")):
+        for row in (stages.get(name, {}).get("figures") or {}).get("rows", []):
+            label = f"{row['arch']} {row['method']} ({heads} heads)"
+            if heads == "light" and row["method"] == "ssal" and row["arch"] == "resnet50" \
+                    and row["step_ratio"] > TARGETS["ssal3_step_ratio_max"]:
+                missed.append(f"SSAL x3 ResNet-50 step x{row['step_ratio']:.2f} > 1.20")
+            if row["step_over_flops"] > TARGETS["step_over_flops_max"]:
+                missed.append(f"{label} step/FLOPs x{row['step_over_flops']:.2f} > 1.10")
     check.save()
 
 
@@ -226,13 +231,18 @@ def main(argv=None) -> int:
                                  "--json", str(path)], limit=150)
         check.merge_json("throughput", path)
     if "branch_overhead" not in args.skip:
-        specs, authors_missing = authors_heads()
-        check.report["authors_heads"] = authors_missing or "included: " + " ".join(specs)
         path = out / "branch_overhead.json"
         check.run("branch_overhead", [py, "bench/branch_overhead.py", "--device", "cuda", "--archs", "resnet50",
-                                      "--methods", "baseline", "ssal", "gapcat", "dks", "ds", *specs,
                                       "--json", str(path)], limit=120)
         check.merge_json("branch_overhead", path)
+        missing = authors_heads_missing()
+        check.report["authors_heads"] = missing or "included (stage branch_overhead_authors)"
+        if missing is None:
+            path = out / "branch_overhead_authors.json"
+            check.run("branch_overhead_authors", [py, "bench/branch_overhead.py", "--device", "cuda", "--archs",
+                                                  "resnet50", "--methods", "baseline", "ssal", "gapcat", "--head",
+                                                  "authors", "--json", str(path)], limit=90)
+            check.merge_json("branch_overhead_authors", path)
     if "memory" not in args.skip:
         path = out / "gpu_memory.json"
         check.run("memory", [py, "bench/gpu_memory.py", "--json", str(path)], limit=120)

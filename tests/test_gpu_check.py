@@ -49,10 +49,15 @@ def test_gpu_check_summarises_the_gpu_tests_junit_and_the_targets(tmp_path):
         "throughput": {"figures": {"p3_fed_over_synthetic": 0.9, "p4_img_s": 4000.0}},
         "branch_overhead": {"figures": {"rows": [
             {"arch": "resnet50", "method": "baseline", "step_ratio": 1.0, "step_over_flops": 1.0},
-            {"arch": "resnet50", "method": "ssal", "step_ratio": 1.25, "step_over_flops": 1.05}]}}}
+            {"arch": "resnet50", "method": "ssal", "step_ratio": 1.25, "step_over_flops": 1.05}]}},
+        # the authors' heads: only step/FLOPs has a target (the 1.20x is the light heads')
+        "branch_overhead_authors": {"figures": {"rows": [
+            {"arch": "resnet50", "method": "ssal", "step_ratio": 1.5, "step_over_flops": 1.05},
+            {"arch": "resnet50", "method": "gapcat", "step_ratio": 1.4, "step_over_flops": 1.2}]}}}
     gpu_check.check_targets(check, "NVIDIA H200")
     missed = check.report["targets_missed"]
-    assert len(missed) == 3 and missed[0].startswith("P3") and missed[1].startswith("P4") and "SSAL x3" in missed[2]
+    assert len(missed) == 4 and missed[0].startswith("P3") and missed[1].startswith("P4"), missed
+    assert "SSAL x3" in missed[2] and missed[3] == "resnet50 gapcat (authors heads) step/FLOPs x1.20 > 1.10"
     (tmp_path / "a100").mkdir()
     other = gpu_check.Check(tmp_path / "a100", budget=60)
     other.report["stages"] = {"throughput": {"figures": {"p3_fed_over_synthetic": 0.97, "p4_img_s": 3000.0}}}
