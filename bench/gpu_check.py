@@ -56,6 +56,8 @@ def preflight(gpus: int) -> str | None:
     """Why there is nothing to check here (one line), or None."""
     import importlib.util
 
+    if importlib.util.find_spec("torch") is None:
+        return f"python packages missing: torch ({sys.executable}; set PYTHON= to the project's python)"
     import torch
 
     if not torch.cuda.is_available():
@@ -212,7 +214,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     check = Check(out, args.budget)
     device_name = torch.cuda.get_device_name(0)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on the GPU machine
+        commit = ""
     check.report.update(device=device_name, gpus=args.gpus, visible_gpus=torch.cuda.device_count(),
                         torch=torch.__version__, cuda=torch.version.cuda, git_commit=commit or None)
     check.save()
