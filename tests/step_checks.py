@@ -48,6 +48,8 @@ CASES = {
     "maxl_first": ("maxl", {"psi": 2, "meta_order": "first"}),
     "maxl_second": ("maxl", {"psi": 2, "meta_order": "second"}),
 }
+# the authors' SSAL heads down-sample by unpadded convs: they need at least 64 px (ssal_models/authors_heads.py)
+MIN_RESOLUTION = {"ssal_authors": 64, "gapcat_authors": 64}
 # the functions a loss uses to turn head outputs into probabilities / losses
 LOSS_FUNCTIONS = {F.cross_entropy, F.log_softmax, F.softmax, F.kl_div, F.nll_loss, torch.log_softmax,
                   torch.softmax, torch.logsumexp, torch.Tensor.log_softmax, torch.Tensor.softmax}
@@ -126,6 +128,7 @@ def check_training_step(case: str, *, device, amp: str, channels_last: bool, arc
     ``max_steps``), and assert the checks of the module docstring. Returns what was seen.
     ``prepare(model)``, if given, may alter the model first (the tests of the checks use it)."""
     device = torch.device(device)
+    resolution = max(resolution, MIN_RESOLUTION.get(case, 0))
     model, training = build_training(case, device, amp, channels_last, arch=arch)
     if prepare is not None:
         prepare(model)
