@@ -237,6 +237,39 @@ def test_authors_isolated_class_keeps_a_group_of_its_own(seed):
     assert np.bincount(g).tolist().count(1) == 1
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_authors_fill_order_places_the_class_closest_to_a_full_group_first(seed):
+    # classes 0-3 = clique A, 4-6 = clique B (counts 10), 7 = c (confused with nobody), 8 = x (7 with
+    # each of A, 2 with each of B), 9 = y (6 with each of B, 2 with each of A); A-B pairs 1. C = 10,
+    # k = 3: full at len >= 3.67. D = 10 - M: first class = one of A (row sum 48, the smallest);
+    # farthest from it: c (D = 10) opens group 1, then one of B (9 vs y's 8) opens group 2; A and
+    # B fill their groups at distance 0 (A full with 4, B at 3). Left: x (mean 3 to the *full* A)
+    # and y (mean 4 to B): the authors place x first, into its nearest group with room, B (8 < 10),
+    # which fills B, so y goes to c's group.
+    counts = np.zeros((10, 10))
+
+    def pair(i, j, value):
+        counts[i, j] = counts[j, i] = value
+    for block in (range(0, 4), range(4, 7)):
+        for i in block:
+            for j in block:
+                pair(i, j, 10)
+    for a in range(4):
+        pair(8, a, 7)
+        pair(9, a, 2)
+        for b in range(4, 7):
+            pair(a, b, 1)
+    for b in range(4, 7):
+        pair(8, b, 2)
+        pair(9, b, 6)
+    np.fill_diagonal(counts, 50)
+    assert grouping.group_classes(counts, 3, "join", seed=seed, variant="authors").tolist() == \
+        [0, 0, 0, 0, 2, 2, 2, 1, 2, 1]
+    # the closest (class, group with room) pair instead gives y B's last place and x goes to c
+    paper = grouping.group_classes(counts, 3, "join", seed=seed)
+    assert paper[9] == paper[4] and paper[8] == paper[7]
+
+
 @pytest.mark.parametrize("criterion", ["join", "split"])
 def test_authors_variant_equals_a_literal_statement_of_create_grouping_v2(criterion):
     # dense random matrices have no ties: no random draw is involved, the groups must be the same
