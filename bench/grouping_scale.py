@@ -9,10 +9,10 @@ Input: a hold-out-like hard-count confusion -- every class gets Poisson(10) erro
 other classes plus 40 correct predictions (Poisson counts + diagonal, ~10 non-zeros per row).
 The new code gets it as a scipy.sparse matrix at 21,841 classes (a dense float64 copy alone
 would be 3.8 GB) and, like the reference, as a dense float64 array below.  Each run is a fresh
-subprocess, so its peak RSS (``ru_maxrss``, input included) is its own; the input's RSS is
-printed too (RSS in: before the call, after the imports).  Times are wall clock and the
-process's CPU time (this box is shared: wall time
-carries the neighbours' load, CPU time the work).  Where both ran, the partitions are compared.
+subprocess, so its peak RSS (``ru_maxrss``, input included) is its own; "RSS in" is the RSS
+before the call (imports and input).  Times are wall clock and the process's CPU time (this box
+is shared: wall time carries the neighbours' load, CPU time the work).  Where both ran, the
+partitions are compared.
 
 Target (issue 17): 21,841 classes in <= 60 s and <= 8 GB RSS.  The reference is skipped where it
 would take hours (paper: above 4000 classes, ~C^3.8; authors: above 1000, a literal

@@ -159,12 +159,8 @@ def paper_fill(distance: SparseDistance, k: int, rng: np.random.Generator) -> np
         best = group_best.min()
         tied_groups = np.flatnonzero(np.abs(group_best - best) <= _TIE_TOLERANCE)
         tie_classes, tie_groups = near.ties(tied_groups, best)
-        if tie_classes.size == 1:
-            chosen, group = int(tie_classes[0]), int(tie_groups[0])
-        else:  # the dense code's flat (class, group) order, one draw
-            order = np.lexsort((tie_groups, tie_classes))
-            pick = order[rng.integers(0, order.size)]
-            chosen, group = int(tie_classes[pick]), int(tie_groups[pick])
+        pick = 0 if tie_classes.size == 1 else rng.integers(0, tie_classes.size)  # = rng.choice(ties)
+        chosen, group = int(tie_classes[pick]), int(tie_groups[pick])
         grouping[chosen] = group
         near.remove_class(chosen, open_groups, group)
         sums[group] += distance.row(chosen)
@@ -182,7 +178,7 @@ class _RowMinima:
     window is 1e-12 in the mean, far inside the margin), so that a step never scans a row
     except the one that changed or one whose minimum left."""
 
-    NEAR_CAP = 2048  # a longer near list (many exactly equal sums) is not kept: the row is scanned
+    NEAR_CAP = 256  # a longer near list (many equal sums) is not kept: a tie scans the row
 
     def __init__(self, sums: np.ndarray, sizes: np.ndarray):
         self.sums, self.sizes = sums, sizes
@@ -218,14 +214,20 @@ class _RowMinima:
                 self.near[group] = self.near[group][self.near[group] != chosen]
 
     def ties(self, groups: np.ndarray, best: float):
-        """All (class, group) pairs of ``groups`` whose mean is within 1e-12 of ``best``."""
-        everything = np.arange(self.sums.shape[1])
-        candidates = [everything if self.near[g] is None else self.near[g] for g in groups]
+        """All (class, group) pairs of ``groups`` whose mean is within 1e-12 of ``best``, in the
+        dense code's flat order (class-major, then group)."""
+        if any(self.near[g] is None for g in groups):  # many equal sums: the rows themselves, at once
+            means = self.sums[groups] / self.sizes[groups, None]
+            classes, owners = np.nonzero((np.abs(means - best) <= _TIE_TOLERANCE).T)
+            return classes, groups[owners]
+        candidates = [self.near[g] for g in groups]
         owners = np.repeat(groups, [c.size for c in candidates])
         candidates = np.concatenate(candidates)
         means = self.sums[owners, candidates] / self.sizes[owners]
         hits = np.abs(means - best) <= _TIE_TOLERANCE
-        return candidates[hits], owners[hits]
+        classes, owners = candidates[hits], owners[hits]
+        order = np.lexsort((owners, classes))
+        return classes[order], owners[order]
 
 
 # ----------------------------------------------------------------------------- authors
