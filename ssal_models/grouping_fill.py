@@ -158,9 +158,7 @@ def paper_fill(distance: SparseDistance, k: int, rng: np.random.Generator) -> np
         group_best = np.where(open_groups, near.minimum / sizes, np.inf)  # min over i of S/n = (min S)/n
         best = group_best.min()
         tied_groups = np.flatnonzero(np.abs(group_best - best) <= _TIE_TOLERANCE)
-        tie_classes, tie_groups = near.ties(tied_groups, best)
-        pick = 0 if tie_classes.size == 1 else rng.integers(0, tie_classes.size)  # = rng.choice(ties)
-        chosen, group = int(tie_classes[pick]), int(tie_groups[pick])
+        chosen, group = near.pick_tie(tied_groups, best, rng)
         grouping[chosen] = group
         near.remove_class(chosen, open_groups, group)
         sums[group] += distance.row(chosen)
@@ -186,6 +184,7 @@ class _RowMinima:
         self.minimum, self.count = np.empty(k), np.empty(k, dtype=np.int64)
         self.margin = np.empty(k)
         self.near = [None] * k
+        self.has_near = np.zeros(k, dtype=bool)
         for group in range(k):
             self.refresh(group)
 
@@ -196,7 +195,8 @@ class _RowMinima:
         self.count[group] = np.count_nonzero(row == minimum)
         self.margin[group] = 1e-9 * (self.sizes[group] + abs(minimum))
         close = np.flatnonzero(row <= minimum + self.margin[group])
-        self.near[group] = close if close.size <= self.NEAR_CAP else None
+        self.has_near[group] = close.size <= self.NEAR_CAP
+        self.near[group] = close if self.has_near[group] else None
 
     def remove_class(self, chosen: int, open_groups: np.ndarray, skip: int) -> None:
         """Class ``chosen`` is assigned: its column becomes +inf."""
@@ -204,30 +204,33 @@ class _RowMinima:
         self.sums[:, chosen] = np.inf
         touched = open_groups & (column <= self.minimum + self.margin)
         touched[skip] = False  # refreshed by the caller
-        for group in np.flatnonzero(touched):
-            if column[group] == self.minimum[group]:
-                self.count[group] -= 1
-                if self.count[group] == 0:
-                    self.refresh(group)
-                    continue
-            if self.near[group] is not None:
-                self.near[group] = self.near[group][self.near[group] != chosen]
+        attained = touched & (column == self.minimum)
+        self.count[attained] -= 1
+        emptied = attained & (self.count == 0)
+        for group in np.flatnonzero(emptied):
+            self.refresh(group)
+        for group in np.flatnonzero(touched & ~emptied & self.has_near):
+            self.near[group] = self.near[group][self.near[group] != chosen]
 
-    def ties(self, groups: np.ndarray, best: float):
-        """All (class, group) pairs of ``groups`` whose mean is within 1e-12 of ``best``, in the
-        dense code's flat order (class-major, then group)."""
-        if any(self.near[g] is None for g in groups):  # many equal sums: the rows themselves, at once
-            means = self.sums[groups] / self.sizes[groups, None]
-            classes, owners = np.nonzero((np.abs(means - best) <= _TIE_TOLERANCE).T)
-            return classes, groups[owners]
+    def pick_tie(self, groups: np.ndarray, best: float, rng: np.random.Generator) -> Tuple[int, int]:
+        """The (class, group) pair the dense code picks among those of ``groups`` whose mean is
+        within 1e-12 of ``best``: ties in flat (class-major, then group) order, one draw
+        ``rng.integers(0, n)`` (= ``rng.choice(ties)``) when there are n > 1."""
+        if not self.has_near[groups].all():  # many equal sums: the rows themselves, counted per class
+            mask = np.abs(self.sums[groups] / self.sizes[groups, None] - best) <= _TIE_TOLERANCE
+            per_class = np.cumsum(mask.sum(axis=0))
+            pick = 0 if per_class[-1] == 1 else int(rng.integers(0, per_class[-1]))
+            chosen = int(np.searchsorted(per_class, pick, side="right"))
+            within = pick - (per_class[chosen - 1] if chosen else 0)
+            return chosen, int(groups[np.flatnonzero(mask[:, chosen])[within]])
         candidates = [self.near[g] for g in groups]
         owners = np.repeat(groups, [c.size for c in candidates])
         candidates = np.concatenate(candidates)
-        means = self.sums[owners, candidates] / self.sizes[owners]
-        hits = np.abs(means - best) <= _TIE_TOLERANCE
+        hits = np.abs(self.sums[owners, candidates] / self.sizes[owners] - best) <= _TIE_TOLERANCE
         classes, owners = candidates[hits], owners[hits]
         order = np.lexsort((owners, classes))
-        return classes[order], owners[order]
+        pick = order[0] if order.size == 1 else order[rng.integers(0, order.size)]
+        return int(classes[pick]), int(owners[pick])
 
 
 # ----------------------------------------------------------------------------- authors
