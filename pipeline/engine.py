@@ -259,8 +259,9 @@ def evaluate(
                 add(f"top{k}/{rule}", hits[:, :k].any(dim=1).sum())
             if rule == "main":
                 confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2)
-                if soft_sums is not None:
-                    soft_sums.index_add_(0, labels, log_probs.float().exp())
+                if soft_sums is not None:  # a matmul, not index_add_ (atomics on CUDA: not deterministic)
+                    one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
+                    soft_sums.addmm_(one_hot.T, log_probs.float().exp())
         for name, correct in method.extra_metrics(outputs, labels).items():
             add(name, correct.sum())
 
