@@ -29,6 +29,7 @@ from pipeline import engine
 from pipeline.config import Config, ConfigError, resolve_path
 from pipeline.optim import build_optimizer, lr_factor, scaled_lr
 from pipeline.util import checkpoint as ckpt
+from pipeline.util import data_access
 from pipeline.util import dist as dist_util
 from pipeline.util import preemption
 
@@ -248,10 +249,15 @@ class Trainer:
         train_beton = data_root / manifest["splits"]["train"]["beton"]
         train_indices, holdout_indices = holdout_split(int(manifest["splits"]["train"]["count"]),
                                                        cfg.eval.holdout_fraction, cfg.train.seed)
+        if info.is_main:
+            for line in data_access.access_warnings(train_beton, cfg.data.order, cfg.data.os_cache,
+                                                    data_access.node_memory_bytes(), _local_world_size()):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         self.train_loader = data_loader.create_train_loader(
             train_beton, batch_size=batch, num_workers=cfg.data.num_workers, resolution=cfg.data.min_res,
-            device=device, distributed=info.distributed, seed=cfg.train.seed, order=cfg.data.order,
-            os_cache=cfg.data.os_cache, channels_last=self.channels_last, indices=train_indices)
+            device=device, distributed=info.distributed, seed=cfg.train.seed,
+            order=data_access.loader_order(cfg.data.order, cfg.data.os_cache), os_cache=cfg.data.os_cache,
+            channels_last=self.channels_last, indices=train_indices)
         self.holdout_loader = None
         if holdout_indices is not None:
             self.holdout_loader = data_loader.create_val_loader(
@@ -381,7 +387,8 @@ class Trainer:
                 counts = ssal_models.count_parameters(self.model_without_ddp)
                 self.tracker.log_metrics({f"model/params/{n}": float(v) for n, v in counts.items()}, step=0)
             print(f"run dir {self.run_dir}; world size {info.world_size}; device {info.device}; "
-                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}"
+                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}; "
+                  f"data order {self.train_loader.order}, os_cache {str(cfg.data.os_cache).lower()}"
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
         epochs = cfg.schedule.epochs
         last_metrics: dict[str, float] = {}
