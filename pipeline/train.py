@@ -292,8 +292,12 @@ class Trainer:
         training_cls.prepare_model(model)  # before DDP wraps it (MAXL: the generator stays out of DDP)
         train_model: nn.Module = model
         if info.distributed:
+            # find_unused_parameters=True keeps DDP's first gradient buckets for the whole run. Otherwise DDP
+            # re-buckets after the first iteration of every *process*, so the first step after a resume summed
+            # the ranks' gradients in another order than the uninterrupted run did: bit-exact with 2 ranks
+            # (a + b = b + a), not with more (bench/slurm_scale.sh, 16 ranks). Costs one autograd-graph walk a step.
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
         if cfg.train.compile:
             train_model = torch.compile(train_model)
         self.global_batch = batch * info.world_size
