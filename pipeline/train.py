@@ -263,7 +263,7 @@ class Trainer:
             self.holdout_loader = data_loader.create_val_loader(
                 train_beton, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
                 resolution=cfg.data.val_res, device=device, distributed=info.distributed,
-                channels_last=self.channels_last, indices=holdout_indices)
+                channels_last=self.channels_last, indices=holdout_indices, os_cache=cfg.data.os_cache)
         self.val_loader = data_loader.create_val_loader(
             data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
             num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
