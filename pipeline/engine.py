@@ -24,9 +24,11 @@ class Preempted(Exception):
 
 
 def autocast_context(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
+    """Autocast on the model's device (pipeline/train.py sets amp "none" for CPU runs; the
+    tests run the same code under CPU autocast, tests/step_checks.py)."""
+    if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -88,7 +90,7 @@ class StandardTraining:
         self.train_model = train_model  # possibly DDP / compiled
         self.optimizers: dict[str, torch.optim.Optimizer] = {"net": optimizer}
         self.peak_lrs: dict[str, float] = {"net": peak_lr}
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         self.device, self.amp = device, amp
         self.grad_clip_norm, self.channels_last = grad_clip_norm, channels_last
 
