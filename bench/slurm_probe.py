@@ -88,7 +88,7 @@ def summarize(work: Path, ranks: int, job_ids: dict[str, str]) -> bool:
     def stages(p: list[dict], t0: float, what: str) -> None:
         print(f"  {what}: seconds after it, first rank .. last rank (spread)")
         for key, label in (("process_start", "task processes started"), ("entry", "Python + torch imported"),
-                           ("process_group", "process group up"), ("first_forward", "set-up done, 1st forward"),
+                           ("process_group", "process group up"), ("first_forward", "1st batch decoded+forward"),
                            ("first_step", "first optimiser step")):
             v = [r[key] - t0 for r in p]
             print(f"    {label:26} {min(v):7.1f} .. {max(v):7.1f}  ({_spread(v):5.1f})")
