@@ -29,6 +29,7 @@ from pipeline import engine
 from pipeline.config import Config, ConfigError, resolve_path
 from pipeline.optim import build_optimizer, lr_factor, scaled_lr
 from pipeline.util import checkpoint as ckpt
+from pipeline.util import data_access
 from pipeline.util import dist as dist_util
 from pipeline.util import preemption
 
@@ -248,16 +249,21 @@ class Trainer:
         train_beton = data_root / manifest["splits"]["train"]["beton"]
         train_indices, holdout_indices = holdout_split(int(manifest["splits"]["train"]["count"]),
                                                        cfg.eval.holdout_fraction, cfg.train.seed)
+        if info.is_main:
+            for line in data_access.access_warnings(train_beton, cfg.data.order, cfg.data.os_cache,
+                                                    data_access.node_memory_bytes(), _local_world_size()):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         self.train_loader = data_loader.create_train_loader(
             train_beton, batch_size=batch, num_workers=cfg.data.num_workers, resolution=cfg.data.min_res,
-            device=device, distributed=info.distributed, seed=cfg.train.seed, order=cfg.data.order,
-            os_cache=cfg.data.os_cache, channels_last=self.channels_last, indices=train_indices)
+            device=device, distributed=info.distributed, seed=cfg.train.seed,
+            order=data_access.loader_order(cfg.data.order, cfg.data.os_cache), os_cache=cfg.data.os_cache,
+            channels_last=self.channels_last, indices=train_indices)
         self.holdout_loader = None
         if holdout_indices is not None:
             self.holdout_loader = data_loader.create_val_loader(
                 train_beton, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
                 resolution=cfg.data.val_res, device=device, distributed=info.distributed,
-                channels_last=self.channels_last, indices=holdout_indices)
+                channels_last=self.channels_last, indices=holdout_indices, os_cache=cfg.data.os_cache)
         self.val_loader = data_loader.create_val_loader(
             data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
             num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
@@ -286,8 +292,12 @@ class Trainer:
         training_cls.prepare_model(model)  # before DDP wraps it (MAXL: the generator stays out of DDP)
         train_model: nn.Module = model
         if info.distributed:
+            # find_unused_parameters=True keeps DDP's first gradient buckets for the whole run. Otherwise DDP
+            # re-buckets after the first iteration of every *process*, so the first step after a resume summed
+            # the ranks' gradients in another order than the uninterrupted run did: bit-exact with 2 ranks
+            # (a + b = b + a), not with more (bench/slurm_scale.sh, 16 ranks). Costs one autograd-graph walk a step.
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
         if cfg.train.compile:
             train_model = torch.compile(train_model)
         self.global_batch = batch * info.world_size
@@ -381,7 +391,8 @@ class Trainer:
                 counts = ssal_models.count_parameters(self.model_without_ddp)
                 self.tracker.log_metrics({f"model/params/{n}": float(v) for n, v in counts.items()}, step=0)
             print(f"run dir {self.run_dir}; world size {info.world_size}; device {info.device}; "
-                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}"
+                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}; "
+                  f"data order {self.train_loader.order}, os_cache {str(cfg.data.os_cache).lower()}"
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
         epochs = cfg.schedule.epochs
         last_metrics: dict[str, float] = {}
