@@ -99,6 +99,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .hierarchies import PsiSpec, make_psi
+from .maxl_labels import ENTROPY_ESTIMATES, CollapseRegulariser, Gather
 
 __all__ = [
     "hierarchy_mask", "aux_owner", "mask_log_softmax", "focal_loss", "soft_focal_loss",
@@ -285,7 +286,8 @@ class MaxlMethod(nn.Module):
     aux_key = "aux"
 
     def __init__(self, generator: LabelGenerator, psi: Sequence[int], gamma: float = 2.0,
-                 entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01):
+                 entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01,
+                 entropy_estimate: str = "batch", entropy_ema_decay: float = 0.99):
         super().__init__()
         if meta_order not in META_ORDERS:
             raise ValueError(f"meta_order must be one of {META_ORDERS}, got {meta_order!r}")
@@ -301,6 +303,7 @@ class MaxlMethod(nn.Module):
         self.fd_eps = float(fd_eps)
         self.register_buffer("mask", hierarchy_mask(self.psi), persistent=False)
         self.register_buffer("owner", aux_owner(self.psi), persistent=False)
+        self.collapse = CollapseRegulariser(self.psi, entropy_estimate, entropy_ema_decay)
 
     # ---- multi-task side -------------------------------------------------------------
     def extra_outputs(self, x: torch.Tensor, outputs: "OrderedDict[str, torch.Tensor]"):
@@ -393,10 +396,16 @@ class MaxlMethod(nn.Module):
             self._in_meta = False
 
     def meta_objective(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: Optional[float] = None,
-                       net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0):
+                       net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0,
+                       gather: Optional[Gather] = None, update: bool = True):
         """Second order: ``(L_pri(theta+), H)`` as differentiable functions of the generator's
         parameters (``theta+`` built with ``create_graph=True``).  ``net`` is put in train
-        mode for the call (BN batch statistics) and its buffers are not modified."""
+        mode for the call (BN batch statistics) and its buffers are not modified.  ``H`` is the
+        configured collapse estimate (``gather``: see :class:`CollapseRegulariser`)."""
+        return self._second_order(net, x, y, lr, net_optimizer, grad_scale, gather, update)[:2]
+
+    def _second_order(self, net, x, y, lr, net_optimizer, grad_scale, gather, update=True):
+        """(meta loss, H, generated log-probs, (L_pri, L_aux) at theta)."""
         hp = self._inner_hparams(net, lr, net_optimizer)
         params = {n: p for n, p in net.named_parameters() if n in hp}
         old = _set_train(net, True)
@@ -414,11 +423,11 @@ class MaxlMethod(nn.Module):
             meta = focal_loss(F.log_softmax(_wide(out2["main"]), -1), y, self.gamma)
         finally:
             _restore_train(old)
-        return meta, entropy_term(gen_lp)
+        return meta, self.collapse(gen_lp, gather, update), gen_lp, (pri, aux)
 
-    def _first_order(self, net, x, y, lr, net_optimizer, grad_scale):
-        """Finite-difference meta-gradient; returns (meta loss, H, surrogate) where
-        ``grad_phi surrogate`` is the meta-gradient."""
+    def _first_order(self, net, x, y, lr, net_optimizer, grad_scale, gather=None):
+        """Finite-difference meta-gradient; returns (meta loss, H, surrogate, generated
+        log-probs, (L_pri, L_aux) at theta) where ``grad_phi surrogate`` is the meta-gradient."""
         hp = self._inner_hparams(net, lr, net_optimizer)
         names = [n for n, p in net.named_parameters() if n in hp]
         theta = {n: p.detach() for n, p in net.named_parameters() if n in hp}
@@ -429,15 +438,18 @@ class MaxlMethod(nn.Module):
             p = gen_lp.exp()
             pt = p.detach()
 
-            def grads_wrt(params, target, wrt):
+            def grads_wrt(params, target, wrt, parts=None):
                 out = self._fwd(net, params, buffers, x)
                 pri, aux = self.multitask_loss(out, y, target)
+                if parts is not None:
+                    parts.extend([pri.detach(), aux.detach()])
                 g = torch.autograd.grad((pri + aux) * grad_scale, wrt, allow_unused=True)
                 return [None if t is None else t / grad_scale for t in g]
 
             # virtual step theta+ (no graph)
             th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-            g = grads_wrt(th, pt, [th[n] for n in names])
+            parts: list = []
+            g = grads_wrt(th, pt, [th[n] for n in names], parts)
             with torch.no_grad():
                 fast = {n: self._step(theta[n], gi, hp[n]).requires_grad_(True) for n, gi in zip(names, g)}
             out2 = self._fwd(net, fast, buffers, x)
@@ -460,26 +472,30 @@ class MaxlMethod(nn.Module):
                 v = torch.zeros_like(pt)
         finally:
             _restore_train(old)
-        h = entropy_term(gen_lp)
+        h = self.collapse(gen_lp, gather)
         surrogate = (p * v.detach()).sum() + self.entropy_weight * h
-        return meta.detach(), h, surrogate
+        return meta.detach(), h, surrogate, gen_lp, tuple(parts)
 
     def generator_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: Optional[float] = None,
                        net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0,
-                       accumulate: bool = True) -> Dict[str, torch.Tensor]:
+                       accumulate: bool = True, gather: Optional[Gather] = None) -> Dict[str, torch.Tensor]:
         """Meta-gradient of ``L_pri(theta+) + lambda * H`` w.r.t. the generator, added to
         (``accumulate``) or written into the generator parameters' ``.grad``.
 
         Does not step any optimiser and leaves ``net`` (parameters, ``.grad``, BN buffers)
-        untouched.  Returns ``{"meta_loss", "entropy_term", "finite"}`` (detached tensors).
+        untouched; advances the collapse estimate's running state (``ema``).  ``gather``: the
+        all-gather of a multi-process run (``global`` / ``ema``; see the module docstring).
+        Returns detached tensors: ``meta_loss``, ``entropy_term`` (the estimate's ``H``),
+        ``finite``, ``gen_log_probs`` (the labels of this batch before the step) and
+        ``focal/main``, ``focal/aux`` (the multi-task losses at the current ``theta``).
         """
         net = _unwrap(net)
         gparams = [p for p in self.generator.parameters() if p.requires_grad]
         if self.meta_order == "second":
-            meta, h = self.meta_objective(net, x, y, lr, net_optimizer, grad_scale)
+            meta, h, gen_lp, parts = self._second_order(net, x, y, lr, net_optimizer, grad_scale, gather)
             total = meta + self.entropy_weight * h
         else:
-            meta, h, total = self._first_order(net, x, y, lr, net_optimizer, grad_scale)
+            meta, h, total, gen_lp, parts = self._first_order(net, x, y, lr, net_optimizer, grad_scale, gather)
         grads = torch.autograd.grad(total * grad_scale, gparams, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g / grad_scale for p, g in zip(gparams, grads)]
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
@@ -489,7 +505,8 @@ class MaxlMethod(nn.Module):
                     p.grad.add_(g)
                 else:
                     p.grad = g.detach().clone()
-        return {"meta_loss": meta.detach(), "entropy_term": h.detach(), "finite": finite}
+        return {"meta_loss": meta.detach(), "entropy_term": h.detach(), "finite": finite,
+                "gen_log_probs": gen_lp.detach(), "focal/main": parts[0].detach(), "focal/aux": parts[1].detach()}
 
 
 class MaxlModel(nn.Module):
@@ -535,10 +552,13 @@ def multitask_parameters(model: nn.Module) -> List[nn.Parameter]:
 def ddp_ignore_generator(model: nn.Module) -> List[str]:
     """List the generator's parameters and buffers in ``model._ddp_params_and_buffers_to_ignore``
     (DDP then neither broadcasts nor all-reduces them, and does not wait for their gradients,
-    which the multi-task backward never produces).  Call before wrapping in DDP; the engine
+    which the multi-task backward never produces), and the collapse estimate's running state
+    (identical on every rank by construction).  Call before wrapping in DDP; the engine
     all-reduces the generator's gradients itself after :meth:`MaxlMethod.generator_step`."""
-    gen = _unwrap(model).method.generator
+    method = _unwrap(model).method
+    gen = method.generator
     ids = {id(t) for t in gen.parameters()} | {id(t) for t in gen.buffers()}
+    ids |= {id(t) for t in method.collapse.buffers()}
     names = [n for n, t in model.named_parameters() if id(t) in ids]
     names += [n for n, t in model.named_buffers() if id(t) in ids]
     old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
@@ -564,7 +584,8 @@ def resolve_psi(num_classes: int, psi) -> List[int]:
 def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
                      generator_arch: Optional[str] = None, generator_hidden: Optional[int] = None,
                      backbone_builder: Optional[BackboneBuilder] = None, gamma: float = 2.0,
-                     entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01) -> MaxlModel:
+                     entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01,
+                     entropy_estimate: str = "batch", entropy_ema_decay: float = 0.99) -> MaxlModel:
     """Multi-task net on ``arch`` + label generator on ``generator_arch`` (default: the
     family's small copy, :func:`default_generator_arch`).
 
@@ -584,22 +605,28 @@ def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
             raise
         gbody, gdim = build(arch)
     gen = LabelGenerator(gbody, gdim, psi, hidden=generator_hidden)
-    method = MaxlMethod(gen, psi, gamma=gamma, entropy_weight=entropy_weight, meta_order=meta_order, fd_eps=fd_eps)
+    method = MaxlMethod(gen, psi, gamma=gamma, entropy_weight=entropy_weight, meta_order=meta_order, fd_eps=fd_eps,
+                        entropy_estimate=entropy_estimate, entropy_ema_decay=entropy_ema_decay)
     return MaxlModel(net, method)
 
 
 # --------------------------------------------------------------------------------------
 # models-library integration: build_model(arch, "maxl", num_classes, **options)
 # --------------------------------------------------------------------------------------
-MAXL_OPTIONS = ("psi", "generator_arch", "generator_hidden", "gamma", "entropy_weight", "meta_order", "fd_eps")
+MAXL_OPTIONS = ("psi", "generator_arch", "generator_hidden", "gamma", "entropy_weight", "meta_order", "fd_eps",
+                "entropy_estimate", "entropy_ema_decay")
 
 #: Options that belong to the training, not to the model (read by ``pipeline.maxl_training``):
 #: validated here, stored with their defaults in ``method.training_options``.
 #: ``generator_lr`` (absolute peak lr, not scaled with the batch), ``generator_weight_decay``,
 #: ``generator_momentum`` (SGD of the generator; supplementary: lr 1e-3, wd 5e-4, no momentum)
-#: and ``generator_every`` (one generator meta step after every N-th multi-task step; 0: never).
+#: ``generator_every`` (``interleave``: one generator meta step after every N-th multi-task step;
+#: 0: never) and ``schedule`` (:data:`SCHEDULES`: ``interleave``, or ``alternate_epochs``, the
+#: authors' whole-epoch alternation: even epochs (0, 2, ...) train the multi-task net only, odd
+#: epochs the generator only, one meta step per batch of its own, fresh batches).
 TRAINING_OPTIONS = {"generator_lr": 1e-3, "generator_weight_decay": 5e-4, "generator_momentum": 0.0,
-                    "generator_every": 1}
+                    "generator_every": 1, "schedule": "interleave"}
+SCHEDULES = ("interleave", "alternate_epochs")
 
 
 def training_options(options: Dict) -> Dict:
@@ -607,7 +634,11 @@ def training_options(options: Dict) -> Dict:
     out = dict(TRAINING_OPTIONS)
     for key, default in TRAINING_OPTIONS.items():
         v = options.get(key, default)
-        if isinstance(default, int) and not isinstance(default, bool):
+        if key == "schedule":
+            if v not in SCHEDULES:
+                raise ValueError(f"maxl: option 'schedule' must be one of {', '.join(SCHEDULES)}, got {v!r}")
+            out[key] = v
+        elif isinstance(default, int) and not isinstance(default, bool):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"maxl: option {key!r} must be an integer >= 0, got {v!r}")
             out[key] = int(v)
@@ -648,15 +679,22 @@ def build_maxl_method(info, num_classes: int, options: Dict):
     if meta_order not in META_ORDERS:
         raise ValueError(f"maxl: option 'meta_order' must be one of {', '.join(META_ORDERS)}, got {meta_order!r}")
     floats = {}
-    for key, default, lo in (("gamma", 2.0, 0.0), ("entropy_weight", 0.2, 0.0), ("fd_eps", 0.01, 1e-12)):
+    for key, default, lo in (("gamma", 2.0, 0.0), ("entropy_weight", 0.2, 0.0), ("fd_eps", 0.01, 1e-12),
+                             ("entropy_ema_decay", 0.99, 0.0)):
         v = options.get(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= lo) or v != v or v == float("inf"):
             raise ValueError(f"maxl: option {key!r} must be a finite number >= {lo}, got {v!r}")
         floats[key] = float(v)
+    if not floats["entropy_ema_decay"] < 1:
+        raise ValueError(f"maxl: option 'entropy_ema_decay' must be in [0, 1), got {floats['entropy_ema_decay']!r}")
+    estimate = options.get("entropy_estimate", "batch")
+    if estimate not in ENTROPY_ESTIMATES:
+        raise ValueError(f"maxl: option 'entropy_estimate' must be one of {', '.join(ENTROPY_ESTIMATES)}, "
+                         f"got {estimate!r}")
     garch = options.get("generator_arch") or default_generator_arch(info.arch)
     gbody, gdim = torchvision_backbone(garch)
     gen = LabelGenerator(gbody, gdim, psi, hidden=options.get("generator_hidden"))
-    method = MaxlMethod(gen, psi, meta_order=meta_order, **floats)
+    method = MaxlMethod(gen, psi, meta_order=meta_order, entropy_estimate=estimate, **floats)
     method.training_options = train_opts
     return MethodBuild(method=method, branches=[BranchSpec(MaxlMethod.aux_key, "layer4",
                                                            AuxHead(info.feature_dim, sum(psi)))])
