@@ -127,6 +127,14 @@ class StandardTraining:
             optimizer.step()
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called at the start (or mid-epoch resume) of every training epoch (default: nothing)."""
+
+    def initial_metrics(self, loader: Iterable, steps: int) -> dict[str, float]:
+        """Method-specific reference metrics before any training (logged at step 0; collective:
+        every rank calls it). Default: none, and the loader is not touched."""
+        return {}
+
     def epoch_metrics(self) -> dict[str, float]:
         """Method-specific training statistics of the epoch (reduced over ranks), then reset."""
         return {}
@@ -166,6 +174,7 @@ def train_one_epoch(
     NaN/Inf loss and Preempted (every rank, together) when a stop was requested.
     """
     training.train_model.train()
+    training.begin_epoch(epoch)
     device = training.device
     iterator = iter(loader)
     started = time.perf_counter()
