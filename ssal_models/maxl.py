@@ -12,7 +12,10 @@ Pieces
   gives the ``(C, sum(psi))`` boolean mask ``M``.
 * :func:`mask_log_softmax` -- the generator's mask softmax in log space.
 * :func:`focal_loss` (hard labels) and :func:`soft_focal_loss` (soft labels), both
-  from log-probabilities, gamma = 2; :func:`entropy_term` ``H = sum_k pbar_k log pbar_k``.
+  from log-probabilities, gamma = 2; :func:`entropy_term` ``H = sum_k pbar_k log pbar_k``
+  (the batch form); ``ssal_models.maxl_labels``: the collapse regulariser's three
+  estimates (:class:`~ssal_models.maxl_labels.CollapseRegulariser`, ``method.collapse``)
+  and the label statistics behind the pipeline's ``train/label_*`` metrics.
 * :class:`MultiTaskNet` (backbone + primary head ``fc`` + auxiliary head ``aux_fc``),
   :class:`LabelGenerator` (backbone + MLP head -> ``sum(psi)`` logits),
   :class:`MaxlMethod` (losses, prediction rules, metrics, the meta step; owns the
@@ -42,13 +45,49 @@ statistics included):
   Costs one forward/backward of the generator and four of the multi-task net
   (no double backward).
 
+Collapse regulariser (option ``entropy_estimate``; ``../shared/METHODS.md`` section 3 notation)
+----------------------------------------------------------------------------------------------
+``p_i`` is sample ``i``'s mask-softmax distribution (``A = sum(psi)`` entries, zero outside the
+block of its class ``y_i``), ``B`` this process's batch, ``G`` the global batch of the ``W``
+ranks, ``n_c`` the number of samples of primary class ``c`` and ``w_c = n_c / |set|``.
+Because the blocks are disjoint, ``sum_k pbar_k log pbar_k = sum_c w_c sum_{k in c} pbar_ck
+log pbar_ck + sum_c w_c log w_c`` (``pbar_c``: the class's mean distribution): the term is
+a class-frequency-weighted negative entropy of each class's mean label.
+
+* ``batch`` (the authors', default): ``H = sum_k pbar_k log pbar_k``, ``pbar = mean_{i in B} p_i``.
+  With ``n_c = 1`` (ImageNet: 1000 classes, 32-64 images per GPU) ``pbar_c`` is one sample's
+  label, so ``H`` no longer measures collapse across samples: it pushes each label toward uniform.
+* ``global``: the same ``H`` over ``G``: ``pbar = sum_{i in G} p_i / |G|`` from ``gather`` (the
+  pipeline's all-gather of every rank's ``(sum_{i in B_r} p_i, |B_r|)``; one process: ``batch``).
+  Gradient: through this rank's own ``p_i`` only (the other ranks' sums are constants),
+  multiplied by ``W``, so that averaging the ranks' generator gradients (the pipeline does)
+  gives ``grad_phi H(G) = sum_r dH/dp_{B_r} dp_{B_r}/dphi``.
+* ``ema`` (*choice*): running per-class sums, decay ``beta`` = ``entropy_ema_decay`` (0.99) per
+  generator step, over the global batch: ``s <- beta s + sum_{i in G} p_i`` (A,), ``z_c <- beta z_c
+  + n_c(G)``; the estimate including this step is ``m_c = (beta s_c + sum_{i in G, y_i = c} p_i)
+  / (beta z_c + n_c(G))`` (a class's first estimate is its batch mean: no pull toward uniform).
+  Value: ``H = sum_{c in G} w_c sum_{k in c} m_ck log m_ck + sum_c w_c log w_c`` (``w_c`` over
+  ``G``; ``beta = 0`` gives ``global``'s value). Gradient: ``sum_c w_c sum_{k in c} (log m_ck +
+  1) grad_phi pbar_ck(G)``, i.e. the slope of ``x log x`` at the running estimate applied to the
+  current batch's class means: the gradient through the current batch's contribution to
+  ``m_c``, divided by that contribution's share ``n_c / (beta z_c + n_c)``, so that ``lambda``
+  keeps the batch form's scale and ``beta = 0`` reproduces ``global``'s gradient exactly (times
+  ``W`` across ranks, as there). The slope is the same for every auxiliary class of ``c`` when
+  ``m_c`` is uniform: labels that are peaked but differ between a class's samples are left
+  alone; a collapsed class (``m_c`` peaked) is pushed off its dominant label. The sums are
+  updated once per generator step (skipped on non-finite input), identical on every rank (built
+  from the gathered sums), persistent buffers of ``method.collapse`` (checkpointed) and kept
+  out of DDP's buffer broadcast (:func:`ddp_ignore_generator`).
+
 lr / weight decay / momentum of the virtual step come from ``net_optimizer``
 (per parameter group; SGD momentum buffers as in the authors' first-order code)
 or from ``lr=`` (plain SGD step, as in their second-order code).
 
 One training iteration of each kind (the networks are updated in alternation --
-supplementary section 5 -- e.g. one epoch of multi-task steps, then one epoch (or
-``k`` batches) of generator steps; the schedule is the engine's).  ``model`` is
+supplementary section 5; the pipeline's option ``schedule``: ``interleave``, one generator
+step after every ``generator_every``-th multi-task step on the same batch, or
+``alternate_epochs``, the authors' code: a whole pass of multi-task steps, then a whole pass
+of generator steps on fresh batches).  ``model`` is
 ``build_model(arch, "maxl", C, psi=5)`` (models library) or ``build_maxl_model(arch, C)``
 (standalone :class:`MaxlModel`); the calls are the same for both::
 
