@@ -4,7 +4,7 @@ alternation, each with its own SGD optimiser following the run's per-iteration s
 Registered in ``pipeline/train.py``'s ``TRAININGS`` for ``method.name: maxl``; the model side is
 ``ssal_models/maxl.py``.
 
-One iteration (``MaxlTraining.step``):
+One iteration (``MaxlTraining.step``), ``schedule: interleave`` (default):
 
 1. multi-task step: forward through the (possibly DDP-wrapped) model -- the generator's logits
    come along under ``no_grad`` --, ``L_pri + L_aux`` (focal losses, the auxiliary one against
@@ -18,27 +18,48 @@ One iteration (``MaxlTraining.step``):
    optimiser steps unless the gradient is non-finite on any rank (then the step is skipped and
    counted). The two networks are never updated from one joint loss (supplementary section 5).
 
+``schedule: alternate_epochs`` (the authors' ``model_vgg_maxl.py``: a pass of multi-task steps,
+then a pass of generator steps over freshly drawn batches): even epochs (0, 2, ...) do step 1
+only, odd epochs only a generator meta step per batch (the multi-task net, its BN statistics
+and its optimiser state untouched; ``train/loss`` is then ``L_pri + L_aux`` at the current
+``theta``); ``generator_every`` is not used. The epoch comes from the engine's
+``begin_epoch`` hook, so a mid-epoch resume continues with the right network.
+
+``H`` is ``method.options.entropy_estimate`` (``batch`` | ``global`` | ``ema``, see
+``ssal_models/maxl.py``); in a multi-process run the meta step gets ``gather`` (an all-gather
+of every rank's label sums) so ``global`` and ``ema`` see the global batch.
+
 Options (``method.options``, validated by ``ssal_models.maxl.build_maxl_method`` and kept in
 ``model.method.training_options``): ``generator_lr`` (absolute peak lr, default 1e-3, *not*
 scaled with the batch), ``generator_weight_decay`` (5e-4), ``generator_momentum`` (0),
-``generator_every`` (1). The multi-task optimiser keeps the run's ``optim.*`` settings (the
-engine's SGD with the generator's parameters removed).
+``generator_every`` (1), ``schedule`` (``interleave``). The multi-task optimiser keeps the run's
+``optim.*`` settings (the engine's SGD with the generator's parameters removed).
 
-DDP: :meth:`MaxlTraining.prepare_model` lists the generator in the parameters DDP ignores (the
-trainer calls it before wrapping). The generator starts from rank 0's weights; its gradients
-are averaged here; its BatchNorm running statistics (which both the multi-task forward and the
-meta step update, each rank on its own batch) are broadcast from rank 0 after every iteration,
-as DDP does for the multi-task net's buffers, so every rank, and every checkpoint, holds the
-same generator. Mid-epoch resume is exact: the iteration counter and the epoch's statistics are
-in :meth:`state_dict`.
+DDP: :meth:`MaxlTraining.prepare_model` lists the generator (and the collapse estimate's running
+sums) in what DDP ignores (the trainer calls it before wrapping). The generator starts from rank
+0's weights; its gradients are averaged here; its BatchNorm running statistics (which both the
+multi-task forward and the meta step update, each rank on its own batch) are broadcast from
+rank 0 after every iteration, as DDP does for the multi-task net's buffers, so every rank, and
+every checkpoint, holds the same generator. Mid-epoch resume is exact: the iteration counter
+and the epoch's statistics are in :meth:`state_dict`.
 
-Per-epoch metrics (:meth:`epoch_metrics`; the sums are all-reduced at every step, so a mid-epoch
-checkpoint, written by rank 0, holds every rank's share): ``train/label_fraction`` (the
-supplementary's "Label %": fraction of auxiliary classes that are the argmax of the generated
-distribution of at least one training sample of the epoch), ``train/entropy_term`` (batch
-``H = sum pbar log pbar``, mean over the epoch's batches, weighted by batch size),
-``train/aux_acc`` (auxiliary head's argmax vs the generated label's argmax on the training
-batches, before the update), ``train/meta_loss`` (``L_pri(theta+)``), ``train/generator_steps``,
+Label metrics (``ssal_models.maxl_labels.label_metrics``) of the generated labels of the epoch's
+training samples (``interleave`` / multi-task epochs: as the multi-task step used them;
+generator epochs: before each meta step), and once before training at step 0 for the
+untrained generator on epoch 0's batches (:meth:`initial_metrics`, the reference):
+``train/label_entropy`` (mean per-sample entropy, nats), ``train/label_entropy_frac`` (the same
+/ log psi of the sample's class, classes with psi > 1), ``train/label_max_prob``,
+``train/label_fraction`` (the supplementary's "Label %": share of auxiliary classes that are the
+argmax of at least one sample), ``train/label_marginal_entropy`` (per primary class, the
+entropy of its samples' mean label; mean over classes) and ``..._frac`` (/ log psi). The
+argmax histogram and the per-class marginal entropies of every logged epoch go into the
+artifact ``maxl_label_distribution.json`` (``epochs``), with a heat-map of the untrained and the
+last epoch. Also per epoch (:meth:`epoch_metrics`; every sum is all-reduced at each step, so a
+mid-epoch checkpoint, written by rank 0, holds every rank's share): ``train/entropy_term``
+(batch-form ``H`` of the measured labels, mean over batches weighted by size),
+``train/entropy_estimate`` (the configured ``H``, mean over generator steps), ``train/aux_acc``
+(auxiliary head's argmax vs the generated label's argmax before the update; epochs with
+multi-task steps), ``train/meta_loss`` (``L_pri(theta+)``), ``train/generator_steps``,
 ``train/generator_skipped``, ``train/generator_lr``. Evaluation adds ``val/aux_acc`` and
 ``val/aux_in_set`` (``method.extra_metrics``) and ``val/top1/aux_sum``.
 

@@ -259,35 +259,46 @@ def children(pid: int) -> list[int]:
     return found
 
 
-MAXL_METRICS = ("train/label_fraction", "train/entropy_term", "train/aux_acc", "train/meta_loss",
-                "train/generator_steps", "train/generator_lr", "val/aux_acc", "val/aux_in_set",
-                "val/top1/main", "val/top5/main", "val/top1/aux_sum", "train/loss")
+# logged at: step 0 (the untrained generator) and after both epochs / after the multi-task epoch /
+# after the generator epoch (schedule alternate_epochs)
+LABEL_METRICS = ("train/label_entropy", "train/label_entropy_frac", "train/label_max_prob", "train/label_fraction",
+                 "train/label_marginal_entropy", "train/label_marginal_entropy_frac")
+MAXL_METRICS = {**{k: [0, 1, 2] for k in LABEL_METRICS},
+                **{k: [1, 2] for k in ("train/entropy_term", "train/generator_steps", "train/generator_lr",
+                                       "val/aux_acc", "val/aux_in_set", "val/top1/main", "val/top5/main",
+                                       "val/top1/aux_sum", "train/loss")},
+                "train/aux_acc": [1], "train/meta_loss": [2], "train/entropy_estimate": [2]}
 
 
 @pytest.mark.slow
 def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, tmp_path):
-    """Uninterrupted 2-process run vs the same run stopped by SIGUSR2 inside epoch 2 and resumed:
-    identical final weights (both networks), one MLflow run with every epoch's MAXL metrics."""
+    """Uninterrupted 2-process run vs the same run stopped by SIGUSR2 inside epoch 2 (the generator's
+    epoch of alternate_epochs) and resumed: identical final weights (both networks, the running
+    collapse estimate), one MLflow run with every epoch's MAXL metrics."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    # meta_order=second: the exact meta step under DDP (the config's first order is cheaper on CPU)
-    extra = {"method.options.meta_order": "second"}
+    # meta_order=second: the exact meta step under DDP; ema: the collapse estimate over both ranks
+    extra = {"method.options.meta_order": "second", "method.options.schedule": "alternate_epochs",
+             "method.options.entropy_estimate": "ema"}
     result = subprocess.run(torchrun_cmd(*tiny_overrides(tiny_demo, straight, **extra)), cwd=REPO_ROOT, env=env(),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     client, run = only_run(straight)
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "maxl" and run.data.tags["world_size"] == "2"
     metrics = run.data.metrics
-    for key in MAXL_METRICS:
+    for key, steps in MAXL_METRICS.items():
         assert key in metrics, sorted(metrics)
-        assert steps_of(client, run.info.run_id, key) == [1, 2], key
-    assert metrics["train/generator_steps"] == 2  # generator_every 2, 4 steps per epoch
+        assert steps_of(client, run.info.run_id, key) == steps, key
+    assert metrics["train/generator_steps"] == 4  # the generator's epoch: a meta step per batch
     assert 0 < metrics["train/label_fraction"] <= 1 and metrics["train/entropy_term"] < 0
+    assert metrics["train/entropy_estimate"] < 0
     assert metrics["val/samples"] == 64
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"maxl_label_distribution.json", "maxl_label_distribution.png", "final_weights.pt"} <= artifacts
     labels = json.loads((straight / "run" / "maxl_label_distribution.json").read_text())
     assert labels["psi"] == [5] * 16 and sum(labels["counts"]) == 4 * 16 * 2  # last epoch, both ranks
     assert labels["label_fraction"] == pytest.approx(metrics["train/label_fraction"])
+    assert [e["epoch"] for e in labels["epochs"]] == [0, 1, 2]  # the untrained generator first
+    assert all(sum(e["counts"]) == 4 * 16 * 2 for e in labels["epochs"])
 
     proc = subprocess.Popen(torchrun_cmd(*tiny_overrides(tiny_demo, interrupted, **extra)), cwd=REPO_ROOT,
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -311,7 +322,7 @@ def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, t
     state = torch.load(interrupted / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert state["epoch"] == 1 and 1 <= state["step_in_epoch"] < 4  # stopped inside epoch 2
     assert set(state["training"]["optimizers"]) == {"net", "generator"}
-    assert state["training"]["maxl"]["iteration"] == 4 + state["step_in_epoch"]
+    assert state["training"]["maxl"]["iteration"] == 4  # multi-task steps: epoch 1 only
 
     result = subprocess.run(torchrun_cmd("--resume", "auto", *tiny_overrides(tiny_demo, interrupted, **extra)),
                             cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=900)
@@ -325,8 +336,8 @@ def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, t
         assert torch.equal(a[key], b[key]), key
     client_b, run_b = only_run(interrupted)  # the resumed job continued the same MLflow run
     assert run_b.info.status == "FINISHED"
-    for key in MAXL_METRICS:
-        assert steps_of(client_b, run_b.info.run_id, key) == [1, 2], key
+    for key, steps in MAXL_METRICS.items():
+        assert steps_of(client_b, run_b.info.run_id, key) == steps, key
         # every rank's share of the interrupted epoch is in the checkpoint: the epoch means match
         assert run_b.data.metrics[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
 
