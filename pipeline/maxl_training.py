@@ -88,23 +88,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
-    """Broadcast a list of tensors from ``src`` in place, one flat message per dtype."""
-    if not _distributed() or not tensors:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in group])
-        dist.broadcast(flat, src)
-        offset = 0
-        for t in group:
-            n = t.numel()
-            t.data.copy_(flat[offset:offset + n].view_as(t))
-            offset += n
-
-
 _SCALAR_SUMS = [k for k in mxl.LABEL_SUM_KEYS if k not in ("counts", "soft_counts")]
 
 
@@ -174,7 +157,7 @@ class MaxlTraining(StandardTraining):
         self.last_epoch_metrics: dict[str, float] = {}
         self._reset_epoch()
         # the generator is outside DDP: start every rank from rank 0's weights
-        _broadcast_(list(self.generator.parameters()) + list(self.generator.buffers()))
+        dist_util.broadcast_(list(self.generator.parameters()) + list(self.generator.buffers()))
 
     # -- per-epoch sums (kept in the checkpoint for an exact mid-epoch resume)
 
@@ -214,7 +197,7 @@ class MaxlTraining(StandardTraining):
             with torch.no_grad():
                 self._add_label_statistics(stats["gen_log_probs"], labels, None)
             parts = {k: stats[k] for k in ("focal/main", "focal/aux")}
-            _broadcast_([b for b in self.generator.buffers() if b.is_floating_point()])
+            dist_util.broadcast_([b for b in self.generator.buffers() if b.is_floating_point()])
             return parts["focal/main"] + parts["focal/aux"], parts
         method = self.model.method
         optimizer = self.optimizers["net"]
@@ -241,7 +224,7 @@ class MaxlTraining(StandardTraining):
         if not self.alternate and self.every > 0 and self.iteration % self.every == 0:
             self.generator_step(images, labels)
         # BN running statistics of the generator: rank 0's everywhere (as DDP does for the net)
-        _broadcast_([b for b in self.generator.buffers() if b.is_floating_point()])
+        dist_util.broadcast_([b for b in self.generator.buffers() if b.is_floating_point()])
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
     def generator_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
