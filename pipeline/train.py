@@ -385,7 +385,7 @@ class Trainer:
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
         epochs = cfg.schedule.epochs
         last_metrics: dict[str, float] = {}
-        if self.resume_path is None and self.epoch == 0 and self.step_in_epoch == 0:
+        if self.resume_path is None:  # once per run, before any training
             self._log_initial_metrics()
         while self.epoch < epochs:
             epoch = self.epoch
