@@ -129,6 +129,14 @@ class StandardTraining:
             optimizer.step()
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called at the start (or mid-epoch resume) of every training epoch (default: nothing)."""
+
+    def initial_metrics(self, loader: Iterable, steps: int) -> dict[str, float]:
+        """Method-specific reference metrics before any training (logged at step 0; collective:
+        every rank calls it). Default: none, and the loader is not touched."""
+        return {}
+
     def epoch_metrics(self) -> dict[str, float]:
         """Method-specific training statistics of the epoch (reduced over ranks), then reset."""
         return {}
@@ -168,6 +176,7 @@ def train_one_epoch(
     NaN/Inf loss and Preempted (every rank, together) when a stop was requested.
     """
     training.train_model.train()
+    training.begin_epoch(epoch)
     device = training.device
     iterator = iter(loader)
     started = time.perf_counter()
@@ -232,6 +241,9 @@ def evaluate(
     over the same images (a row of zeros for a class without images)."""
     model = unwrap(model)
     method = model.method
+    # DDP broadcasts rank 0's buffers before each training forward, then every rank updates its
+    # own BN statistics on its batch: evaluate rank 0's everywhere, the ones the checkpoint holds
+    dist_util.broadcast_([b for b in model.buffers() if b.is_floating_point()])
     model.eval()
     topk = sorted(set(min(k, num_classes) for k in topk))
     counts: dict[str, torch.Tensor] = {}

@@ -396,6 +396,8 @@ class Trainer:
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
         epochs = cfg.schedule.epochs
         last_metrics: dict[str, float] = {}
+        if self.resume_path is None:  # once per run, before any training
+            self._log_initial_metrics()
         while self.epoch < epochs:
             epoch = self.epoch
             res = self.resolution_for_epoch(epoch, min_res=cfg.data.min_res, max_res=cfg.data.max_res,
@@ -465,6 +467,20 @@ class Trainer:
         if info.is_main:
             self._log_final_artifacts()
         return last_metrics
+
+    def _log_initial_metrics(self) -> None:
+        """The method's reference metrics before training (MAXL: the untrained generator's labels
+        on epoch 0's batches), logged at step 0."""
+        cfg = self.cfg
+        self.train_loader.set_resolution(self.resolution_for_epoch(
+            0, min_res=cfg.data.min_res, max_res=cfg.data.max_res, start_ramp=cfg.data.start_ramp,
+            end_ramp=cfg.data.end_ramp))
+        self.train_loader.set_epoch(0)
+        metrics = self.training.initial_metrics(self.train_loader, self.steps_per_epoch)
+        if metrics:
+            for name, value in metrics.items():
+                self.history.setdefault(name, []).append((0, value))
+            self.tracker.log_metrics(metrics, step=0)
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
         kwargs = dict(device=self.info.device, amp=self.amp, num_classes=self.num_classes,
