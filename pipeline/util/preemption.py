@@ -13,8 +13,9 @@ Protocol (shared by the engine and the SLURM launcher, ``pipeline/submitit_launc
 * The engine polls ``requested()`` once per iteration, all-reduces it across ranks, and when set: rank 0
   writes an atomic, resumable checkpoint (mid-epoch, with the iteration), the process group is torn down,
   and ``pipeline.train.main`` returns ``EXIT_PREEMPTED``.
-* The engine marks the MLflow run KILLED when ``requeue_pending()`` is False (plain scancel); when it is
-  True the run stays open/RUNNING-to-be-continued: the requeued job resumes it with ``--resume auto``.
+* The engine marks the MLflow run KILLED unless ``will_requeue()`` (USR2 seen *and* a requeuer registered by
+  ``allow_requeue()``: the SLURM task, below): then the run stays open/RUNNING-to-be-continued and the requeued
+  job resumes it with ``--resume auto``. A USR2 outside such a task (a local run, torchrun) is a plain stop.
 * The launcher's task then requeues the job (rank 0, ``scontrol requeue``) when ``requeue_pending()``,
   and just exits otherwise.
 """
@@ -30,7 +31,8 @@ EXIT_PREEMPTED = 3  # pipeline.train.main's return code after a checkpoint-and-s
 PREEMPT = "preempt"  # USR2: checkpoint, then requeue (same run continues)
 KILLED = "killed"  # TERM: checkpoint if there is time, no requeue (run marked KILLED)
 
-_state: dict = {"reason": None, "signal": None, "time": None, "installed": False, "requeue": False}
+_state: dict = {"reason": None, "signal": None, "time": None, "installed": False, "requeue": False,
+                "requeuer": False}
 
 
 def _note(msg: str) -> None:
@@ -84,6 +86,17 @@ def requeue_pending() -> bool:
     return bool(_state["requeue"])
 
 
+def allow_requeue(possible: bool = True) -> None:
+    """The SLURM task calls this before the worker entry when it can requeue the job (under SLURM, requeues
+    left): only then does a preemption leave the run open for the requeued job."""
+    _state["requeuer"] = bool(possible)
+
+
+def will_requeue() -> bool:
+    """True when a stop will be followed by a requeue of this job: USR2 seen and a requeuer registered."""
+    return requeue_pending() and bool(_state["requeuer"])
+
+
 def mark_requeue_pending() -> None:
     """The launcher calls this before asking SLURM to requeue (its SIGTERM must not read as a kill)."""
     _state["requeue"] = True
@@ -101,7 +114,7 @@ def request(kind: str = PREEMPT) -> None:
 
 def reset() -> None:
     """Clear the flag (tests; a new run in the same process). Handlers stay installed."""
-    _state.update(reason=None, signal=None, time=None, requeue=False)
+    _state.update(reason=None, signal=None, time=None, requeue=False, requeuer=False)
 
 
 def restart_count() -> int:
@@ -114,7 +127,7 @@ def restart_count() -> int:
 
 __all__ = [
     "EXIT_PREEMPTED", "PREEMPT", "KILLED", "install_handlers", "requested", "reason", "requeue_pending",
-    "mark_requeue_pending", "request", "reset", "restart_count",
+    "mark_requeue_pending", "allow_requeue", "will_requeue", "request", "reset", "restart_count",
 ]
 
 if __name__ == "__main__":  # pragma: no cover - manual check: python -m pipeline.util.preemption

@@ -1,0 +1,318 @@
+"""What a run guarantees when things go wrong (issue 12): one training per run folder, wrong data never
+trains, tracking calls are never dropped, stops under several processes end with the stop's code and
+one line. Real processes, real signals, real FFCV betons, real MLflow SQLite stores."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import REPO_ROOT
+from pipeline.tracking import REJECTED_FILE, Tracker
+from pipeline.tracking import main as tracking_main
+
+LAUNCH = [sys.executable, str(REPO_ROOT / "pipeline" / "launch.py")]
+TRAIN = [sys.executable, "-m", "pipeline.train"]
+
+
+def overrides(data_root: Path, work: Path, **extra) -> list[str]:
+    values = {
+        "data.root": str(data_root), "data.batch_size": 16, "data.val_batch_size": 32, "data.num_workers": 1,
+        "data.min_res": 32, "data.max_res": 32, "data.val_res": 32, "runs_root": str(work / "runs"),
+        "tracking.experiment": "guards", "train.log_every": 1, "method.name": "baseline",
+        "schedule.epochs": 1, "schedule.peak_epoch": 1, "train.max_steps_per_epoch": 1,
+        "output_dir": str(work / "run"),
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def env(**extra) -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+
+
+def run(cmd, timeout=600, **kw):
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=kw.pop("env", env()), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def one_error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    return lines[0]
+
+
+def runs_of(work: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("guards")
+    return client, (client.search_runs([experiment.experiment_id]) if experiment else [])
+
+
+class Output:
+    """A process's merged stdout/stderr, read line by line until a line holds a needle."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+
+    def wait_for(self, needle: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if needle in line:
+                return
+        raise AssertionError(f"never saw {needle!r}:\n{''.join(self.lines)[-3000:]}")
+
+    def rest(self, timeout: float = 300) -> str:
+        self.lines.append(self.proc.communicate(timeout=timeout)[0])
+        return "".join(self.lines)
+
+
+def start(cmd, **env_extra) -> Output:
+    return Output(subprocess.Popen(cmd, cwd=REPO_ROOT, env=env(**env_extra), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True))
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+
+
+def wait_gone(pids, timeout=300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids), pids
+
+
+# ----------------------------------------------------------------------------- point 3: one training per folder
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_worker_and_the_folder_is_locked_meanwhile(tiny_demo, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
+    first = start(LAUNCH + ["--local", "--nproc", "2", *ov], TMPDIR=str(tmp))
+    try:
+        first.wait_for("epoch 1/30 step 1/4")
+        workers = children(first.proc.pid)
+        assert len(workers) == 2, workers
+        holder = (tmp_path / "run" / "run.lock").read_text().split()[0]
+        assert int(holder) in workers  # rank 0 holds the folder
+
+        # a second training of the folder fails at once, through the launcher or the worker entry itself
+        for cmd in (LAUNCH + ["--local", "--nproc", "2", "--resume", "auto", *ov], TRAIN + ["--resume", "auto", *ov]):
+            started = time.monotonic()
+            second = run(cmd, timeout=300)
+            assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+            line = one_error_line(second)
+            assert str(tmp_path / "run") in line and f"PID {holder}" in line and "in use" in line
+            assert time.monotonic() - started < 120
+
+        first.proc.send_signal(signal.SIGTERM)
+        out = first.rest()
+    finally:
+        first.proc.kill()
+    assert first.proc.returncode == 3, out[-3000:]
+    wait_gone(workers, timeout=10)  # the launcher waited for them
+    assert "ChildFailedError" not in out and "Traceback" not in out
+    stops = [ln for ln in out.splitlines() if ln.startswith("stopped (")]
+    assert len(stops) == 1 and "epoch 1 step" in stops[0], out[-3000:]  # counted from 1, as progress
+    assert "quasi_random" not in out  # distributed runs take FFCV's distributed order without a warning per rank
+    assert not list(tmp.iterdir())  # no empty /tmp/torchelastic_* folder
+    _, runs = runs_of(tmp_path)
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+    # the folder is free again: the resumed run finishes (epoch 1 of a shortened schedule) in the same MLflow run
+    resumed = run(TRAIN + ["--resume", "auto", *overrides(tiny_demo, tmp_path, **{"train.max_steps_per_epoch": 4})])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, runs = runs_of(tmp_path)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+@pytest.mark.slow
+def test_the_same_training_started_twice_at_once_runs_once(tiny_demo, tmp_path):
+    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 3, "train.max_steps_per_epoch": 4})
+    both = [start(TRAIN + ov), start(TRAIN + ov)]
+    try:
+        outs = [b.rest(timeout=600) for b in both]
+    finally:
+        for b in both:
+            b.proc.kill()
+    codes = sorted(b.proc.returncode for b in both)
+    assert codes == [0, 2], outs
+    loser = outs[[b.proc.returncode for b in both].index(2)]
+    assert "in use by another training" in loser and str(tmp_path / "run") in loser
+    _, runs = runs_of(tmp_path)
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one MLflow run
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_stops_its_workers_and_leaves_no_stale_lock(tiny_demo, tmp_path):
+    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
+    first = start(LAUNCH + ["--local", "--nproc", "2", *ov])
+    try:
+        first.wait_for("epoch 1/30 step 1/4")
+        workers = children(first.proc.pid)
+        first.proc.kill()  # SIGKILL: nothing in the launcher runs
+        first.rest()
+        wait_gone(workers, timeout=300)  # the kernel told them (SIGTERM): they checkpointed and stopped
+    finally:
+        first.proc.kill()
+    assert (tmp_path / "run" / "last.pt").is_file()
+    # the lock died with its holder: the run continues at once
+    resumed = run(TRAIN + ["--resume", "auto", *overrides(tiny_demo, tmp_path, **{"train.max_steps_per_epoch": 4})])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+
+
+# ----------------------------------------------------------------------------- point 7: stops under several processes
+
+
+@pytest.mark.slow
+def test_usr2_to_the_workers_of_a_local_run_is_a_plain_stop(tiny_demo, tmp_path):
+    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
+    first = start(LAUNCH + ["--local", "--nproc", "2", *ov])
+    try:
+        first.wait_for("epoch 1/30 step 1/4")
+        workers = children(first.proc.pid)
+        assert len(workers) == 2
+        for pid in workers:  # as SLURM would signal its tasks; nothing here can requeue
+            os.kill(pid, signal.SIGUSR2)
+        out = first.rest()
+    finally:
+        first.proc.kill()
+    assert first.proc.returncode == 3, out[-3000:]
+    assert "ChildFailedError" not in out and "Traceback" not in out and "requeue pending" not in out
+    stops = [ln for ln in out.splitlines() if ln.startswith("stopped (")]
+    assert len(stops) == 1 and "--resume auto" in stops[0]
+    _, runs = runs_of(tmp_path)
+    assert [r.info.status for r in runs] == ["KILLED"]  # not left RUNNING: no requeue will continue it
+
+
+# ----------------------------------------------------------------------------- point 4: wrong data never trains
+
+
+@pytest.fixture(scope="module")
+def other_seed_demo(tmp_path_factory):
+    """The tiny demo written with another seed: same classes, counts and file sizes, other images."""
+    out = tmp_path_factory.mktemp("other_seed") / "demo"
+    subprocess.run([sys.executable, str(REPO_ROOT / "datasets" / "write_ffcv.py"), "demo", "--out", str(out),
+                    "--num-classes", "16", "--num-superclasses", "4", "--images-per-class", "12",
+                    "--val-images-per-class", "4", "--image-size", "32", "--workers", "2", "--seed", "1"],
+                   check=True, capture_output=True, timeout=600)
+    return out
+
+
+def mixed_folder(tmp_path: Path, manifest_from: Path, train_beton: Path) -> Path:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(manifest_from / "manifest.json", folder)
+    shutil.copy(manifest_from / "val.beton", folder)
+    shutil.copy(train_beton, folder / "train.beton")
+    return folder
+
+
+def test_betons_of_another_seed_are_refused_before_training(tiny_demo, other_seed_demo, tmp_path):
+    assert (tiny_demo / "train.beton").stat().st_size == (other_seed_demo / "train.beton").stat().st_size
+    data = mixed_folder(tmp_path, tiny_demo, other_seed_demo / "train.beton")
+    result = run(TRAIN + overrides(data, tmp_path))
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    line = one_error_line(result)
+    assert str(data / "train.beton") in line and "quick_sha256" in line and "write_ffcv.py" in line
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_beton_with_other_counts_is_refused_before_training(tiny_demo, tmp_path):
+    data = mixed_folder(tmp_path, tiny_demo, tiny_demo / "val.beton")  # 64 images where 192 are recorded
+    result = run(TRAIN + overrides(data, tmp_path))
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert str(data / "train.beton") in line and "manifest.json says" in line
+
+
+def test_a_dataset_name_other_than_the_manifests_is_refused(tiny_demo, tmp_path):
+    result = run(TRAIN + overrides(tiny_demo, tmp_path, **{"data.dataset": "imagenet"}))
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "data.dataset" in line and "'demo'" in line and "data.dataset=demo" in line
+
+
+def test_quick_check_reads_old_manifests_and_verify_keeps_the_full_hash(tiny_demo, other_seed_demo, tmp_path):
+    from datasets.manifest import quick_check, read_manifest
+    from datasets.writer import verify
+
+    manifest = read_manifest(tiny_demo)
+    assert quick_check(tiny_demo, manifest) == []
+    legacy = json.loads(json.dumps(manifest))
+    for split in legacy["splits"].values():  # written before `bytes` / `quick_sha256`
+        split.pop("quick_sha256")
+        split.pop("bytes")
+    assert quick_check(tiny_demo, legacy) == []
+    data = mixed_folder(tmp_path, tiny_demo, other_seed_demo / "train.beton")
+    assert quick_check(data, legacy) == []  # what an old manifest cannot tell apart ...
+    assert any("sha256 mismatch" in p for p in verify(data, log=lambda *a: None))  # ... verify does
+
+
+# ----------------------------------------------------------------------------- point 5: tracking never lost
+
+
+@pytest.mark.parametrize("uri, hint", [("htp://127.0.0.1:5000", "did you mean http://127.0.0.1:5000"),
+                                       ("127.0.0.1:5000", "tracking.uri=http://127.0.0.1:5000")])
+def test_a_mistyped_tracking_uri_is_refused_before_training(tiny_demo, tmp_path, uri, hint):
+    for cmd in (TRAIN, LAUNCH + ["--local"]):
+        result = run(cmd + overrides(tiny_demo, tmp_path, **{"tracking.uri": uri}), timeout=300)
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        line = one_error_line(result)
+        assert "tracking.uri" in line and hint in line
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_call_the_store_refuses_is_kept_for_sync(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    tracker = Tracker(uri, "guards", str(run_dir))
+    run_id = tracker.start("r", {"a": 1}, {})
+    client = MlflowClient(tracking_uri=uri)
+    client.delete_run(run_id)  # someone deletes the run in the UI while it trains: the store refuses its calls
+    tracker.log_metrics({"val/top1/main": 0.5}, step=1)
+    tracker.end("FINISHED")
+    kept = [json.loads(line) for line in (run_dir / REJECTED_FILE).read_text().splitlines()]
+    assert [op["op"] for op in kept][:1] == ["metrics"] and kept[0]["rejected"]
+
+    assert tracking_main(["sync", str(run_dir)]) == 1  # still deleted: refused again, still kept
+    assert (run_dir / REJECTED_FILE).is_file()
+    client.restore_run(run_id)
+    assert tracking_main(["sync", str(run_dir)]) == 0
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/top1/main")] == [(1, 0.5)]
+    assert not (run_dir / REJECTED_FILE).exists()
+
+
+# ----------------------------------------------------------------------------- point 8: the command line
+
+
+def test_overrides_after_resume_are_accepted(tiny_demo, tmp_path):
+    ov = overrides(tiny_demo, tmp_path)
+    result = run(TRAIN + [*ov[:-1], "--resume", "auto", ov[-1], "tracking.run_name=after-resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, runs = runs_of(tmp_path)
+    assert [r.info.run_name for r in runs] == ["after-resume"]
