@@ -188,6 +188,25 @@ def test_a_killed_launcher_stops_its_workers_and_leaves_no_stale_lock(tiny_demo,
     assert "resumed from" in resumed.stdout
 
 
+@pytest.mark.slow
+def test_a_worker_that_dies_ends_the_local_run(tiny_demo, tmp_path):
+    """What torchrun did for `launch.py --local --nproc N` and the launcher's own supervision now does."""
+    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
+    first = start(LAUNCH + ["--local", "--nproc", "2", *ov])
+    try:
+        first.wait_for("epoch 1/30 step 1/4")
+        workers = children(first.proc.pid)
+        os.kill(max(workers), signal.SIGKILL)  # one rank dies without a word
+        started = time.monotonic()
+        out = first.rest(timeout=180)
+        assert time.monotonic() - started < 120
+    finally:
+        first.proc.kill()
+    assert first.proc.returncode not in (0, 2, 3), out[-3000:]  # 137 (the dead rank) or 1 (its partner's error)
+    assert ": stopping the other ranks" in out
+    wait_gone(workers, timeout=10)
+
+
 # ----------------------------------------------------------------------------- point 7: stops under several processes
 
 
