@@ -16,21 +16,16 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import REPO_ROOT
 from pipeline.tracking import REJECTED_FILE, Tracker
 from pipeline.tracking import main as tracking_main
+from tests.test_train import tiny_overrides
 
 LAUNCH = [sys.executable, str(REPO_ROOT / "pipeline" / "launch.py")]
 TRAIN = [sys.executable, "-m", "pipeline.train"]
 
 
 def overrides(data_root: Path, work: Path, **extra) -> list[str]:
-    values = {
-        "data.root": str(data_root), "data.batch_size": 16, "data.val_batch_size": 32, "data.num_workers": 1,
-        "data.min_res": 32, "data.max_res": 32, "data.val_res": 32, "runs_root": str(work / "runs"),
-        "tracking.experiment": "guards", "train.log_every": 1, "method.name": "baseline",
-        "schedule.epochs": 1, "schedule.peak_epoch": 1, "train.max_steps_per_epoch": 1,
-        "output_dir": str(work / "run"),
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
+    """test_train's tiny job: baseline, 1 epoch of 1 step unless told otherwise."""
+    return tiny_overrides(data_root, work, **{"tracking.experiment": "guards", "method.name": "baseline",
+                                              "schedule.epochs": 1, "train.max_steps_per_epoch": 1, **extra})
 
 
 def env(**extra) -> dict:
@@ -82,6 +77,21 @@ def start(cmd, **env_extra) -> Output:
                                    stderr=subprocess.STDOUT, text=True))
 
 
+def start_long_local_run(data_root: Path, work: Path, **env_extra) -> tuple[Output, list[int], list[str]]:
+    """`launch.py --local --nproc 2` on a 30-epoch job, once rank 0 reports epoch 1 step 1: the launcher's
+    output, its 2 workers' PIDs, the job's overrides. Killed here if it never gets there."""
+    ov = overrides(data_root, work, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
+    launched = start(LAUNCH + ["--local", "--nproc", "2", *ov], **env_extra)
+    try:
+        launched.wait_for("epoch 1/30 step 1/4")
+        workers = children(launched.proc.pid)
+        assert len(workers) == 2, workers
+    except BaseException:
+        launched.proc.kill()
+        raise
+    return launched, workers, ov
+
+
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
@@ -110,12 +120,8 @@ def wait_gone(pids, timeout=300) -> None:
 def test_sigterm_to_the_launcher_stops_every_worker_and_the_folder_is_locked_meanwhile(tiny_demo, tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
-    first = start(LAUNCH + ["--local", "--nproc", "2", *ov], TMPDIR=str(tmp))
+    first, workers, ov = start_long_local_run(tiny_demo, tmp_path, TMPDIR=str(tmp))
     try:
-        first.wait_for("epoch 1/30 step 1/4")
-        workers = children(first.proc.pid)
-        assert len(workers) == 2, workers
         holder = (tmp_path / "run" / "run.lock").read_text().split()[0]
         assert int(holder) in workers  # rank 0 holds the folder
 
@@ -171,11 +177,8 @@ def test_the_same_training_started_twice_at_once_runs_once(tiny_demo, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_launcher_stops_its_workers_and_leaves_no_stale_lock(tiny_demo, tmp_path):
-    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
-    first = start(LAUNCH + ["--local", "--nproc", "2", *ov])
+    first, workers, _ = start_long_local_run(tiny_demo, tmp_path)
     try:
-        first.wait_for("epoch 1/30 step 1/4")
-        workers = children(first.proc.pid)
         first.proc.kill()  # SIGKILL: nothing in the launcher runs
         first.rest()
         wait_gone(workers, timeout=300)  # the kernel told them (SIGTERM): they checkpointed and stopped
@@ -191,11 +194,8 @@ def test_a_killed_launcher_stops_its_workers_and_leaves_no_stale_lock(tiny_demo,
 @pytest.mark.slow
 def test_a_worker_that_dies_ends_the_local_run(tiny_demo, tmp_path):
     """What torchrun did for `launch.py --local --nproc N` and the launcher's own supervision now does."""
-    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
-    first = start(LAUNCH + ["--local", "--nproc", "2", *ov])
+    first, workers, _ = start_long_local_run(tiny_demo, tmp_path)
     try:
-        first.wait_for("epoch 1/30 step 1/4")
-        workers = children(first.proc.pid)
         os.kill(max(workers), signal.SIGKILL)  # one rank dies without a word
         started = time.monotonic()
         out = first.rest(timeout=180)
@@ -212,12 +212,8 @@ def test_a_worker_that_dies_ends_the_local_run(tiny_demo, tmp_path):
 
 @pytest.mark.slow
 def test_usr2_to_the_workers_of_a_local_run_is_a_plain_stop(tiny_demo, tmp_path):
-    ov = overrides(tiny_demo, tmp_path, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4})
-    first = start(LAUNCH + ["--local", "--nproc", "2", *ov])
+    first, workers, _ = start_long_local_run(tiny_demo, tmp_path)
     try:
-        first.wait_for("epoch 1/30 step 1/4")
-        workers = children(first.proc.pid)
-        assert len(workers) == 2
         for pid in workers:  # as SLURM would signal its tasks; nothing here can requeue
             os.kill(pid, signal.SIGUSR2)
         out = first.rest()
