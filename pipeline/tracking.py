@@ -574,7 +574,7 @@ class Tracker:
         """A call the store refused is never dropped: it goes to REJECTED_FILE, which `sync` retries."""
         if op["op"] == "artifact" and STAGING_DIR not in op["local_path"]:
             op = dict(op, local_path=self._stage_copy(op["local_path"]))
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]
         path = os.path.join(self.run_dir, REJECTED_FILE)
         with open(path, "a") as f:
             f.write(json.dumps(dict(op, rejected=reason)) + "\n")

@@ -325,6 +325,24 @@ def test_a_call_the_store_refuses_is_kept_for_sync(tmp_path):
     assert not (run_dir / REJECTED_FILE).exists()
 
 
+def test_a_store_that_refuses_everything_loses_nothing(tmp_path):
+    """A tracker given a URI no store takes (past the config check: the API, an old run's state) keeps every
+    call; `sync --uri` puts the whole run into a working store."""
+    run_dir = tmp_path / "run"
+    tracker = Tracker("htp://127.0.0.1:5000", "guards", str(run_dir))
+    tracker.start("r", {"optim.lr": 0.1}, {"method": "baseline"})
+    for step in (1, 2):
+        tracker.log_metrics({"val/top1/main": 0.1 * step}, step=step)
+    tracker.end("FINISHED")
+    assert (run_dir / REJECTED_FILE).is_file()
+    good = f"sqlite:///{tmp_path / 'good.db'}"
+    assert tracking_main(["sync", str(run_dir), "--uri", good]) == 0
+    client = MlflowClient(tracking_uri=good)
+    (run,) = client.search_runs([client.get_experiment_by_name("guards").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1/main")] == [1, 2]
+
+
 # ----------------------------------------------------------------------------- point 8: the command line
 
 
