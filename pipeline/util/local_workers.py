@@ -27,8 +27,9 @@ from typing import Sequence
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR2: signal.SIGUSR2,
              signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
-ORDERLY_EXITS = (0, 2, 3)  # done, config error, stopped (pipeline.train): every rank leaves on its own
-KILL_AFTER_S = 30.0  # after a worker crashed, the others get SIGTERM, then SIGKILL this much later
+ORDERLY_EXITS = (0, 2, 3, 4)  # done, config error, stopped, non-finite loss (pipeline.train): all ranks leave together
+ORDERLY_GRACE_S = 300.0  # ranks still running this long after another's orderly non-zero exit get SIGTERM
+KILL_AFTER_S = 30.0  # ... and SIGKILL this long after the SIGTERM (a crash: SIGTERM at once)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -86,22 +87,26 @@ def run_workers(module: str, argv: Sequence[str], nproc: int, env: dict[str, str
 
 def _wait(procs: list[subprocess.Popen], pgid: int) -> int:
     first_failure: int | None = None
-    crashed_at: float | None = None
+    term_at = kill_at = None
     while True:
         codes = [proc.poll() for proc in procs]
+        now = time.monotonic()
         for rank, code in enumerate(codes):
             if code not in (None, 0) and first_failure is None:
                 first_failure = code
-                if code not in ORDERLY_EXITS and None in codes:
-                    print(f"[launch] rank {rank} exited with code {_exit_code(code)}: stopping the other ranks",
-                          file=sys.stderr, flush=True)
-                    crashed_at = time.monotonic()
-                    _signal_group(pgid, signal.SIGTERM)
+                # a crash leaves the others in a collective: stop them now; an orderly exit is followed by the
+                # others on their own (rank 0 may still be writing its checkpoint), this is only a safety net
+                term_at = now if code not in ORDERLY_EXITS else now + ORDERLY_GRACE_S
+                failed = f"rank {rank} exited with code {_exit_code(code)}"
         if None not in codes:
             return _exit_code(first_failure or 0)
-        if crashed_at is not None and time.monotonic() - crashed_at > KILL_AFTER_S:
+        if term_at is not None and now >= term_at:
+            print(f"[launch] {failed}: stopping the other ranks", file=sys.stderr, flush=True)
+            _signal_group(pgid, signal.SIGTERM)
+            term_at, kill_at = None, now + KILL_AFTER_S
+        if kill_at is not None and now >= kill_at:
             _signal_group(pgid, signal.SIGKILL)
-            crashed_at = None
+            kill_at = None
         time.sleep(0.1)
 
 
