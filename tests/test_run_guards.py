@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import REPO_ROOT
 from pipeline.tracking import REJECTED_FILE, Tracker
 from pipeline.tracking import main as tracking_main
+from pipeline.util import preemption
 from tests.test_train import tiny_overrides
 
 LAUNCH = [sys.executable, str(REPO_ROOT / "pipeline" / "launch.py")]
@@ -225,6 +226,39 @@ def test_usr2_to_the_workers_of_a_local_run_is_a_plain_stop(tiny_demo, tmp_path)
     assert len(stops) == 1 and "--resume auto" in stops[0]
     _, runs = runs_of(tmp_path)
     assert [r.info.status for r in runs] == ["KILLED"]  # not left RUNNING: no requeue will continue it
+
+
+WILL_REQUEUE: list[bool] = []
+
+
+def preempted_entry(argv: list[str]) -> int:
+    """A worker entry for TrainTask: preempted (USR2) at once; records whether the engine would leave the run
+    open for a requeue."""
+    preemption.request(preemption.PREEMPT)
+    WILL_REQUEUE.append(preemption.will_requeue())
+    return 0
+
+
+@pytest.mark.parametrize("slurm_env, expected", [
+    ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}, True),
+    ({"SLURM_RESTART_COUNT": "0"}, False),  # not a SLURM job: nothing will requeue
+    ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3"}, False),  # max_requeues reached
+])
+def test_only_a_slurm_task_that_can_requeue_leaves_a_preempted_run_open(monkeypatch, slurm_env, expected):
+    from pipeline.submitit_launch import TrainTask
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    for key, value in slurm_env.items():
+        monkeypatch.setenv(key, value)
+    WILL_REQUEUE.clear()
+    try:
+        TrainTask(argv=[], entry="tests.test_run_guards:preempted_entry", max_requeues=3, export_torch_env=False)()
+    finally:
+        preemption.reset()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert WILL_REQUEUE == [expected]
 
 
 # ----------------------------------------------------------------------------- point 4: wrong data never trains
