@@ -247,7 +247,7 @@ def preempted_entry(argv: list[str]) -> int:
 def test_only_a_slurm_task_that_can_requeue_leaves_a_preempted_run_open(monkeypatch, slurm_env, expected):
     from pipeline.submitit_launch import TrainTask
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)}
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     for key, value in slurm_env.items():
         monkeypatch.setenv(key, value)

@@ -11,7 +11,7 @@ torchrun does not do for a training that checkpoints on a stop:
   terminal reaches them only through here, once;
 * the workers' exit code is the launcher's: a stop or a config error (exit 3, 2) is one line from
   rank 0, not torchrun's ChildFailedError block with exit 1;
-* if the launcher dies (even SIGKILL), the kernel sends each worker SIGTERM (``PR_SET_PDEATHSIG``):
+* if the launcher dies (even SIGKILL), the kernel sends each worker SIGHUP (``PR_SET_PDEATHSIG``):
   they checkpoint and stop instead of training on unsupervised;
 * nothing is left in /tmp (torchrun leaves an empty ``torchelastic_*`` folder per run).
 """
@@ -37,7 +37,9 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if _LIBC is not None:
-        _LIBC.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        # SIGHUP, not SIGTERM: the kernel sends it once per exiting thread of the parent, and a second
+        # SIGTERM would stop a worker at once (pipeline.util.preemption), before its checkpoint
+        _LIBC.prctl(1, int(signal.SIGHUP))  # PR_SET_PDEATHSIG
 
 
 def _exit_code(returncode: int) -> int:

@@ -9,6 +9,8 @@ Protocol (shared by the engine and the SLURM launcher, ``pipeline/submitit_launc
       submitit's own USR2 handler would requeue at once, without our checkpoint: it is replaced.
     - ``SIGTERM`` = **killed**: ``scancel`` without requeue (or a node shutting down). A second SIGTERM
       while the first is still pending restores the default action and re-raises (the process dies).
+    - ``SIGHUP`` = **killed**, never escalating: the terminal closed, or the ``launch.py --local`` launcher
+      died (its workers' parent-death signal). Left ignored when it is ignored at start (``nohup``).
   Both only set a flag (nothing heavy happens in the handler).
 * The engine polls ``requested()`` once per iteration, all-reduces it across ranks, and when set: rank 0
   writes an atomic, resumable checkpoint (mid-epoch, with the iteration), the process group is torn down,
@@ -64,10 +66,22 @@ def _on_term(signum, frame) -> None:
         _note(f"got {signal.Signals(signum).name} after a preemption request: still requeueing")
 
 
+def _on_hup(signum, frame) -> None:
+    # the terminal or the launcher is gone (launch.py's workers get it when the launcher dies): a stop that
+    # repeats never escalates, as the kernel may deliver the launcher's death more than once (once per thread)
+    if _state["reason"] is None:
+        _state.update(reason=KILLED, signal=signum, time=time.time())
+        _note(f"got {signal.Signals(signum).name} (terminal or launcher gone): checkpoint at the next iteration, "
+              f"then stop (no requeue)")
+
+
 def install_handlers() -> None:
-    """SIGUSR2 -> preempt+requeue, SIGTERM -> killed. Main thread only (Python's rule for signals)."""
+    """SIGUSR2 -> preempt+requeue, SIGTERM -> killed, SIGHUP -> killed (unless ignored, as under nohup).
+    Main thread only (Python's rule for signals)."""
     signal.signal(signal.SIGUSR2, _on_usr2)
     signal.signal(signal.SIGTERM, _on_term)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _on_hup)
     _state["installed"] = True
 
 
