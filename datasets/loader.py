@@ -30,7 +30,8 @@ NCHW). CUDA: they write uint8 NHWC, copied with ``non_blocking=True`` from pinne
 FFCV's side streams (``ToDevice``), turned into a channels-last NCHW view (``ToTorchImage``) and
 converted to float and normalised on the GPU in the consumer's current stream (FFCV's GPU
 ``NormalizeImage`` needs cupy, which is not a dependency). The CUDA path is written from FFCV's
-source (ops.py, epoch_iterator.py) and has not been run here.
+source (ops.py, epoch_iterator.py); tests/test_gpu.py compares it with the CPU path where a GPU is
+visible (bench/gpu_check.sh).
 
 Gotchas handled: importing FFCV and creating / iterating its loaders reset torch's thread count
 (restored here); an iterator abandoned mid-epoch is closed (its thread stopped and joined)

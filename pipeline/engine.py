@@ -24,9 +24,11 @@ class Preempted(Exception):
 
 
 def autocast_context(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
+    """Autocast on the model's device (pipeline/train.py sets amp "none" for CPU runs; the
+    tests run the same code under CPU autocast, tests/step_checks.py)."""
+    if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -88,7 +90,7 @@ class StandardTraining:
         self.train_model = train_model  # possibly DDP / compiled
         self.optimizers: dict[str, torch.optim.Optimizer] = {"net": optimizer}
         self.peak_lrs: dict[str, float] = {"net": peak_lr}
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         self.device, self.amp = device, amp
         self.grad_clip_norm, self.channels_last = grad_clip_norm, channels_last
 
@@ -221,16 +223,20 @@ def evaluate(
     tta_flip: bool = False,
     channels_last: bool = False,
     prefix: str = "val",
+    soft_out: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Top-k of every prediction rule of the method, its extra metrics, the val loss, and the
     main head's confusion matrix (rows = true class), all summed over ranks (exact counts:
-    the val loader gives every rank a disjoint share, no padding)."""
+    the val loader gives every rank a disjoint share, no padding).  With ``soft_out`` (a C x C
+    float CPU tensor) also the *soft* confusion: the main rule's softmax averaged per true class
+    over the same images (a row of zeros for a class without images)."""
     model = unwrap(model)
     method = model.method
     model.eval()
     topk = sorted(set(min(k, num_classes) for k in topk))
     counts: dict[str, torch.Tensor] = {}
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    soft_sums = None if soft_out is None else torch.zeros(num_classes, num_classes, device=device)
 
     def add(name: str, value: torch.Tensor) -> None:
         counts[name] = counts.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value.double()
@@ -255,6 +261,9 @@ def evaluate(
                 add(f"top{k}/{rule}", hits[:, :k].any(dim=1).sum())
             if rule == "main":
                 confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2)
+                if soft_sums is not None:  # a matmul, not index_add_ (atomics on CUDA: not deterministic)
+                    one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
+                    soft_sums.addmm_(one_hot.T, log_probs.float().exp())
         for name, correct in method.extra_metrics(outputs, labels).items():
             add(name, correct.sum())
 
@@ -262,11 +271,15 @@ def evaluate(
     packed = torch.stack([counts[n] for n in names]) if names else torch.zeros(0, device=device)
     dist_util.all_reduce_sum(packed)
     dist_util.all_reduce_sum(confusion)
+    confusion = confusion.view(num_classes, num_classes)
+    if soft_sums is not None:
+        dist_util.all_reduce_sum(soft_sums)
+        soft_out.copy_(soft_sums / confusion.sum(dim=1, keepdim=True).clamp(min=1))
     totals = dict(zip(names, packed.tolist()))
     samples = max(totals.pop("samples", 0.0), 1.0)
     metrics = {f"{prefix}/{name}": value / samples for name, value in totals.items()}
     metrics[f"{prefix}/samples"] = samples
-    return metrics, confusion.view(num_classes, num_classes).cpu()
+    return metrics, confusion.cpu()
 
 
 class Progress:

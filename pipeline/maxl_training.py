@@ -42,8 +42,8 @@ batches, before the update), ``train/meta_loss`` (``L_pri(theta+)``), ``train/ge
 ``train/generator_skipped``, ``train/generator_lr``. Evaluation adds ``val/aux_acc`` and
 ``val/aux_in_set`` (``method.extra_metrics``) and ``val/top1/aux_sum``.
 
-AMP: the CUDA paths (fp16 GradScaler, bf16/fp16 autocast, the meta step's ``grad_scale``) are
-written but could only be exercised on CPU here (where the engine runs without AMP).
+AMP: bf16/fp16 autocast, the fp16 GradScaler and the meta step's ``grad_scale`` run under CPU
+autocast in tests/test_autocast_steps.py, and under CUDA in tests/test_gpu.py (bench/gpu_check.sh).
 """
 from __future__ import annotations
 

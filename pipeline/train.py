@@ -476,10 +476,11 @@ class Trainer:
             last_metrics, self.confusion = self.evaluate()
         self.holdout_confusion = None
         if self.holdout_loader is not None:
+            self.holdout_soft_confusion = torch.zeros(self.num_classes, self.num_classes)
             holdout, self.holdout_confusion = engine.evaluate(
                 self.model_without_ddp, self.holdout_loader, device=self.info.device, amp=self.amp,
                 num_classes=self.num_classes, topk=self.cfg.eval.topk, channels_last=self.channels_last,
-                prefix="holdout")
+                prefix="holdout", soft_out=self.holdout_soft_confusion)
             self.tracker.log_metrics(holdout, step=epochs)
             last_metrics.update(holdout)
         if info.is_main:
@@ -489,7 +490,9 @@ class Trainer:
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
         kwargs = dict(device=self.info.device, amp=self.amp, num_classes=self.num_classes,
                       topk=self.cfg.eval.topk, tta_flip=self.cfg.eval.tta_flip, channels_last=self.channels_last)
-        metrics, confusion = engine.evaluate(self.model_without_ddp, self.val_loader, **kwargs)
+        self.soft_confusion = torch.zeros(self.num_classes, self.num_classes)  # of the last val evaluation
+        metrics, confusion = engine.evaluate(self.model_without_ddp, self.val_loader, soft_out=self.soft_confusion,
+                                             **kwargs)
         if self.ema is not None:
             ema_metrics, _ = engine.evaluate(self.ema.module, self.val_loader, prefix="val_ema", **kwargs)
             metrics.update(ema_metrics)
@@ -509,9 +512,13 @@ class Trainer:
         conf_path = self.run_dir / "confusion_main.npy"
         np.save(conf_path, self.confusion.numpy())
         self.tracker.log_artifact(str(conf_path))
+        np.save(self.run_dir / "confusion_soft_main.npy", self.soft_confusion.numpy())
+        self.tracker.log_artifact(str(self.run_dir / "confusion_soft_main.npy"))
         if self.holdout_confusion is not None:
-            np.save(self.run_dir / "confusion_holdout.npy", self.holdout_confusion.numpy())
-            self.tracker.log_artifact(str(self.run_dir / "confusion_holdout.npy"))
+            for name, matrix in (("confusion_holdout.npy", self.holdout_confusion),
+                                 ("confusion_soft_holdout.npy", self.holdout_soft_confusion)):
+                np.save(self.run_dir / name, matrix.numpy())
+                self.tracker.log_artifact(str(self.run_dir / name))
         self.tracker.log_figure(plots.confusion_heatmap(self.confusion.numpy(), self.class_names),
                                 "confusion_main.png")
         curves = {k: v for k, v in self.history.items() if k.startswith("val/top1/") or k.startswith("val_ema/top1/")}

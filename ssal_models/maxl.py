@@ -456,8 +456,10 @@ class MaxlMethod(nn.Module):
                     leaf = pt.clone().requires_grad_(True)
                     gp.append(grads_wrt(th, leaf, [leaf])[0])
                 v = -(gp[0] - gp[1]) / (2.0 * eps)
-            else:
+            elif torch.isfinite(norm):
                 v = torch.zeros_like(pt)
+            else:  # dL_pri/dtheta+ overflowed (fp16): the meta-gradient is unknown, not zero
+                v = torch.full_like(pt, float("nan"))
         finally:
             _restore_train(old)
         h = entropy_term(gen_lp)
@@ -476,13 +478,19 @@ class MaxlMethod(nn.Module):
         net = _unwrap(net)
         gparams = [p for p in self.generator.parameters() if p.requires_grad]
         if self.meta_order == "second":
+            # the double backward multiplies the inner (create_graph) and the outer gradient's
+            # scales: sqrt(s) each keeps the product at s, the scale the GradScaler found safe for
+            # the net's own backward (s each gives s^2: inf in fp16 at any usual scale)
+            grad_scale = grad_scale ** 0.5
             meta, h = self.meta_objective(net, x, y, lr, net_optimizer, grad_scale)
             total = meta + self.entropy_weight * h
         else:
             meta, h, total = self._first_order(net, x, y, lr, net_optimizer, grad_scale)
         grads = torch.autograd.grad(total * grad_scale, gparams, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g / grad_scale for p, g in zip(gparams, grads)]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        # a non-finite meta loss counts too: the first-order path then drops its meta part (v = 0)
+        # and would step on the entropy term alone
+        finite = torch.stack([torch.isfinite(g).all() for g in grads] + [torch.isfinite(meta).all()]).all()
         if bool(finite):
             for p, g in zip(gparams, grads):
                 if accumulate and p.grad is not None:
