@@ -89,7 +89,7 @@ def quick_digest(path: str | os.PathLike) -> str:
 
 def quick_check(directory: str | os.PathLike, manifest: dict) -> list[str]:
     """Problems of the betons in ``directory`` against ``manifest`` (empty = they match), each naming the file
-    and the fix. Reads a few MiB per beton; the full check is ``write_ffcv.py verify``."""
+    and the fix. Reads a little of each beton (:func:`quick_digest`); the full check is ``write_ffcv.py verify``."""
     problems = []
     rewrite = f"rewrite it with datasets/write_ffcv.py, or point data.root at the betons of {MANIFEST_NAME}"
     for split, s in manifest["splits"].items():

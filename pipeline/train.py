@@ -93,7 +93,7 @@ def ensure_dataset(cfg: Config, info: dist_util.DistInfo) -> Path:
 
 
 def data_problem(cfg: Config, data_root: Path, manifest: dict) -> str | None:
-    """Why the data in data.root must not train this config (None: it may). Cheap: a few MiB per beton."""
+    """Why the data in data.root must not train this config (None: it may). Cheap: see quick_check."""
     from datasets.manifest import quick_check
 
     if manifest["dataset"] != cfg.data.dataset:
