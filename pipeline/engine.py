@@ -197,7 +197,7 @@ def train_one_epoch(
             dist_util.all_reduce_sum(flags)
             if flags[0] > 0:
                 detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step} (global step {global_step}): "
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {step + 1} (global step {global_step}): "
                                     f"loss={loss.item():.4g} on this rank; parts: {detail}")
             meter.update(labels.shape[0], loss.item(), {k: v.item() for k, v in parts.items()})
             global_step += 1
@@ -207,7 +207,7 @@ def train_one_epoch(
                 progress.update(step, loss.item(), training.lr)
             if flags[1] > 0:
                 meter.seconds += time.perf_counter() - started
-                raise Preempted(f"stop requested at epoch {epoch} step {step + 1}")
+                raise Preempted(f"stop requested at epoch {epoch + 1} step {step + 1}")  # 1-based, as progress
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:  # an FFCV iterator abandoned mid-epoch must be closed (its threads)

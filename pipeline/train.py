@@ -32,6 +32,7 @@ from pipeline.util import checkpoint as ckpt
 from pipeline.util import data_access
 from pipeline.util import dist as dist_util
 from pipeline.util import preemption
+from pipeline.util import run_lock
 
 # methods that train differently from engine.StandardTraining (module:class, imported on use)
 TRAININGS = {"maxl": "pipeline.maxl_training:MaxlTraining"}
@@ -39,6 +40,23 @@ TRAININGS = {"maxl": "pipeline.maxl_training:MaxlTraining"}
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 4
 RUN_ID_FILE = "mlflow_run_id"
+
+
+class AgreedConfigError(ConfigError):
+    """A ConfigError that every rank raises together (see :func:`raise_if_any_rank`); rank 0 alone prints it."""
+
+
+def raise_if_any_rank(info: dist_util.DistInfo, message: str | None) -> None:
+    """Each rank passes its own problem (or None); if any rank has one, every rank raises the first one.
+    A check that may fail on one rank only (its node's copy of the data, the lock rank 0 takes) thus ends
+    all ranks at once, with one line instead of one per rank or a rank left waiting in a collective."""
+    messages = [message]
+    if info.distributed:
+        messages = [None] * info.world_size
+        torch.distributed.all_gather_object(messages, message)
+    for rank, text in enumerate(messages):
+        if text:
+            raise AgreedConfigError(text if rank == 0 else f"rank {rank}: {text}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +91,17 @@ def ensure_dataset(cfg: Config, info: dist_util.DistInfo) -> Path:
             subprocess.run([sys.executable, str(writer), "demo", "--out", str(root)], check=True)
         dist_util.barrier()
     return root
+
+
+def data_problem(cfg: Config, data_root: Path, manifest: dict) -> str | None:
+    """Why the data in data.root must not train this config (None: it may). Cheap: see quick_check."""
+    from datasets.manifest import quick_check
+
+    if manifest["dataset"] != cfg.data.dataset:
+        return (f"data.dataset: '{cfg.data.dataset}', but {data_root / 'manifest.json'} holds '{manifest['dataset']}'; "
+                f"set data.dataset={manifest['dataset']} or point data.root at the {cfg.data.dataset} betons")
+    problems = quick_check(data_root, manifest)
+    return f"data.root: {problems[0]}" if problems else None
 
 
 def load_groupings(cfg: Config, num_classes: int, class_names: list[str]) -> list[np.ndarray]:
@@ -235,6 +264,7 @@ class Trainer:
 
         data_root = ensure_dataset(cfg, info)
         manifest = read_manifest(data_root)
+        raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
         self.num_classes = int(manifest["num_classes"])
         self.class_names = class_names(manifest)
         needs_groups = cfg.method.name in ("ssal", "gapcat")
@@ -548,7 +578,7 @@ def configure_torch(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=v --resume auto key2=v2, as launch.py takes it
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -558,8 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     info = dist_util.init_distributed_mode(cfg.train.device)
     configure_torch(cfg)
     trainer = None
+    lock = None
     status = "FAILED"
     try:
+        busy = None
+        if info.is_main:  # before anything reads or writes the run folder
+            try:
+                lock = run_lock.acquire(cfg.run_dir)
+            except run_lock.RunFolderBusy as err:
+                busy = str(err)
+        raise_if_any_rank(info, busy)
         trainer = Trainer(cfg, info, args.resume)
         trainer.setup()
         started = time.perf_counter()
@@ -571,21 +609,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {json.dumps(summary)}", flush=True)
         return 0
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if info.is_main or not isinstance(err, AgreedConfigError):
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except engine.Preempted as reason:
         # the checkpoint holds every rank's share of the interrupted epoch's sums; after the
         # resume rank 0 carries them on and the other ranks start from zero (no double count)
         trainer.meter = trainer.meter.summed_over_ranks(info.device)
         trainer.save()
-        if preemption.requeue_pending():
+        if preemption.will_requeue():
             status = None  # the requeued job continues this MLflow run
             if info.is_main:
                 print(f"preempted ({reason}); checkpoint saved, requeue pending", flush=True)
-        else:
+        else:  # a plain stop, or a USR2 that nothing here will requeue (local run, torchrun)
             status = "KILLED"
             if info.is_main:
-                print(f"stopped ({reason}); checkpoint saved to {trainer.run_dir / ckpt.LAST}", flush=True)
+                print(f"stopped ({reason}); checkpoint saved to {trainer.run_dir / ckpt.LAST}; continue with "
+                      f"--resume auto", flush=True)
         return preemption.EXIT_PREEMPTED
     except engine.NonFiniteLoss as err:
         print(f"error: rank {info.rank}: {err}; training stopped, the last good checkpoint is kept "
@@ -599,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         if trainer is not None and getattr(trainer, "tracker", None) is not None and status is not None:
             trainer.tracker.end(status)
         dist_util.cleanup()
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_nan_loss_stops_keeps_last_checkpoint_and_fails_the_run(tiny_demo, tmp_p
         cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 4, second.stderr[-3000:]
     message = [line for line in second.stderr.splitlines() if "non-finite loss" in line]
-    assert message and "epoch 1 step" in message[0] and "ce/main=" in message[0]
+    assert message and "epoch 2 step" in message[0]  # counted from 1, as progress and resume and "ce/main=" in message[0]
     assert (tmp_path / "run" / "last.pt").read_bytes() == before  # the last good checkpoint, untouched
     state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert state["epoch"] == 1
