@@ -14,6 +14,11 @@ from pipeline.train import Trainer
 from pipeline.util import dist as dist_util
 
 PAPER = sorted((REPO_ROOT / "configs" / "imagenet" / "paper").rglob("*.yaml"))
+# ResNet-152 and the 100 M-parameter ResNet-50 DKS / DS models take minutes on a loaded 2-core box
+HEAVY = {"dks/resnet152_baseline", "dks/resnet152_ds", "dks/resnet152_dks", "dks/resnet50_ds", "dks/resnet50_dks"}
+CASES = [pytest.param(p, id=f"{p.parent.name}/{p.stem}",
+                      marks=[pytest.mark.slow] if f"{p.parent.name}/{p.stem}" in HEAVY else [])
+         for p in PAPER]
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -25,7 +30,7 @@ def test_one_config_per_paper_row():
         for method in ("baseline", "ds", "dks")}
 
 
-@pytest.mark.parametrize("recipe", PAPER, ids=[f"{p.parent.name}/{p.stem}" for p in PAPER])
+@pytest.mark.parametrize("recipe", CASES)
 def test_paper_config_trains_two_steps_on_the_demo_set(recipe, tiny_demo, tmp_path):
     overrides = [f"data.root={tiny_demo}", "data.batch_size=4", "data.val_batch_size=16", "data.num_workers=1",
                  "data.min_res=64", "data.max_res=64", "data.val_res=64", "schedule.epochs=1",
