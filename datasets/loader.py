@@ -18,7 +18,7 @@ the same batches, images included, whatever ``num_workers`` or the thread schedu
 epoch reaches the compiled pipeline through a small int64 array read by address, so changing
 it does not recompile anything. Colour jitter (``color_jitter=s``: torchvision's
 ``ColorJitter(s, s, s)``, brightness / contrast / saturation in a random order, applied to the
-resized crop before the flip-free normalisation) draws its factors from the same hash, stream 3
+resized crop, before normalisation) draws its factors from the same hash, stream 3
 (:func:`jitter_params`), so it is reproducible in the same way.
 
 Lifetime of a batch. On CPU the images of a batch are views into FFCV's ring of batch
