@@ -1,6 +1,6 @@
 """The paper-style table of a study, from MLflow.
 
-    python pipeline/report.py --study demo [--tracking-uri URI | --runs-root DIR] [--out DIR]
+    python pipeline/report.py --study demo [--tracking-uri URI | --runs-root DIR] [--out DIR] [--paper STUDY.yaml]
 
 Rows: one per stage of the study (the newest FINISHED run tagged ``study=<id>``, ``stage=<name>``;
 an unfinished stage shows its newest run and its status). Columns: stage, run, method, arch,
