@@ -105,3 +105,26 @@ def test_gapcat_with_the_authors_heads_reads_their_1496_features():
 def test_bad_head_options(method, options, match):
     with pytest.raises(ValueError, match=match):
         ssal_models.build_model("resnet18", method, 10, groupings=groupings(10, [3, 4, 5]), **options)
+
+
+def test_channels_last_and_bf16_autocast_through_the_authors_heads():
+    torch.manual_seed(0)
+    model = ssal_models.build_model("resnet18", "ssal", 10, groupings=groupings(10, [3, 4, 5]), head="authors")
+    x = torch.randn(2, 3, 64, 64)
+    convs = [m for m in model.branches.modules() if isinstance(m, nn.Conv2d)]
+    formats = []
+    for conv in convs:
+        conv.register_forward_hook(lambda m, i, o: formats.append(o.is_contiguous(memory_format=torch.channels_last)))
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+        formats.clear()
+        out = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert len(formats) == len(convs) and all(formats)  # no head conv falls back to NCHW
+    for name in reference:
+        torch.testing.assert_close(out[name], reference[name], atol=1e-4, rtol=1e-4)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, _ = model.method.loss(model(x.contiguous(memory_format=torch.channels_last)), torch.tensor([1, 7]))
+    total.backward()
+    assert torch.isfinite(total) and all(torch.isfinite(p.grad).all() for p in model.branches.parameters())
