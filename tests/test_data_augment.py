@@ -83,6 +83,16 @@ def test_train_loader_jitters_the_seeded_crop_with_torchvision_s_math(betons):  
         expected = expected[:, ::-1] if flip else expected
         np.testing.assert_allclose(got, (expected - L.IMAGENET_MEAN) / L.IMAGENET_STD, atol=2e-4, rtol=0,
                                    err_msg=f"sample {k}")
+    # the GPU path's decoder output (uint8 HWC, normalised on the GPU) is the same jittered image, rounded
+    from datasets.resample import LAYOUT_HWC_U8
+    from tests.test_data_loader import uint8_batches
+
+    decoder = L.SeededRandomResizedCropDecoder((res, res), np.array([seed, epoch], dtype=np.int64), scale=scale,
+                                               layout=LAYOUT_HWC_U8, color_jitter=strength)
+    x_u8, idx_u8 = uint8_batches(beton, decoder)
+    by_index = dict(zip(idx.tolist(), x.permute(0, 2, 3, 1).numpy() * L.IMAGENET_STD + L.IMAGENET_MEAN))
+    for got, k in zip(x_u8.numpy(), idx_u8.tolist()):
+        assert got.dtype == np.uint8 and np.abs(got - np.floor(by_index[k] + 0.5)).max() <= 1, k
     plain = L.create_train_loader(beton, batch_size=8, num_workers=2, resolution=res, device="cpu", seed=seed,
                                   order="random", drop_last=False, channels_last=False, return_index=True,
                                   scale=scale)
