@@ -41,6 +41,14 @@ def test_paper_config_trains_two_steps_on_the_demo_set(recipe, tiny_demo, tmp_pa
     paper = load_config(recipe, ["method.groups_file="])  # the recipe as shipped
     assert paper.optim.decay_norm_and_bias and paper.optim.label_smoothing == 0 and not paper.model.blurpool
     assert paper.schedule.epochs == 90 and paper.data.min_res == paper.data.max_res == paper.data.val_res == 224
+    threads = torch.get_num_threads()
+    try:
+        check_and_train(recipe, cfg, paper)
+    finally:
+        torch.set_num_threads(threads)  # Trainer.setup sizes torch's thread pool for training
+
+
+def check_and_train(recipe, cfg, paper):
     trainer = Trainer(cfg, dist_util.init_distributed_mode("cpu"), resume="")
     trainer.setup()
     model = trainer.model_without_ddp
