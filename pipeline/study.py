@@ -391,7 +391,8 @@ def _build_argv(study: Study, stage: Stage, base_config: Any, base_overrides: li
             stage.argv += ["--num-images", str(spec["images"])]
     elif stage.kind == "report":
         stage.argv = ["--study", study.id, "--tracking-uri", study.uri, "--experiment", study.experiment,
-                      "--out", str(stage.output), "--run-name", stage.name, "--paper", str(Path(study.path).resolve())]
+                      "--out", str(stage.output), "--run-name", stage.name,
+                      "--paper", str(Path(study.path).resolve())]
 
 
 # ----------------------------------------------------------------------------- state
