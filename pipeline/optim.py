@@ -36,7 +36,8 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.SGD:
-    return torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias), lr=scaled_lr(cfg, global_batch),
+    return torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias),
+                           lr=scaled_lr(cfg, global_batch),
                            momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 

@@ -7,8 +7,9 @@ branches add capacity but no grouping objective: it separates "more weights" fro
 objective".  ``model(x)`` returns ``{"main": logits}`` alone (the branches have no outputs of
 their own); ``count_parameters`` still lists every branch (``gapcat.i``).
 
-Options: ``head`` (``light`` | ``authors``), ``stages`` and ``widths`` as for SSAL (default three branches after layer1, layer2,
-layer3 with widths 64 / 128 / 256).  ``groupings`` is accepted so that a config can switch
+Options: ``head`` (``light`` | ``authors``), ``stages`` and ``widths`` as for SSAL (default
+three light branches after layer1, layer2, layer3 with widths 64 / 128 / 256; the authors'
+heads give 1496 features each).  ``groupings`` is accepted so that a config can switch
 between ``ssal`` and ``gapcat`` unchanged: it only sets the number of branches (and the
 default stages), as it does for SSAL.
 """
