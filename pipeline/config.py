@@ -36,8 +36,9 @@ class DataConfig:
     batch_size: int = 64  # per process
     val_batch_size: int = 128  # per process
     num_workers: int = 2  # FFCV decoding threads per process
-    order: str = "quasi_random"  # quasi_random (needs less RAM than the beton) | random
-    os_cache: bool = True  # memory-map the whole beton through the OS page cache
+    # auto: random with os_cache, quasi_random without (pipeline/util/data_access.py) | random | quasi_random
+    order: str = "auto"
+    os_cache: bool = True  # read the beton through the OS page cache (false: when it does not fit in RAM)
     min_res: int = 32  # progressive resizing: train crop size ramps min_res -> max_res
     max_res: int = 32
     start_ramp: int = 0  # epoch where the ramp starts (0-based)
@@ -285,7 +286,7 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
 
 _CHOICES = {
     "data.dataset": ("demo", "imagenet", "tinyimagenet"),
-    "data.order": ("quasi_random", "random"),
+    "data.order": ("auto", "quasi_random", "random"),
     "data.val_preprocess": ("center", "squash256"),
     "method.name": ("baseline", "ssal", "dks", "ds", "gapcat", "maxl"),
     "schedule.kind": ("step", "triangular", "cosine"),

@@ -29,6 +29,7 @@ from pipeline import engine
 from pipeline.config import Config, ConfigError, resolve_path
 from pipeline.optim import build_optimizer, lr_factor, scaled_lr
 from pipeline.util import checkpoint as ckpt
+from pipeline.util import data_access
 from pipeline.util import dist as dist_util
 from pipeline.util import preemption
 
@@ -258,17 +259,23 @@ class Trainer:
         train_beton = data_root / manifest["splits"]["train"]["beton"]
         train_indices, holdout_indices = holdout_split(int(manifest["splits"]["train"]["count"]),
                                                        cfg.eval.holdout_fraction, cfg.train.seed)
+        if info.is_main:
+            for line in data_access.access_warnings(train_beton, cfg.data.order, cfg.data.os_cache,
+                                                    data_access.node_memory_bytes(), _local_world_size()):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         self.train_loader = data_loader.create_train_loader(
             train_beton, batch_size=batch, num_workers=cfg.data.num_workers, resolution=cfg.data.min_res,
-            device=device, distributed=info.distributed, seed=cfg.train.seed, order=cfg.data.order,
-            os_cache=cfg.data.os_cache, channels_last=self.channels_last, indices=train_indices,
-            scale=tuple(cfg.data.rrc_scale), color_jitter=cfg.data.color_jitter)
+            device=device, distributed=info.distributed, seed=cfg.train.seed,
+            order=data_access.loader_order(cfg.data.order, cfg.data.os_cache), os_cache=cfg.data.os_cache,
+            channels_last=self.channels_last, indices=train_indices, scale=tuple(cfg.data.rrc_scale),
+            color_jitter=cfg.data.color_jitter)
         self.holdout_loader = None
         if holdout_indices is not None:
             self.holdout_loader = data_loader.create_val_loader(
                 train_beton, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
                 resolution=cfg.data.val_res, device=device, distributed=info.distributed,
-                channels_last=self.channels_last, indices=holdout_indices, preprocess=cfg.data.val_preprocess)
+                channels_last=self.channels_last, indices=holdout_indices, os_cache=cfg.data.os_cache,
+                preprocess=cfg.data.val_preprocess)
         self.val_loader = data_loader.create_val_loader(
             data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
             num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
@@ -297,8 +304,12 @@ class Trainer:
         training_cls.prepare_model(model)  # before DDP wraps it (MAXL: the generator stays out of DDP)
         train_model: nn.Module = model
         if info.distributed:
+            # find_unused_parameters=True keeps DDP's first gradient buckets for the whole run. Otherwise DDP
+            # re-buckets after the first iteration of every *process*, so the first step after a resume summed
+            # the ranks' gradients in another order than the uninterrupted run did: bit-exact with 2 ranks
+            # (a + b = b + a), not with more (bench/slurm_scale.sh, 16 ranks). Costs one autograd-graph walk a step.
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
         if cfg.train.compile:
             train_model = torch.compile(train_model)
         self.global_batch = batch * info.world_size
@@ -392,10 +403,13 @@ class Trainer:
                 counts = ssal_models.count_parameters(self.model_without_ddp)
                 self.tracker.log_metrics({f"model/params/{n}": float(v) for n, v in counts.items()}, step=0)
             print(f"run dir {self.run_dir}; world size {info.world_size}; device {info.device}; "
-                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}"
+                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}; "
+                  f"data order {self.train_loader.order}, os_cache {str(cfg.data.os_cache).lower()}"
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
         epochs = cfg.schedule.epochs
         last_metrics: dict[str, float] = {}
+        if self.resume_path is None:  # once per run, before any training
+            self._log_initial_metrics()
         while self.epoch < epochs:
             epoch = self.epoch
             res = self.resolution_for_epoch(epoch, min_res=cfg.data.min_res, max_res=cfg.data.max_res,
@@ -455,20 +469,37 @@ class Trainer:
             last_metrics, self.confusion = self.evaluate()
         self.holdout_confusion = None
         if self.holdout_loader is not None:
+            self.holdout_soft_confusion = torch.zeros(self.num_classes, self.num_classes)
             holdout, self.holdout_confusion = engine.evaluate(
                 self.model_without_ddp, self.holdout_loader, device=self.info.device, amp=self.amp,
                 num_classes=self.num_classes, topk=self.cfg.eval.topk, channels_last=self.channels_last,
-                prefix="holdout")
+                prefix="holdout", soft_out=self.holdout_soft_confusion)
             self.tracker.log_metrics(holdout, step=epochs)
             last_metrics.update(holdout)
         if info.is_main:
             self._log_final_artifacts()
         return last_metrics
 
+    def _log_initial_metrics(self) -> None:
+        """The method's reference metrics before training (MAXL: the untrained generator's labels
+        on epoch 0's batches), logged at step 0."""
+        cfg = self.cfg
+        self.train_loader.set_resolution(self.resolution_for_epoch(
+            0, min_res=cfg.data.min_res, max_res=cfg.data.max_res, start_ramp=cfg.data.start_ramp,
+            end_ramp=cfg.data.end_ramp))
+        self.train_loader.set_epoch(0)
+        metrics = self.training.initial_metrics(self.train_loader, self.steps_per_epoch)
+        if metrics:
+            for name, value in metrics.items():
+                self.history.setdefault(name, []).append((0, value))
+            self.tracker.log_metrics(metrics, step=0)
+
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
         kwargs = dict(device=self.info.device, amp=self.amp, num_classes=self.num_classes,
                       topk=self.cfg.eval.topk, tta_flip=self.cfg.eval.tta_flip, channels_last=self.channels_last)
-        metrics, confusion = engine.evaluate(self.model_without_ddp, self.val_loader, **kwargs)
+        self.soft_confusion = torch.zeros(self.num_classes, self.num_classes)  # of the last val evaluation
+        metrics, confusion = engine.evaluate(self.model_without_ddp, self.val_loader, soft_out=self.soft_confusion,
+                                             **kwargs)
         if self.ema is not None:
             ema_metrics, _ = engine.evaluate(self.ema.module, self.val_loader, prefix="val_ema", **kwargs)
             metrics.update(ema_metrics)
@@ -488,9 +519,13 @@ class Trainer:
         conf_path = self.run_dir / "confusion_main.npy"
         np.save(conf_path, self.confusion.numpy())
         self.tracker.log_artifact(str(conf_path))
+        np.save(self.run_dir / "confusion_soft_main.npy", self.soft_confusion.numpy())
+        self.tracker.log_artifact(str(self.run_dir / "confusion_soft_main.npy"))
         if self.holdout_confusion is not None:
-            np.save(self.run_dir / "confusion_holdout.npy", self.holdout_confusion.numpy())
-            self.tracker.log_artifact(str(self.run_dir / "confusion_holdout.npy"))
+            for name, matrix in (("confusion_holdout.npy", self.holdout_confusion),
+                                 ("confusion_soft_holdout.npy", self.holdout_soft_confusion)):
+                np.save(self.run_dir / name, matrix.numpy())
+                self.tracker.log_artifact(str(self.run_dir / name))
         self.tracker.log_figure(plots.confusion_heatmap(self.confusion.numpy(), self.class_names),
                                 "confusion_main.png")
         curves = {k: v for k, v in self.history.items() if k.startswith("val/top1/") or k.startswith("val_ema/top1/")}

@@ -79,6 +79,10 @@ def test_two_process_gloo_run_logs_every_head(tiny_demo, tmp_path):
             "accuracy_curves.png", "final_weights.pt"} <= artifacts
     confusion = np.load(tmp_path / "run" / "confusion_main.npy")
     assert confusion.shape == (16, 16) and confusion.sum() == 64 and (confusion.sum(axis=1) == 4).all()
+    # the soft confusion of the same images (summed over both ranks): a distribution per class
+    assert "confusion_soft_main.npy" in artifacts
+    soft = np.load(tmp_path / "run" / "confusion_soft_main.npy")
+    assert soft.shape == (16, 16) and np.allclose(soft.sum(axis=1), 1.0, atol=1e-4) and (soft >= 0).all()
 
 
 def metrics_steps_sorted(client, run_id, key):
