@@ -3,6 +3,7 @@ to the plain backbone, measured side by side in one run.
 
     .venv/bin/python bench/branch_overhead.py                    # CPU: 112 px, batch 8, fp32, 1 thread
     .venv/bin/python bench/branch_overhead.py --device cuda      # GPU: 224 px, batch 64, AMP + channels-last
+    .venv/bin/python bench/branch_overhead.py --head authors     # SSAL / GapCat with the authors' heads
 
 For each arch, every method is built with ImageNet's 1000 classes (SSAL / GapCat: three
 branches after layer1..3 with 200 / 334 / 500 groups, the paper's layout); a *step* is one
@@ -39,18 +40,19 @@ NUM_CLASSES = 1000
 SSAL_GROUPS = (200, 334, 500)
 
 
-def method_options(method: str) -> dict:
+def method_options(method: str, head: str = "light") -> dict:
     if method in ("ssal", "gapcat"):
-        return {"groupings": [random_grouping(NUM_CLASSES, k, seed=i) for i, k in enumerate(SSAL_GROUPS)]}
+        return {"groupings": [random_grouping(NUM_CLASSES, k, seed=i) for i, k in enumerate(SSAL_GROUPS)],
+                "head": head}
     return {}
 
 
-def count_flops(arch: str, method: str, resolution: int) -> int:
+def count_flops(arch: str, method: str, resolution: int, head: str = "light") -> int:
     """Forward + backward FLOPs of one image (meta device: shapes only, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = ssal_models.build_model(arch, method, NUM_CLASSES, **method_options(method))
+        model = ssal_models.build_model(arch, method, NUM_CLASSES, **method_options(method, head))
         x = torch.empty(1, 3, resolution, resolution)
         targets = torch.zeros(1, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
@@ -99,7 +101,8 @@ def run_arch(arch: str, methods: list, args, device: torch.device) -> list:
         autocast = lambda: torch.autocast(device.type, dtype=dtype)  # noqa: E731
     models, steps = {}, {}
     for method in methods:
-        model = ssal_models.build_model(arch, method, NUM_CLASSES, **method_options(method)).to(device).train()
+        model = ssal_models.build_model(arch, method, NUM_CLASSES, **method_options(method, args.head))
+        model = model.to(device).train()
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         models[method] = model
@@ -107,8 +110,8 @@ def run_arch(arch: str, methods: list, args, device: torch.device) -> list:
     seconds = time_steps(steps, device, args.warmup, args.repeats, args.clock)
     rows = []
     base = methods[0]
-    flops224 = {m: count_flops(arch, m, 224) for m in methods}
-    flops_res = {m: count_flops(arch, m, args.resolution) for m in methods}
+    flops224 = {m: count_flops(arch, m, 224, args.head) for m in methods}
+    flops_res = {m: count_flops(arch, m, args.resolution, args.head) for m in methods}
     params = {m: ssal_models.count_parameters(models[m])["total"] for m in methods}
     for method in methods:
         step_ratio = seconds[method] / seconds[base]
@@ -125,7 +128,7 @@ def run_arch(arch: str, methods: list, args, device: torch.device) -> list:
 def print_table(rows: list, args, device: torch.device) -> None:
     print(f"device={device.type} resolution={args.resolution} batch={args.batch} amp={args.amp} "
           f"channels_last={args.channels_last} threads={torch.get_num_threads()} "
-          f"clock={args.clock} repeats={args.repeats} (median) torch={torch.__version__}")
+          f"clock={args.clock} repeats={args.repeats} (median) ssal/gapcat head={args.head} torch={torch.__version__}")
     header = ("arch", "method", "params M", "params x", "GFLOPs/img@224 f+b", f"FLOPs x@{args.resolution}",
               "step ms", "step x", "step x / FLOPs x")
     print("| " + " | ".join(header) + " |")
@@ -141,6 +144,8 @@ def main(argv=None) -> None:
     parser.add_argument("--archs", nargs="+", default=["resnet50", "resnet18"])
     parser.add_argument("--methods", nargs="+", default=["baseline", "ssal", "gapcat", "dks", "ds"],
                         help="the first one is the reference of the ratios")
+    parser.add_argument("--head", choices=["light", "authors"], default="light",
+                        help="SSAL / GapCat branch heads (method option head)")
     parser.add_argument("--resolution", type=int, help="default: 112 on CPU, 224 on GPU")
     parser.add_argument("--batch", type=int, help="default: 8 on CPU, 64 on GPU")
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], help="default: none on CPU, bf16 on GPU")

@@ -16,7 +16,10 @@ scheduler). The train pipeline here uses drop-in replacements that derive every 
 from a counter-based hash of ``(seed, epoch, sample index)``: the same seed and epoch give
 the same batches, images included, whatever ``num_workers`` or the thread scheduling. The
 epoch reaches the compiled pipeline through a small int64 array read by address, so changing
-it does not recompile anything.
+it does not recompile anything. Colour jitter (``color_jitter=s``: torchvision's
+``ColorJitter(s, s, s)``, brightness / contrast / saturation in a random order, applied to the
+resized crop, before normalisation) draws its factors from the same hash, stream 3
+(:func:`jitter_params`), so it is reproducible in the same way.
 
 Lifetime of a batch. On CPU the images of a batch are views into FFCV's ring of batch
 buffers, which is kept across epochs: they stay valid until the next-but-one batch is requested
@@ -84,7 +87,8 @@ from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner  # noqa: E402
 
-from datasets.resample import LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8, resample_crop  # noqa: E402
+from datasets.resample import (LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8, adjust_colors,  # noqa: E402
+                               resample_crop, write_layout)
 
 torch.set_num_threads(_threads_before)  # importing ffcv set it to 1
 
@@ -193,10 +197,40 @@ def _center_crop(height, width, ratio):
     return (np.int64(height) - c) // 2, (np.int64(width) - c) // 2, c, c
 
 
-def _make_decode(mem_read, my_range, addr: int, crop_params: np.ndarray, center: bool, log_ratio, layout: int,
-                 flip_prob: float):
-    """FFCV's ResizedCropRGBImageDecoder.decode with seeded (or center) crop parameters, the seeded
-    flip, and ``resample_crop`` in place of OpenCV's resize (it writes the output layout directly)."""
+@numba.njit
+def _squash_crop(height, width, ratio):
+    """The region that "resize to S x S ignoring the aspect ratio, then center-crop ratio * S" keeps:
+    the central ``ratio`` of each side (resized to the output size afterwards)."""
+    h = np.int64(ratio * np.int64(height))
+    w = np.int64(ratio * np.int64(width))
+    return (np.int64(height) - h) // 2, (np.int64(width) - w) // 2, h, w
+
+
+@numba.njit
+def jitter_params(seed, epoch, index, strength):
+    """ColorJitter(s, s, s) parameters of sample ``index`` in ``epoch`` (hash stream 3): the
+    brightness, contrast and saturation factors, each uniform in ``[max(0, 1 - s), 1 + s]``, and
+    the order they are applied in (a uniform permutation of 0, 1, 2), as torchvision draws them."""
+    key = _sample_key(seed, epoch, index, 3)
+    low = max(0.0, 1.0 - strength)
+    factors = np.empty(3, np.float32)
+    for k in range(3):
+        factors[k] = low + (1.0 + strength - low) * _uniform(key, k)
+    order = np.arange(3)
+    for k in range(2, 0, -1):  # Fisher-Yates
+        m = np.int64(_uniform(key, 3 + k) * (k + 1))
+        order[k], order[m] = order[m], order[k]
+    return factors, order
+
+
+CROP_RANDOM, CROP_CENTER, CROP_SQUASH = 0, 1, 2
+
+
+def _make_decode(mem_read, my_range, addr: int, crop_params: np.ndarray, crop: int, log_ratio, layout: int,
+                 flip_prob: float, jitter: float = 0.0):
+    """FFCV's ResizedCropRGBImageDecoder.decode with seeded (or center / squash) crop parameters,
+    the seeded flip and colour jitter, and ``resample_crop`` in place of OpenCV's resize (it writes
+    the output layout directly; with jitter, a float buffer that is jittered, then written)."""
     jpg = IMAGE_MODES["jpg"]
     # a fresh dispatcher per decoder, as FFCV does: sharing one between loaders made numba raise
     # KeyError inside the epoch thread when a second loader compiled against it
@@ -206,6 +240,9 @@ def _make_decode(mem_read, my_range, addr: int, crop_params: np.ndarray, center:
     log_ratio = np.array([float(log_ratio[0]), float(log_ratio[1])])
     norm_scale = (1.0 / IMAGENET_STD).astype(np.float32)
     norm_shift = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+    unit_scale = np.ones(3, np.float32)
+    zero_shift = np.zeros(3, np.float32)
+    jitter = float(jitter)
 
     def decode(batch_indices, my_storage, metadata, storage_state):
         destination, temp_storage = my_storage
@@ -225,13 +262,26 @@ def _make_decode(mem_read, my_range, addr: int, crop_params: np.ndarray, center:
                 temp_buffer = temp_buffer.reshape(height, width, 3)
             else:
                 temp_buffer = image_data.reshape(height, width, 3)
-            if center:
+            if crop == CROP_CENTER:
                 i, j, h, w = _center_crop(height, width, center_ratio)
+            elif crop == CROP_SQUASH:
+                i, j, h, w = _squash_crop(height, width, center_ratio)
             else:
                 key = _sample_key(seed, epoch, source_ix, 1)
                 i, j, h, w = _seeded_random_crop(height, width, scale, log_ratio, key)
             flip = _flip_drawn(seed, epoch, source_ix, flip_prob)
-            resample_crop(temp_buffer, i, j, h, w, destination[dst_ix], norm_scale, norm_shift, layout, flip)
+            if jitter > 0:
+                out = destination[dst_ix]
+                if layout == LAYOUT_CHW_F32:
+                    pixels = np.empty((out.shape[1], out.shape[2], 3), np.float32)
+                else:
+                    pixels = np.empty((out.shape[0], out.shape[1], 3), np.float32)
+                resample_crop(temp_buffer, i, j, h, w, pixels, unit_scale, zero_shift, LAYOUT_HWC_F32, flip)
+                factors, order = jitter_params(seed, epoch, source_ix, jitter)
+                adjust_colors(pixels, factors, order)
+                write_layout(pixels, out, norm_scale, norm_shift, layout)
+            else:
+                resample_crop(temp_buffer, i, j, h, w, destination[dst_ix], norm_scale, norm_shift, layout, flip)
         return destination[:len(batch_indices)]
 
     return decode
@@ -257,35 +307,38 @@ class SeededRandomResizedCropDecoder(_LayoutOutput, RandomResizedCropRGBImageDec
     writing ``layout`` (see :mod:`datasets.resample`)."""
 
     def __init__(self, output_size, cell: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 layout: int = LAYOUT_HWC_U8, flip_prob: float = 0.5):
+                 layout: int = LAYOUT_HWC_U8, flip_prob: float = 0.5, color_jitter: float = 0.0):
         super().__init__(output_size, scale=scale, ratio=ratio)
         self.cell = cell
         self.layout = layout
         self.flip_prob = float(flip_prob)
+        self.color_jitter = float(color_jitter)
 
     def generate_code(self):
         decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self.cell.ctypes.data),
-                              np.array([self.scale[0], self.scale[1], 0.0]), center=False,
+                              np.array([self.scale[0], self.scale[1], 0.0]), crop=CROP_RANDOM,
                               log_ratio=(math.log(self.ratio[0]), math.log(self.ratio[1])), layout=self.layout,
-                              flip_prob=self.flip_prob)
+                              flip_prob=self.flip_prob, jitter=self.color_jitter)
         decode.is_parallel = True
         return decode
 
 
 class CenterCropDecoder(_LayoutOutput, CenterCropRGBImageDecoder):
     """FFCV's CenterCropRGBImageDecoder (crop = ratio x shorter side, resized to output_size),
-    writing ``layout``."""
+    writing ``layout``. ``squash=True``: the crop is ``ratio`` of each side instead (the image
+    resized to a square ignoring its aspect ratio, then center-cropped)."""
 
     _cell = np.zeros(2, dtype=np.int64)
 
-    def __init__(self, output_size, ratio=DEFAULT_CROP_RATIO, layout: int = LAYOUT_HWC_U8):
+    def __init__(self, output_size, ratio=DEFAULT_CROP_RATIO, layout: int = LAYOUT_HWC_U8, squash: bool = False):
         super().__init__(output_size, ratio=ratio)
         self.layout = layout
+        self.squash = bool(squash)
 
     def generate_code(self):
         decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self._cell.ctypes.data),
-                              np.array([self.ratio, 0.0, 0.0]), center=True, log_ratio=(0.0, 0.0),
-                              layout=self.layout, flip_prob=0.0)
+                              np.array([self.ratio, 0.0, 0.0]), crop=CROP_SQUASH if self.squash else CROP_CENTER,
+                              log_ratio=(0.0, 0.0), layout=self.layout, flip_prob=0.0)
         decode.is_parallel = True
         return decode
 
@@ -636,7 +689,7 @@ class TrainLoader(_LoaderBase):
     def __init__(self, beton_path, *, batch_size, num_workers, resolution, device, distributed=None, seed=0,
                  order="quasi_random", os_cache=True, channels_last=True, drop_last=True, indices=None,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), image_dtype=torch.float32, return_index=False,
-                 batches_ahead=3):
+                 batches_ahead=3, color_jitter=0.0):
         _check_positive("batch_size", batch_size)
         _check_positive("num_workers", num_workers)
         _check_positive("resolution", resolution, 8)
@@ -657,8 +710,13 @@ class TrainLoader(_LoaderBase):
         self._cell = np.array([self.seed, 0], dtype=np.int64)  # read by the compiled pipeline by address
         ffcv_order = ORDERS[order]
         quasi = ffcv_order == OrderOption.QUASI_RANDOM
+        if not (isinstance(color_jitter, (int, float)) and 0 <= color_jitter < 1):
+            raise ValueError(f"color_jitter: expected a strength in [0, 1), got {color_jitter!r}")
+        if not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
+            raise ValueError(f"scale: expected (min, max) area fractions with 0 < min <= max, got {scale!r}")
         self._decoder = SeededRandomResizedCropDecoder((self.resolution, self.resolution), self._cell,
-                                                       scale=scale, ratio=ratio, layout=self._layout())
+                                                       scale=scale, ratio=ratio, layout=self._layout(),
+                                                       color_jitter=color_jitter)
         image = [self._decoder] + self._image_tail()
         # quasi_random: built as random (cheap; FFCV's QuasiRandom refuses distributed), then replaced
         self._loader = self._make(os_cache=os_cache, order=OrderOption.RANDOM if quasi else ffcv_order,
@@ -680,15 +738,23 @@ class TrainLoader(_LoaderBase):
         self._cell[1] = epoch  # no epoch thread is running now: the previous one was closed
 
 
+VAL_PREPROCESS = ("center", "squash256")
+
+
 class ValLoader(_LoaderBase):
     """Center crop (ratio 224/256) resized to ``resolution``, sequential order, no drop_last.
+    ``preprocess="center"``: the crop is ``crop_ratio`` of the shorter side (torchvision's
+    Resize(256) + CenterCrop(224)); ``"squash256"``: ``crop_ratio`` of each side (Resize((256,
+    256)) ignoring the aspect ratio + CenterCrop(224), the DKS authors' evaluation).
 
     Distributed: rank r reads samples r, r + W, r + 2W, ... (explicit ``indices``, no padding),
     so the ranks' shares are disjoint and add up to the whole split."""
 
     def __init__(self, beton_path, *, batch_size, num_workers, resolution, device, distributed=None,
                  channels_last=True, crop_ratio=DEFAULT_CROP_RATIO, indices=None, image_dtype=torch.float32,
-                 return_index=False, batches_ahead=3, os_cache=True):
+                 return_index=False, batches_ahead=3, os_cache=True, preprocess="center"):
+        if preprocess not in VAL_PREPROCESS:
+            raise ValueError(f"preprocess: expected one of {', '.join(VAL_PREPROCESS)}, got {preprocess!r}")
         _check_positive("batch_size", batch_size)
         _check_positive("num_workers", num_workers)
         _check_positive("resolution", resolution, 8)
@@ -705,7 +771,8 @@ class ValLoader(_LoaderBase):
             raise ValueError(f"{beton}: {base.size} samples cannot give each of {world} ranks a share")
         self.indices = share
         self.resolution = int(resolution)
-        image = ([CenterCropDecoder((self.resolution, self.resolution), ratio=crop_ratio, layout=self._layout())]
+        image = ([CenterCropDecoder((self.resolution, self.resolution), ratio=crop_ratio, layout=self._layout(),
+                                    squash=preprocess == "squash256")]
                  + self._image_tail())
         self._loader = self._make(os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
                                   indices=share, pipelines=self._pipelines(image), drop_last=False,
@@ -719,7 +786,8 @@ def create_train_loader(beton_path, *, batch_size: int, num_workers: int, resolu
                         indices: Sequence[int] | None = None, **extra) -> TrainLoader:
     """Training loader; see :class:`TrainLoader` and the module doc. ``distributed=None`` means
     ``torch.distributed.is_initialized()``. Extra keywords: ``scale``, ``ratio`` (crop),
-    ``image_dtype``, ``return_index`` (yield ``(images, labels, indices)``), ``batches_ahead``."""
+    ``image_dtype``, ``return_index`` (yield ``(images, labels, indices)``), ``batches_ahead``,
+    ``color_jitter`` (strength s of a seeded ColorJitter(s, s, s); 0 = off)."""
     return TrainLoader(beton_path, batch_size=batch_size, num_workers=num_workers, resolution=resolution,
                        device=device, distributed=distributed, seed=seed, order=order, os_cache=os_cache,
                        channels_last=channels_last, drop_last=drop_last, indices=indices, **extra)
@@ -728,6 +796,7 @@ def create_train_loader(beton_path, *, batch_size: int, num_workers: int, resolu
 def create_val_loader(beton_path, *, batch_size: int, num_workers: int, resolution: int, device,
                       distributed: bool | None = None, channels_last: bool = True, **extra) -> ValLoader:
     """Evaluation loader; see :class:`ValLoader`. Extra keywords: ``crop_ratio``, ``indices``,
-    ``image_dtype``, ``return_index``, ``batches_ahead``, ``os_cache``."""
+    ``image_dtype``, ``return_index``, ``batches_ahead``, ``os_cache``, ``preprocess``
+    (``center`` | ``squash256``)."""
     return ValLoader(beton_path, batch_size=batch_size, num_workers=num_workers, resolution=resolution,
                      device=device, distributed=distributed, channels_last=channels_last, **extra)

@@ -16,6 +16,10 @@ decoder that calls this needs no flip / normalise / transpose ops after it:
     layout LAYOUT_HWC_U8:   uint8  (H, W, 3), rounded (for the GPU path, normalised there)
     layout LAYOUT_CHW_F32:  float32 (3, H, W), value * scale[c] + shift[c]
     layout LAYOUT_HWC_F32:  float32 (H, W, 3), value * scale[c] + shift[c]
+
+Colour jitter (``adjust_colors``) works on an unnormalised float32 HWC image between the two:
+resample with ``scale = 1, shift = 0`` into a float HWC buffer, jitter it, and ``write_layout``
+it into the output layout.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ LAYOUT_HWC_U8 = 0
 LAYOUT_CHW_F32 = 1
 LAYOUT_HWC_F32 = 2
 
-__all__ = ["resample_crop", "axis_taps", "LAYOUT_HWC_U8", "LAYOUT_CHW_F32", "LAYOUT_HWC_F32"]
+__all__ = ["resample_crop", "axis_taps", "adjust_colors", "write_layout", "LAYOUT_HWC_U8", "LAYOUT_CHW_F32",
+           "LAYOUT_HWC_F32"]
 
 
 @numba.njit(cache=True)
@@ -172,3 +177,46 @@ def resample_crop(image, top, left, height, width, out, scale, shift, layout, fl
                 for x in range(out_w):
                     acc[c, x] = w0 * lo[c, x] + w1 * hi[c, x]
             _store(acc, out, y, scale, shift, layout)
+
+
+# luma weights of torchvision's rgb_to_grayscale (ITU-R 601-2)
+_GRAY = (0.2989, 0.587, 0.114)
+
+
+@numba.njit(cache=True)
+def adjust_colors(pixels, factors, order):
+    """Brightness, contrast and saturation of a float32 (H, W, 3) image in [0, 255], in place:
+    torchvision's ``adjust_brightness`` / ``adjust_contrast`` / ``adjust_saturation`` by
+    ``factors[0..2]``, applied in ``order`` (a permutation of 0, 1, 2), each result clamped to
+    [0, 255]. Brightness blends with black, contrast with the image's mean grey level,
+    saturation with the pixel's own grey level."""
+    h, w = pixels.shape[0], pixels.shape[1]
+    for op in order:
+        f = np.float32(factors[op])
+        if op == 1:
+            mean = 0.0
+            for y in range(h):
+                for x in range(w):
+                    mean += _GRAY[0] * pixels[y, x, 0] + _GRAY[1] * pixels[y, x, 1] + _GRAY[2] * pixels[y, x, 2]
+            base = np.float32(mean / (h * w))
+        for y in range(h):
+            for x in range(w):
+                if op == 2:
+                    base = np.float32(_GRAY[0] * pixels[y, x, 0] + _GRAY[1] * pixels[y, x, 1]
+                                      + _GRAY[2] * pixels[y, x, 2])
+                elif op == 0:
+                    base = np.float32(0.0)
+                for c in range(3):
+                    v = f * pixels[y, x, c] + (np.float32(1.0) - f) * base
+                    pixels[y, x, c] = min(max(v, np.float32(0.0)), np.float32(255.0))
+
+
+@numba.njit(cache=True)
+def write_layout(pixels, out, scale, shift, layout):
+    """Write a float32 (H, W, 3) image in [0, 255] into ``out`` in ``layout`` (as resample_crop does)."""
+    acc = np.empty((3, pixels.shape[1]), np.float32)
+    for y in range(pixels.shape[0]):
+        for c in range(3):
+            for x in range(pixels.shape[1]):
+                acc[c, x] = pixels[y, x, c]
+        _store(acc, out, y, scale, shift, layout)

@@ -46,6 +46,14 @@ class DataConfig:
     start_ramp: int = 0  # epoch where the ramp starts (0-based)
     end_ramp: int = 0  # epoch where max_res is reached
     val_res: int = 32  # center crop size at evaluation (decoded at val_res * 256/224)
+    # evaluation preprocessing: center = crop 224/256 of the shorter side (torchvision's Resize(256)
+    # + CenterCrop(224)); squash256 = resize both sides to 256 ignoring the aspect ratio, crop 224
+    # (the DKS authors' evaluation); either way the crop is resized to val_res
+    val_preprocess: str = "center"
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    # brightness, contrast and saturation jitter of strength s (torchvision's ColorJitter(s, s, s)),
+    # seeded per (seed, epoch, sample) like the crop and flip; 0 = off
+    color_jitter: float = 0.0
 
 
 @dataclass
@@ -58,6 +66,7 @@ class ModelConfig:
     width_multiplier: float = 1.0  # scales the stem and every stage's channels (> 0)
     stem_convs: int = 0  # extra conv layers between the stem and layer1 (>= 0)
     stem_conv_width: int = 256  # their filters (>= 1; not scaled by width_multiplier)
+    bn_momentum: float = 0.1  # of every BatchNorm, branches included (PyTorch's convention and default)
 
 
 @dataclass
@@ -76,7 +85,8 @@ class OptimConfig:
     lr: float = 0.5  # per 256 images of global batch: lr = lr * batch_size * world_size / 256
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 5e-5  # not applied to BatchNorm weights and biases
+    weight_decay: float = 5e-5  # not applied to BatchNorm weights and biases unless decay_norm_and_bias
+    decay_norm_and_bias: bool = False  # true: weight decay on every parameter (the papers' SGD)
     label_smoothing: float = 0.1
     grad_clip_norm: float = 0.0  # 0 = off
 
@@ -279,6 +289,7 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
 _CHOICES = {
     "data.dataset": ("demo", "imagenet", "tinyimagenet"),
     "data.order": ("auto", "quasi_random", "random"),
+    "data.val_preprocess": ("center", "squash256"),
     "method.name": ("baseline", "ssal", "dks", "ds", "gapcat", "maxl"),
     "schedule.kind": ("step", "triangular", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -316,6 +327,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.stem_convs: must be >= 0 (extra conv layers before layer1), got {cfg.model.stem_convs}")
     if cfg.model.stem_conv_width < 1:
         raise ConfigError(f"model.stem_conv_width: must be >= 1, got {cfg.model.stem_conv_width}")
+    if not 0 < cfg.model.bn_momentum <= 1:
+        raise ConfigError(f"model.bn_momentum: must be in (0, 1] (PyTorch's convention: the weight of the "
+                          f"batch statistics; default 0.1), got {cfg.model.bn_momentum}")
+    scale = cfg.data.rrc_scale
+    if len(scale) != 2 or not (0 < scale[0] <= scale[1] and math.isfinite(scale[1])):
+        raise ConfigError(f"data.rrc_scale: must be [min, max] area fractions with 0 < min <= max "
+                          f"(e.g. [0.08, 1.0]), got {scale}")
+    if not 0 <= cfg.data.color_jitter < 1:
+        raise ConfigError(f"data.color_jitter: must be in [0, 1) (0 = off; the SSAL authors use 0.4), "
+                          f"got {cfg.data.color_jitter}")
     if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError(f"optim.lr: must be a positive number, got {cfg.optim.lr}")
     if not 0 <= cfg.optim.label_smoothing < 1:

@@ -106,7 +106,7 @@ def run(args) -> dict:
     if args.max_samples and args.max_samples < train_idx.size:
         train_idx = np.sort(np.random.default_rng(args.seed).choice(train_idx, args.max_samples, replace=False))
     common = dict(batch_size=args.batch_size, num_workers=max(1, cfg.data.num_workers), resolution=cfg.data.val_res,
-                  device=device, distributed=False, channels_last=False)
+                  device=device, distributed=False, channels_last=False, preprocess=cfg.data.val_preprocess)
     started = time.perf_counter()
     fit_loader = data_loader.create_val_loader(root / manifest["splits"]["train"]["beton"], indices=train_idx, **common)
     outputs, targets = collect_outputs(model, fit_loader, device)

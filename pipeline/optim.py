@@ -13,15 +13,17 @@ from torch import nn
 from pipeline.config import OptimConfig, ScheduleConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only: not on BatchNorm weights, nor on any bias."""
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Weight decay on conv/linear weights only: not on BatchNorm weights, nor on any bias
+    (FFCV's recipe); with ``decay_norm_and_bias`` on every parameter (plain SGD, the papers')."""
     decay, no_decay = [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
             is_norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
-            (no_decay if is_norm or name == "bias" else decay).append(param)
+            excluded = (is_norm or name == "bias") and not decay_norm_and_bias
+            (no_decay if excluded else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -34,7 +36,8 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.SGD:
-    return torch.optim.SGD(parameter_groups(model, cfg.weight_decay), lr=scaled_lr(cfg, global_batch),
+    return torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias),
+                           lr=scaled_lr(cfg, global_batch),
                            momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 

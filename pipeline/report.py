@@ -1,6 +1,6 @@
 """The paper-style table of a study, from MLflow.
 
-    python pipeline/report.py --study demo [--tracking-uri URI | --runs-root DIR] [--out DIR]
+    python pipeline/report.py --study demo [--tracking-uri URI | --runs-root DIR] [--out DIR] [--paper STUDY.yaml]
 
 Rows: one per stage of the study (the newest FINISHED run tagged ``study=<id>``, ``stage=<name>``;
 an unfinished stage shows its newest run and its status). Columns: stage, run, method, arch,
@@ -8,6 +8,11 @@ top-1 and top-5 (%) of every prediction rule any run logged (``val/top1/<rule>``
 ``joint`` = +JP, ``lc`` = +LC, DKS ``ensemble`` / ``dks.i`` ...; blank where a method has no such
 rule), parameters (millions; the model rebuilt from the run's config on the meta device when the
 run did not log ``model/params``), training images/s (median over epochs), wall time (min).
+
+With ``--paper STUDY.yaml`` (the study stage passes its own file), the figures a stage quotes
+from its paper (``paper: {rule: [top-1, top-5]}`` in the study file, e.g. ``{main: [76.4, 93.3],
+joint: [76.9, 93.7]}``; one number = top-1 only) appear beside ours, as ``paper top1 <rule>``
+columns next to ``top1 <rule>``.
 
 The table is printed as Markdown, saved as ``report.md`` (and ``report.csv``) with a bar chart
 ``report.png`` (top-1 of every rule per run) in ``--out``, and logged as artifacts of a summary
@@ -46,7 +51,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", default="report", help="name of the summary run (default: %(default)s)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra tag of the summary run")
     p.add_argument("--no-mlflow", action="store_true", help="print and save only")
+    p.add_argument("--paper", metavar="STUDY.yaml", help="study file whose stages quote paper figures "
+                   "(`paper: {rule: [top1, top5]}`): shown beside ours")
     return p
+
+
+def parse_paper(value, what: str) -> dict[str, tuple]:
+    """A stage's ``paper`` key: ``{rule: top1 | [top1, top5]}`` -> ``{rule: (top1, top5 | None)}``
+    (percentages); ValueError naming ``what`` otherwise."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 100
+
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{what}: expected a mapping rule -> top-1 or [top-1, top-5] in %, "
+                         f"e.g. {{main: [76.4, 93.3]}}, got {value!r}")
+    figures = {}
+    for rule, item in value.items():
+        pair = item if isinstance(item, list) else [item]
+        if not 1 <= len(pair) <= 2 or not all(number(x) for x in pair):
+            raise ValueError(f"{what}.{rule}: expected top-1 or [top-1, top-5], percentages in [0, 100], "
+                             f"got {item!r}")
+        figures[str(rule)] = (float(pair[0]), float(pair[1]) if len(pair) == 2 else None)
+    return figures
+
+
+def read_paper_figures(path) -> dict[str, dict[str, tuple]]:
+    """``{stage: {rule: (top1, top5)}}`` from a study file's ``paper`` keys."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ToolError(f"--paper: cannot read {path} ({err})") from None
+    stages = data.get("stages") if isinstance(data, dict) else None
+    figures = {}
+    for name, spec in (stages or {}).items():
+        if isinstance(spec, dict) and "paper" in spec:
+            try:
+                figures[str(name)] = parse_paper(spec["paper"], f"{path}: stages.{name}.paper")
+            except ValueError as err:
+                raise ToolError(str(err)) from None
+    return figures
+
+
+def add_paper_columns(rows: list[dict], columns: list[str], figures: dict) -> list[str]:
+    """Put each stage's paper figures in its row (a stage with no run yet gets a row of its own);
+    ``paper topK <rule>`` right after ``topK <rule>``."""
+    have = {row["stage"] for row in rows}
+    rows.extend({"stage": name, "run": "", "status": "not run", "run_id": ""} for name in figures if name not in have)
+    shown = set()
+    for row in rows:
+        for rule, (top1, top5) in figures.get(row["stage"], {}).items():
+            for k, value in ((1, top1), (5, top5)):
+                if value is not None:
+                    row[f"paper top{k} {rule}"] = value
+                    shown.add((k, rule))
+    out = []
+    for column in columns:
+        out.append(column)
+        k, _, rule = column.partition(" ")
+        if k in ("top1", "top5") and (int(k[3]), rule) in shown:
+            out.append(f"paper {column}")
+    # a rule the paper quotes but no run logged yet still gets its column
+    for k, rule in sorted(shown, key=lambda kr: (_rule_key(kr[1]), kr[0])):
+        if f"paper top{k} {rule}" not in out:
+            out.insert(len(out) - len(TAIL), f"paper top{k} {rule}")
+    return out
 
 
 def _rule_key(rule: str) -> tuple:
@@ -123,7 +193,7 @@ def collect(client, study: str, tmp: str) -> tuple[list[dict], list[str]]:
 def fmt(value, column: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    if column.startswith("top"):
+    if column.startswith("top") or column.startswith("paper top"):
         return f"{value:.2f}"
     if column == "params (M)":
         return f"{value:.2f}"
@@ -135,7 +205,9 @@ def fmt(value, column: str) -> str:
 
 
 def markdown(rows: list[dict], columns: list[str], study: str) -> str:
-    lines = [f"# Study `{study}`", "", "Top-1 / top-5 in % on the val split; `main` = +TR, `joint` = +JP, `lc` = +LC.",
+    lines = [f"# Study `{study}`", "", "Top-1 / top-5 in % on the val split; `main` = +TR, `joint` = +JP, `lc` = +LC"
+             + ("; `paper ...`: the figure the paper reports for that row." if any(c.startswith("paper ")
+                                                                                   for c in columns) else "."),
              "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" if c in FIXED else "---:" for c in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(c), c) for c in columns) + " |")
@@ -182,6 +254,8 @@ def run(args) -> dict:
     client = runs.client(uri)
     tmp = tempfile.mkdtemp(prefix="report-")
     rows, columns = collect(client, args.study, tmp)
+    if args.paper:
+        columns = add_paper_columns(rows, columns, read_paper_figures(args.paper))
     text = markdown(rows, columns, args.study)
     out = Path(args.out) if args.out else resolve_path(args.runs_root) / "studies" / args.study / "report"
     out.mkdir(parents=True, exist_ok=True)

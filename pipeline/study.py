@@ -34,6 +34,7 @@ Study file (YAML)::
       dks2:
         config: configs/imagenet/resnet50_dks2.yaml   # a stage may bring its own recipe
         slurm: {nodes: 8}          # and its own job resources
+        paper: {main: [76.4, 93.3]}  # any stage: the paper's top-1 / top-5 per rule, shown by the report
 
 Stage kinds: ``train`` (the engine, ``pipeline.train``), ``groups``, ``lc``, ``explain``, ``report``.
 ``${NAME}`` inside an override value is the output of stage NAME (a groups stage: its JSON; a
@@ -92,7 +93,7 @@ EXIT_USAGE = 2
 ENTRIES = {"train": "pipeline.train:main", "groups": "pipeline.groups:main", "lc": "pipeline.fit_lc:main",
            "explain": "pipeline.explain:main", "report": "pipeline.report:main"}
 TOP_KEYS = ("study", "experiment", "description", "base", "stages", "report", "slurm")
-COMMON_KEYS = ("kind", "after", "slurm")
+COMMON_KEYS = ("kind", "after", "slurm", "paper")
 STAGE_KEYS = {
     "train": ("config", "overrides"),
     "groups": ("from", "k", "criterion", "seed", "restarts", "split", "variant", "confusion"),
@@ -246,6 +247,12 @@ def load_study(path: str | Path, cli_overrides: Sequence[str] = ()) -> Study:
             after = [after]
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
             raise StudyError(f"{what}.after: expected a list of stage names")
+        if "paper" in spec:  # figures the report shows beside ours
+            from pipeline.report import parse_paper
+            try:
+                parse_paper(spec["paper"], f"{what}.paper")
+            except ValueError as err:
+                raise StudyError(str(err)) from None
         slurm = spec.get("slurm") or {}
         if not isinstance(slurm, dict):
             raise StudyError(f"{what}.slurm: expected a mapping of launcher profile keys")
@@ -391,7 +398,8 @@ def _build_argv(study: Study, stage: Stage, base_config: Any, base_overrides: li
             stage.argv += ["--num-images", str(spec["images"])]
     elif stage.kind == "report":
         stage.argv = ["--study", study.id, "--tracking-uri", study.uri, "--experiment", study.experiment,
-                      "--out", str(stage.output), "--run-name", stage.name]
+                      "--out", str(stage.output), "--run-name", stage.name,
+                      "--paper", str(Path(study.path).resolve())]
 
 
 # ----------------------------------------------------------------------------- state

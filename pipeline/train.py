@@ -171,12 +171,22 @@ def build_model(cfg: Config, num_classes: int, groupings) -> nn.Module:
 
     options = method_options(cfg, groupings)
     try:
-        return ssal_models.build_model(cfg.model.arch, cfg.method.name, num_classes,
-                                       blurpool=cfg.model.blurpool, zero_init_residual=cfg.model.zero_init_residual,
-                                       width_multiplier=cfg.model.width_multiplier, stem_convs=cfg.model.stem_convs,
-                                       stem_conv_width=cfg.model.stem_conv_width, **options)
+        model = ssal_models.build_model(cfg.model.arch, cfg.method.name, num_classes,
+                                        blurpool=cfg.model.blurpool, zero_init_residual=cfg.model.zero_init_residual,
+                                        width_multiplier=cfg.model.width_multiplier, stem_convs=cfg.model.stem_convs,
+                                        stem_conv_width=cfg.model.stem_conv_width, **options)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model/method: {err}") from None
+    set_bn_momentum(model, cfg.model.bn_momentum)
+    return model
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """Every BatchNorm of the model, branches included (as the SSAL authors set theirs:
+    ``1 - 0.9 ** (batch / 32)``, 0.28 at their batch of 100)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
 
 
 def training_class(method: str) -> type:
@@ -287,17 +297,19 @@ class Trainer:
             train_beton, batch_size=batch, num_workers=cfg.data.num_workers, resolution=cfg.data.min_res,
             device=device, distributed=info.distributed, seed=cfg.train.seed,
             order=data_access.loader_order(cfg.data.order, cfg.data.os_cache), os_cache=cfg.data.os_cache,
-            channels_last=self.channels_last, indices=train_indices)
+            channels_last=self.channels_last, indices=train_indices, scale=tuple(cfg.data.rrc_scale),
+            color_jitter=cfg.data.color_jitter)
         self.holdout_loader = None
         if holdout_indices is not None:
             self.holdout_loader = data_loader.create_val_loader(
                 train_beton, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
                 resolution=cfg.data.val_res, device=device, distributed=info.distributed,
-                channels_last=self.channels_last, indices=holdout_indices, os_cache=cfg.data.os_cache)
+                channels_last=self.channels_last, indices=holdout_indices, os_cache=cfg.data.os_cache,
+                preprocess=cfg.data.val_preprocess)
         self.val_loader = data_loader.create_val_loader(
             data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
             num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
-            distributed=info.distributed, channels_last=self.channels_last)
+            distributed=info.distributed, channels_last=self.channels_last, preprocess=cfg.data.val_preprocess)
         self.resolution_for_epoch = data_loader.resolution_for_epoch
         # FFCV sets torch's thread count to its worker count: reset it for CPU training
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, _local_world_size()))

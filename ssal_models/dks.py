@@ -38,6 +38,9 @@ Options of ``build_model(arch, "dks" | "ds", C, ...)``
   mirror the backbone's own later stages.
 * ``ce_weights``: ``[w_main, w_0, ...]`` or one number; default 1.
 * ``kl_weight`` (``dks`` only): weight of the synergy term; default 1.
+* ``eps`` (``dks`` only): 0 (default) is the exact KL; ``1e-8`` is the DKS authors' form
+  (their ``KL_divergence``): both distributions become ``(p + ε) / (1 + C·ε)`` before the log,
+  which caps each per-sample KL at about ``log(1/ε)`` = 18.4 nats.
 
 Loss: ``L = Σ_i w_i·CE(z_i, y) + kl_weight·Σ_{i≠j} KL(stopgrad(p_j) ‖ p_i)`` over all ordered
 pairs of classifiers (main included), temperature 1, each KL a batch mean, everything from
@@ -101,11 +104,12 @@ class DKSMethod(Method):
     """DKS (``kl_weight > 0``, name ``dks``) or DS (``kl_weight = 0``, name ``ds``)."""
 
     def __init__(self, name: str, num_classes: int, branch_names: Sequence[str], ce_weights: Sequence[float],
-                 kl_weight: float):
+                 kl_weight: float, eps: float = 0.0):
         super().__init__(num_classes, branch_names)
         self.name = name
         self.ce_weights = [float(w) for w in ce_weights]
         self.kl_weight = float(kl_weight)
+        self.eps = float(eps)
 
     @property
     def classifier_names(self) -> List[str]:
@@ -119,7 +123,7 @@ class DKSMethod(Method):
             total = total + weight * ce
             parts[f"ce/{name}"] = ce.detach()
         if self.name == "dks":
-            kl = synergy_kl([log_probs(outputs[name]) for name in self.classifier_names])
+            kl = synergy_kl([log_probs(outputs[name]) for name in self.classifier_names], self.eps)
             total = total + self.kl_weight * kl
             parts["kl"] = kl.detach()
         return total, parts
@@ -131,12 +135,16 @@ class DKSMethod(Method):
         return rules
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ce_weights={self.ce_weights}, kl_weight={self.kl_weight}"
+        return f"{super().extra_repr()}, ce_weights={self.ce_weights}, kl_weight={self.kl_weight}, eps={self.eps}"
 
 
-def synergy_kl(log_probs_list: Sequence[torch.Tensor]) -> torch.Tensor:
+def synergy_kl(log_probs_list: Sequence[torch.Tensor], eps: float = 0.0) -> torch.Tensor:
     """``Σ_{i≠j} KL(stopgrad(p_j) ‖ p_i)``, each term a batch mean, from log-probabilities:
-    the teacher ``j`` is detached, so only the student ``i`` receives gradient."""
+    the teacher ``j`` is detached, so only the student ``i`` receives gradient.  ``eps > 0``:
+    the DKS authors' smoothed form, ``p -> (p + ε) / (1 + C·ε)`` on both sides."""
+    if eps > 0:
+        num_classes = log_probs_list[0].shape[1]
+        log_probs_list = [torch.log((lp.exp() + eps) / (1.0 + num_classes * eps)) for lp in log_probs_list]
     total = log_probs_list[0].new_zeros(())
     for j, teacher in enumerate(log_probs_list):
         teacher = teacher.detach()
@@ -159,7 +167,7 @@ def _blocks_option(method: str, value: Any, stage_indices: Sequence[int]) -> Lis
 
 
 def _build(method: str, info: BackboneInfo, num_classes: int, options: Dict[str, Any]) -> MethodBuild:
-    valid = ["stages", "blocks", "width", "ce_weights"] + (["kl_weight"] if method == "dks" else [])
+    valid = ["stages", "blocks", "width", "ce_weights"] + (["kl_weight", "eps"] if method == "dks" else [])
     check_options(method, options, valid)
     stages = stage_list(method, info, options.get("stages", ["layer2", "layer3"]), BRANCH_STAGES)
     stage_indices = [STAGES.index(tap.split(".")[0]) for tap in stages]
@@ -171,6 +179,9 @@ def _build(method: str, info: BackboneInfo, num_classes: int, options: Dict[str,
     ce_weights = float_list(method, "ce_weights", options.get("ce_weights", 1.0), len(stages) + 1)
     kl_weight = positive_float(method, "kl_weight", options.get("kl_weight", 1.0), allow_zero=True) \
         if method == "dks" else 0.0
+    eps = positive_float(method, "eps", options.get("eps", 0.0), allow_zero=True) if method == "dks" else 0.0
+    if eps >= 1e-2:
+        raise ValueError(f"{method}: option 'eps' must be < 0.01 (the authors use 1e-8; 0 = exact), got {eps!r}")
     zero_init_residual = bool(options.get("zero_init_residual", False))
     branches = []
     for index, (tap, stage_index, branch_blocks) in enumerate(zip(stages, stage_indices, blocks)):
@@ -178,7 +189,8 @@ def _build(method: str, info: BackboneInfo, num_classes: int, options: Dict[str,
         planes = [max(8, round(p * width * info.width_multiplier)) for p in COPY_PLANES[stage_index]]
         module = DKSBranch(info.block, info.tap_channels(tap), planes, branch_blocks, num_classes, zero_init_residual)
         branches.append(BranchSpec(f"{method}.{index}", tap, module))
-    return MethodBuild(DKSMethod(method, num_classes, [b.name for b in branches], ce_weights, kl_weight), branches)
+    return MethodBuild(DKSMethod(method, num_classes, [b.name for b in branches], ce_weights, kl_weight, eps),
+                       branches)
 
 
 @register_method("dks")

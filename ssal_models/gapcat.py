@@ -7,8 +7,9 @@ branches add capacity but no grouping objective: it separates "more weights" fro
 objective".  ``model(x)`` returns ``{"main": logits}`` alone (the branches have no outputs of
 their own); ``count_parameters`` still lists every branch (``gapcat.i``).
 
-Options: ``stages`` and ``widths`` as for SSAL (default three branches after layer1, layer2,
-layer3 with widths 64 / 128 / 256).  ``groupings`` is accepted so that a config can switch
+Options: ``head`` (``light`` | ``authors``), ``stages`` and ``widths`` as for SSAL (default
+three light branches after layer1, layer2, layer3 with widths 64 / 128 / 256; the authors'
+heads give 1496 features each).  ``groupings`` is accepted so that a config can switch
 between ``ssal`` and ``gapcat`` unchanged: it only sets the number of branches (and the
 default stages), as it does for SSAL.
 """
@@ -28,14 +29,14 @@ class GapCatMethod(Method):
 
 @register_method("gapcat")
 def build_gapcat(info: BackboneInfo, num_classes: int, options: Dict[str, Any]) -> MethodBuild:
-    check_options("gapcat", options, ["groupings", "stages", "widths"])
-    stages, widths, groupings = parse_layout("gapcat", info, options)
+    check_options("gapcat", options, ["groupings", "stages", "widths", "head"])
+    head, stages, widths, groupings = parse_layout("gapcat", info, options)
     if groupings is not None:
         for index, grouping in enumerate(groupings):
             if grouping.size != num_classes:
                 raise ValueError(f"gapcat: groupings[{index}] has {grouping.size} entries but "
                                  f"num_classes = {num_classes}")
-    branches = build_heads(info, "gapcat", stages, widths, [None] * len(stages))
+    branches = build_heads(info, "gapcat", head, stages, widths, [None] * len(stages))
     # GapCat's branches feed the main head; the method itself has no branch outputs
     method = GapCatMethod(num_classes, [])
     return MethodBuild(method, branches, main_extra_features=sum(b.module.feature_dim for b in branches))

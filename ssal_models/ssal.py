@@ -12,11 +12,14 @@ Options of ``build_model(arch, "ssal", C, ...)``
   two branches (the paper's one- and two-branch models), 0.3 for three or more (the authors'
   ImageNet code).
 * ``loss_weights``: ``[λ_f, λ_1, ..., λ_n]`` (main first) or one number for all; default 1.
-* ``widths``: base width ``w`` of each branch head; default the planes of the stage it reads
-  (``layer1`` 64, ``layer2`` 128, ``layer3`` 256, ``layer4`` 512, for every arch; times the
-  backbone's ``width_multiplier``, rounded, e.g. 96 / 192 / 384 / 768 at 1.5).
+* ``head``: ``light`` (default, :class:`SSALHead` below) or ``authors``: the authors' own
+  ImageNet heads, layer for layer (:mod:`ssal_models.authors_heads`; ResNet-50 x3: 11.9 M
+  parameters, 46.5 % of the backbone, against 2.0 M for ``light``; inputs >= 64 px).
+* ``widths`` (``light`` only): base width ``w`` of each branch head; default the planes of the
+  stage it reads (``layer1`` 64, ``layer2`` 128, ``layer3`` 256, ``layer4`` 512, for every arch;
+  times the backbone's ``width_multiplier``, rounded, e.g. 96 / 192 / 384 / 768 at 1.5).
 
-Branch head (:class:`SSALHead`), a small Inception-style conv head after its tap point::
+The ``light`` branch head (:class:`SSALHead`), a small Inception-style conv head after its tap point::
 
     1x1 conv C_in -> w, BN, ReLU                     (cheap: squeezes the wide tap first)
     3x3 conv stride 2, w -> w, BN, ReLU  x n_down     n_down = 2 on a stride-4 tap (layer1),
@@ -57,12 +60,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .authors_heads import AuthorsSSALHead, pool_level
 from .backbones import STAGES, BackboneInfo, init_like_torchvision
 from .base import (BranchSpec, Method, MethodBuild, Outputs, check_options, cross_entropy, float_list,
                    log_probs, positive_float, register_method, stage_list)
 from .grouping import validate_grouping
 
 DEFAULT_STAGES = {1: ["layer3"], 2: ["layer2", "layer3"], 3: ["layer1", "layer2", "layer3"]}
+HEADS = ("light", "authors")
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
@@ -110,8 +115,14 @@ def head_downsamples(info: BackboneInfo, tap: str) -> int:
 
 
 def parse_layout(method: str, info: BackboneInfo, options: Dict[str, Any],
-                 default_branches: int = 3) -> Tuple[List[str], List[int], Optional[List[np.ndarray]]]:
-    """``(stages, widths, groupings)`` from the SSAL-layout options (shared with GapCat)."""
+                 default_branches: int = 3) -> Tuple[str, List[str], List[int], Optional[List[np.ndarray]]]:
+    """``(head, stages, widths, groupings)`` from the SSAL-layout options (shared with GapCat)."""
+    head = options.get("head", "light")
+    if head not in HEADS:
+        raise ValueError(f"{method}: option 'head' must be one of {', '.join(HEADS)}, got {head!r}")
+    if head == "authors" and "widths" in options:
+        raise ValueError(f"{method}: option 'widths' sizes the light heads; the authors' heads "
+                         f"have fixed widths (drop 'widths' or use head: light)")
     groupings = None
     if "groupings" in options:
         value = options["groupings"]
@@ -139,7 +150,7 @@ def parse_layout(method: str, info: BackboneInfo, options: Dict[str, Any],
         widths = [int(w) for w in value]
     else:
         widths = [info.stage_planes(STAGES.index(tap.split(".")[0])) for tap in stages]
-    return stages, widths, groupings
+    return head, stages, widths, groupings
 
 
 # ----------------------------------------------------------------------------- method
@@ -268,25 +279,29 @@ def fit_linear_combination(method: SSALMethod, outputs: Outputs, targets: torch.
 # ----------------------------------------------------------------------------- builder
 
 
-def build_heads(info: BackboneInfo, method: str, stages: Sequence[str], widths: Sequence[int],
+def build_heads(info: BackboneInfo, method: str, head: str, stages: Sequence[str], widths: Sequence[int],
                 num_outputs: Sequence[Optional[int]]) -> List[BranchSpec]:
-    return [BranchSpec(f"{method}.{i}", tap,
-                       SSALHead(info.tap_channels(tap), width, head_downsamples(info, tap), outputs))
+    def make(tap: str, width: int, outputs: Optional[int]) -> nn.Module:
+        if head == "authors":
+            return AuthorsSSALHead(info.tap_channels(tap), pool_level(info.tap_stride(tap)), outputs)
+        return SSALHead(info.tap_channels(tap), width, head_downsamples(info, tap), outputs)
+
+    return [BranchSpec(f"{method}.{i}", tap, make(tap, width, outputs))
             for i, (tap, width, outputs) in enumerate(zip(stages, widths, num_outputs))]
 
 
 @register_method("ssal")
 def build_ssal(info: BackboneInfo, num_classes: int, options: Dict[str, Any]) -> MethodBuild:
-    check_options("ssal", options, ["groupings", "stages", "eta", "loss_weights", "widths"])
+    check_options("ssal", options, ["groupings", "stages", "eta", "loss_weights", "widths", "head"])
     if "groupings" not in options:
         raise ValueError("ssal: option 'groupings' is required (one length-C integer sequence per branch; "
                          "see ssal_models.grouping)")
-    stages, widths, groupings = parse_layout("ssal", info, options)
+    head, stages, widths, groupings = parse_layout("ssal", info, options)
     for index, grouping in enumerate(groupings):
         if grouping.size != num_classes:
             raise ValueError(f"ssal: groupings[{index}] has {grouping.size} entries but num_classes = {num_classes}")
     eta = positive_float("ssal", "eta", options.get("eta", 1.0 if len(groupings) <= 2 else 0.3))
     loss_weights = float_list("ssal", "loss_weights", options.get("loss_weights", 1.0), len(groupings) + 1)
-    branches = build_heads(info, "ssal", stages, widths, [int(g.max()) + 1 for g in groupings])
+    branches = build_heads(info, "ssal", head, stages, widths, [int(g.max()) + 1 for g in groupings])
     method = SSALMethod(num_classes, [b.name for b in branches], groupings, eta, loss_weights)
     return MethodBuild(method, branches)

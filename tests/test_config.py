@@ -42,6 +42,11 @@ def test_yaml_then_overrides(tmp_path):
     ("schedule.epochs=2.5", "schedule.epochs: expected an integer"),
     ("train.deterministic=maybe", "train.deterministic: expected true/false"),
     ("lr", "expected section.key=value"),
+    ("model.bn_momentum=0", "model.bn_momentum: must be in (0, 1]"),
+    ("data.rrc_scale=[0.5,0.2]", "data.rrc_scale: must be [min, max]"),
+    ("data.rrc_scale=[0.5]", "data.rrc_scale: must be [min, max]"),
+    ("data.color_jitter=1.5", "data.color_jitter: must be in [0, 1)"),
+    ("data.val_preprocess=squash", "data.val_preprocess: 'squash' is not one of center, squash256"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -80,9 +85,10 @@ def test_shipped_recipes_parse(recipe):
     # recipes that need a grouping computed by the groups stage point at a file that does not exist yet
     overrides = ["method.groups_file="] if groups_file else []
     cfg = load_config(recipe, overrides)
-    expected_dataset = "demo" if recipe.parent.name == "configs" else recipe.parent.name
+    parts = recipe.relative_to(REPO_ROOT / "configs").parts
+    expected_dataset = "demo" if len(parts) == 1 else parts[0]
     assert cfg.data.dataset == expected_dataset
-    if recipe.parent.name != "configs":  # configs/<dataset>/<arch>_<method>.yaml
+    if len(parts) > 1:  # configs/<dataset>/[paper/]<arch>_<method>.yaml
         assert cfg.model.arch == recipe.stem.split("_")[0]
 
 

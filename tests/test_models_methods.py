@@ -187,3 +187,34 @@ def test_baseline_rules():
     total, parts = method.loss(out, torch.arange(6))
     assert list(parts) == ["ce/main"] and list(method.predict(out)) == ["main"]
     assert total.item() == pytest.approx(F.cross_entropy(out["main"], torch.arange(6)).item())
+
+
+def authors_kl(logits_p, logits_q, epsilon=1e-8):
+    """The DKS authors' KL_divergence (sundw2014/DKS, wrn_DKS/KL_divergence.py), in float64."""
+    p, q = torch.softmax(logits_p.double(), 1), torch.softmax(logits_q.double(), 1)
+    num_classes = p.shape[1]
+    p, q = (p + epsilon) / (1 + num_classes * epsilon), (q + epsilon) / (1 + num_classes * epsilon)
+    return (p * torch.log(p / q)).sum(1).mean()
+
+
+def test_dks_eps_option_is_the_authors_smoothed_kl():
+    out = fake_outputs([("main", C), ("dks.0", C), ("dks.1", C)])
+    # a confident, disagreeing pair: the exact KL is far above the authors' cap of ~log(1/eps)
+    out["main"] = out["main"] + 60.0 * F.one_hot(torch.arange(6) % C, C)
+    out["dks.0"] = out["dks.0"] + 60.0 * F.one_hot((torch.arange(6) + 1) % C, C)
+    names = ["main", "dks.0", "dks.1"]
+    targets = torch.arange(6) % C
+    exact = ssal_models.build_model("resnet18", "dks", C)
+    smoothed = ssal_models.build_model("resnet18", "dks", C, eps=1e-8)
+    _, exact_parts = exact.method.loss(out, targets)
+    _, parts = smoothed.method.loss(out, targets)
+    expected = sum(authors_kl(out[t].detach(), out[s].detach()) for t in names for s in names if t != s).item()
+    assert parts["kl"].item() == pytest.approx(expected, rel=1e-4)
+    assert exact_parts["kl"].item() == pytest.approx(naive_dks_kl([out[n] for n in names]).item(), rel=1e-5)
+    assert exact_parts["kl"].item() > parts["kl"].item() + 50  # the cap bites on this pair
+    # eps is DKS's only: DS has no KL; and it must be a small non-negative number
+    for method, options, match in [("ds", {"eps": 1e-8}, "unknown option 'eps'"),
+                                   ("dks", {"eps": -1.0}, "'eps' must be a finite number >= 0"),
+                                   ("dks", {"eps": 0.5}, "'eps' must be < 0.01")]:
+        with pytest.raises(ValueError, match=match):
+            ssal_models.build_model("resnet18", method, C, **options)

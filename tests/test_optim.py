@@ -55,3 +55,11 @@ def test_lr_scales_with_the_global_batch():
     optimizer = build_optimizer(nn.Linear(2, 2), cfg, global_batch=128)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25)
     assert optimizer.param_groups[0]["nesterov"] is True
+
+
+def test_decay_norm_and_bias_puts_weight_decay_on_every_parameter():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    decay, no_decay = parameter_groups(model, 1e-4, decay_norm_and_bias=True)
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters()} and not no_decay["params"]
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=1e-4, decay_norm_and_bias=True), global_batch=256)
+    assert sum(len(g["params"]) for g in optimizer.param_groups if g["weight_decay"] == 1e-4) == 6

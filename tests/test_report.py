@@ -62,3 +62,33 @@ def test_unknown_study_is_one_line_exit_2(tmp_path, capsys):
     assert report.main(["--study", "nope", "--tracking-uri", uri, "--no-mlflow"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow's own INFO lines come first)
     assert err.startswith("error: no runs tagged study='nope'")
+
+
+def test_paper_figures_from_the_study_file_sit_beside_ours(tmp_path, capsys):
+    uri = default_tracking_uri(str(tmp_path / "runs"))
+    log_run(uri, tmp_path, "baseline", "baseline", {"val/top1/main": 0.5, "val/top5/main": 0.9})
+    log_run(uri, tmp_path, "ssal3", "ssal", {"val/top1/main": 0.52, "val/top1/joint": 0.55, "val/top5/main": 0.91,
+                                             "val/top5/joint": 0.93})
+    study = tmp_path / "paper.yaml"
+    study.write_text("study: rep\nstages:\n  baseline: {paper: {main: [75.5, 92.7]}}\n"
+                     "  ssal3: {paper: {main: [76.4, 93.3], joint: 76.9}}\n"
+                     "  lc: {kind: lc, from: ssal3, paper: {lc: [76.7, 93.4]}}\n")
+    out = tmp_path / "out"
+    assert report.main(["--study", "rep", "--tracking-uri", uri, "--out", str(out), "--no-mlflow",
+                        "--paper", str(study)]) == 0
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[5:11] == ["top1 main", "paper top1 main", "top5 main", "paper top5 main", "top1 joint",
+                            "paper top1 joint"]
+    assert "paper top1 lc" in header and "paper top5 joint" not in header  # no top-5 quoted for joint
+    rows = {r.strip("|").split("|")[0].strip(): dict(zip(header, [c.strip() for c in r.strip("|").split("|")]))
+            for r in table[1:]}
+    assert rows["baseline"]["paper top1 main"] == "75.50" and rows["baseline"]["top1 main"] == "50.00"
+    assert rows["ssal3"]["paper top1 joint"] == "76.90" and rows["ssal3"]["paper top5 main"] == "93.30"
+    assert rows["lc"]["status"] == "not run" and rows["lc"]["paper top1 lc"] == "76.70"  # the paper's row, still to run
+    capsys.readouterr()
+    study.write_text("study: rep\nstages:\n  baseline: {paper: {main: [75.5, 192.7]}}\n")
+    assert report.main(["--study", "rep", "--tracking-uri", uri, "--out", str(out), "--no-mlflow",
+                        "--paper", str(study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stages.baseline.paper.main" in err and "\n" not in err

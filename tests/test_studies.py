@@ -233,3 +233,27 @@ def test_unfinished_stage_reruns_and_report_follows(demo_study, tmp_path):
     finally:
         if not groups_json.is_file():
             groups_json.write_bytes(saved)
+
+
+@pytest.mark.parametrize("name", ["paper_ssal_imagenet", "paper_dks_imagenet"])
+def test_paper_studies_run_the_paper_recipes_and_quote_the_paper(tmp_path, name):
+    s = study_lib.load_study(REPO_ROOT / "studies" / f"{name}.yaml", [f"runs_root={tmp_path}"])
+    train = [st for st in s.stages.values() if st.kind == "train"]
+    for stage in train:  # every training stage runs one of configs/imagenet/paper/
+        config = stage.argv[stage.argv.index("--config") + 1]
+        assert "configs/imagenet/paper/" in config, (stage.name, config)
+    report = s.stages["report"].argv
+    assert report[report.index("--paper") + 1] == str((REPO_ROOT / "studies" / f"{name}.yaml").resolve())
+    from pipeline.report import read_paper_figures
+
+    figures = read_paper_figures(REPO_ROOT / "studies" / f"{name}.yaml")
+    if name == "paper_dks_imagenet":
+        assert len(train) == 9 and set(figures) == {f"{a}_{m}" for a in ("resnet18", "resnet50", "resnet152")
+                                                    for m in ("baseline", "dks")}
+        assert figures["resnet50_dks"]["main"] == (76.47, 93.60)  # 100 - the paper's 23.53 / 6.40 errors
+    else:
+        assert [st.name for st in train] == ["baseline", "ssal3", "gapcat"]
+        assert set(figures) == {"baseline", "ssal3", "lc", "gapcat"}
+        assert figures["ssal3"] == {"main": (76.4, 93.3), "joint": (76.9, 93.7)}
+        groups = " ".join(s.stages["groups"].argv)
+        assert "authors" in groups and "hard" in groups and "200 334 500" in groups
