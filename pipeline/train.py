@@ -353,7 +353,8 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = ckpt.load_training_state(path)
-        check_resumable(path, state, self.cfg, self.model_without_ddp, self.groupings)
+        ckpt.check_resumable(path, state, self.cfg.flat(), self.model_without_ddp.state_dict(),
+                             [g.tolist() for g in self.groupings] if self.groupings is not None else None)
         self.model_without_ddp.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -518,32 +519,6 @@ class Trainer:
         ckpt.atomic_torch_save(self.model_without_ddp.state_dict(), weights)
         if self.cfg.tracking.log_model:
             self.tracker.log_artifact(str(weights))
-
-
-# what a checkpoint's weights are shaped by: resuming with another value cannot work
-ARCHITECTURE_KEYS = ("model.arch", "model.blurpool", "model.width_multiplier", "model.stem_convs",
-                     "model.stem_conv_width", "method.name")
-
-
-def check_resumable(path: Path, state: dict, cfg: Config, model: nn.Module, groupings) -> None:
-    """Refuse (one line) a checkpoint of another architecture, method or grouping than `cfg` builds."""
-    fix = f"resume with the run's own config ({path.parent / 'config.yaml'}) or start a new run"
-    saved_cfg = state.get("config") or {}
-    here = cfg.flat()
-    for key in ARCHITECTURE_KEYS:
-        section, name = key.split(".")
-        saved = saved_cfg.get(section, {}).get(name, here[key])
-        if saved != here[key]:
-            raise ConfigError(f"--resume: {path} was trained with {key}={saved}, this config has {here[key]}; {fix}")
-    saved_groups = state.get("groupings")
-    if saved_groups is not None and groupings is not None and saved_groups != [g.tolist() for g in groupings]:
-        counts = lambda gs: [int(max(g)) + 1 for g in gs]  # noqa: E731
-        what = (f"{counts(saved_groups)} groups, this config makes {counts(groupings)}"
-                if counts(saved_groups) != counts(groupings) else "other class groupings than this config")
-        raise ConfigError(f"--resume: {path} was trained with {what} (method.num_groups / method.groups_file); {fix}")
-    mismatch = ckpt.describe_state_mismatch(model.state_dict(), state["model"])
-    if mismatch:
-        raise ConfigError(f"--resume: {path} holds the weights of another model ({mismatch}); {fix}")
 
 
 def metrics_rate(meter: engine.EpochMeter, info: dist_util.DistInfo) -> float:

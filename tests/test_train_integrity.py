@@ -63,6 +63,46 @@ def test_two_process_validation_metrics_are_those_of_the_saved_model(tiny_demo, 
             assert again[key] == pytest.approx(value, rel=1e-5), key
 
 
+BN_RANKS = """
+import torch, torch.distributed as dist
+from torch import nn
+from pipeline.util.dist import average_bn_statistics
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+model(torch.zeros(2, 3, 8, 8))
+ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+torch.manual_seed(1 + rank)  # each rank its own images: its own batch statistics
+ddp(torch.randn(4, 3, 8, 8) * (1 + rank)).sum().backward()
+bn = model[1]
+def gathered():
+    flat = torch.cat([bn.running_mean, bn.running_var])
+    out = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(out, flat)
+    return out
+before = gathered()
+assert not torch.equal(before[0], before[1])
+average_bn_statistics(model)
+after = gathered()
+assert all(torch.equal(after[0], a) for a in after)
+assert torch.allclose(after[0], sum(before) / world)
+if rank == 0:
+    print("bn statistics equal on every rank", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_bn_statistics_are_averaged_over_ranks(tmp_path):
+    script = tmp_path / "bn_ranks.py"
+    script.write_text(BN_RANKS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], cwd=REPO_ROOT, env=dict(env(), PYTHONPATH=str(REPO_ROOT)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bn statistics equal on every rank" in result.stdout
+
+
 def _run_until_held(args: list[str], hold: str, tmp_path: Path, name: str) -> None:
     """Start a training that stops inside the save `hold` (NAME@N) and SIGKILL it there."""
     flag = tmp_path / f"held-{name}"

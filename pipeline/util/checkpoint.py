@@ -147,6 +147,35 @@ def _intact_alternative(path: Path) -> str:
     return f"; {best} (epoch {epoch}) is intact: continue from it with --resume {best}"
 
 
+# what a checkpoint's weights are shaped by: resuming with another value cannot work
+ARCHITECTURE_KEYS = ("model.arch", "model.blurpool", "model.width_multiplier", "model.stem_convs",
+                     "model.stem_conv_width", "method.name")
+
+
+def check_resumable(path: Path, state: dict[str, Any], config: dict[str, Any], model_state: dict[str, torch.Tensor],
+                    groupings: list[list[int]] | None) -> None:
+    """Refuse (one line) to resume `state` into a model of another architecture, method or grouping
+    than the flat `config` (``section.key -> value``) builds."""
+    fix = f"resume with the run's own config ({path.parent / 'config.yaml'}) or start a new run"
+    saved_config = state.get("config") or {}
+    for key in ARCHITECTURE_KEYS:
+        section, name = key.split(".")
+        saved = saved_config.get(section, {}).get(name, config[key])
+        if saved != config[key]:
+            raise CheckpointError(f"--resume: {path} was trained with {key}={saved}, this config has "
+                                  f"{config[key]}; {fix}")
+    saved_groups = state.get("groupings")
+    if saved_groups is not None and groupings is not None and saved_groups != groupings:
+        saved_counts, counts = [max(g) + 1 for g in saved_groups], [max(g) + 1 for g in groupings]
+        what = (f"{saved_counts} groups, this config makes {counts}" if saved_counts != counts
+                else "other class groupings than this config")
+        raise CheckpointError(f"--resume: {path} was trained with {what} (method.num_groups / method.groups_file); "
+                              f"{fix}")
+    mismatch = describe_state_mismatch(model_state, state["model"])
+    if mismatch:
+        raise CheckpointError(f"--resume: {path} holds the weights of another model ({mismatch}); {fix}")
+
+
 def describe_state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, Any]) -> str:
     """'' when `got` has exactly `expected`'s keys and shapes; else a short summary (counts, first keys),
     never torch's full list of missing keys."""

@@ -40,6 +40,8 @@ class MetricsJournal:
             self.tracker.log_metrics(metrics, step=step)
             return
         entry = self.entries.get(key)
+        if entry is None and not metrics:
+            return
         if entry is None:
             entry = {"key": key, "step": int(step), "ts": int(time.time() * 1000),
                      "metrics": {name: float(value) for name, value in metrics.items()}}
