@@ -234,7 +234,14 @@ class Trainer:
         from datasets.manifest import class_names, read_manifest
 
         data_root = ensure_dataset(cfg, info)
-        manifest = read_manifest(data_root)
+        try:
+            manifest = read_manifest(data_root)
+        except ValueError as err:  # the manifest's own checks: the message names the file
+            raise ConfigError(f"data.root: {err}") from None
+        missing = [split for split in ("train", "val") if split not in manifest["splits"]]
+        if missing:
+            raise ConfigError(f"data.root: {data_root / 'manifest.json'} has no {' and no '.join(missing)} split; "
+                              f"write the data set with `python datasets/write_ffcv.py {cfg.data.dataset} --out {data_root}`")
         self.num_classes = int(manifest["num_classes"])
         self.class_names = class_names(manifest)
         needs_groups = cfg.method.name in ("ssal", "gapcat")
@@ -265,7 +272,8 @@ class Trainer:
                 num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
                 distributed=info.distributed, channels_last=self.channels_last)
         except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"data.root: {err}") from None
+            raise ConfigError(f"data.root: {err}; check the folder with "
+                              f"`python datasets/write_ffcv.py verify --out {data_root}`") from None
         self.resolution_for_epoch = data_loader.resolution_for_epoch
         # FFCV sets torch's thread count to its worker count: reset it for CPU training
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, _local_world_size()))
@@ -316,7 +324,7 @@ class Trainer:
         if self.run_id is None and run_id_file.is_file():  # preempted before the first checkpoint
             self.run_id = run_id_file.read_text().strip() or None
         self.tracker = make_tracker(cfg, info, self.run_dir)
-        self.journal = MetricsJournal(self.run_dir, self.tracker, enabled=info.is_main)
+        self.journal = MetricsJournal(self.run_dir, self.tracker, enabled=info.is_main and cfg.tracking.enabled)
         self.trained = False  # whether this process trained (a finished run resumed only re-evaluates)
 
     # -- checkpoints

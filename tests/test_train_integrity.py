@@ -2,6 +2,7 @@
 (2 processes, real gloo), every metric reaches MLflow exactly once through kills during checkpoint
 writes, a full disk and re-evaluations (real processes, real SIGKILL, a real SQLite store, a real
 tmpfs), and a damaged checkpoint or data set is one line with exit code 2."""
+import json
 import os
 import shutil
 import signal
@@ -241,6 +242,12 @@ def _garble(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _edit_manifest(data: Path, edit) -> None:
+    manifest = json.loads((data / "manifest.json").read_text())
+    edit(manifest)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _data_copy(tiny_demo: Path, tmp_path: Path, damage) -> Path:
     data = tmp_path / "data"
     shutil.copytree(tiny_demo, data)
@@ -269,6 +276,10 @@ ONE_LINE_CASES = [
      ["last.pt: checksum mismatch", "best.pt (epoch 1) is intact"]),
 ]
 DATA_CASES = [
+    ("manifest without splits", lambda d: _edit_manifest(d, lambda m: m.update(splits={})),
+     ["manifest.json", "splits must be a non-empty object"]),
+    ("manifest without a val split", lambda d: _edit_manifest(d, lambda m: m["splits"].pop("val")),
+     ["manifest.json has no val split", "write_ffcv.py"]),
     ("manifest without betons", lambda d: [(d / n).unlink() for n in ("train.beton", "val.beton")],
      ["train.beton", "no such beton"]),
     ("beton truncated to half", lambda d: _truncate(d / "train.beton"), ["train.beton", "not a readable FFCV beton"]),
