@@ -32,10 +32,10 @@ demo: venv
 	$(PY) pipeline/launch.py --local --resume auto
 
 test: venv
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=15
 
 test-fast: venv
-	$(PY) -m pytest -ra -m "not slow"
+	$(PY) -m pytest -ra --durations=15 -m "not slow"
 
 clean-runs:
 	rm -rf runs

@@ -387,37 +387,70 @@ def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None,
     return rid, f"run {rid}: mlflow ui --backend-store-uri {uri}  then http://127.0.0.1:5000/#/experiments/{eid}/runs/{rid}"
 
 
-def make_executor(folder: Path, s: dict[str, Any], job_name: str):
+SLURM_COMMANDS = ("sbatch", "srun")
+
+
+def missing_slurm_commands() -> list[str]:
+    """The SLURM client commands a submission needs that are not on PATH (sbatch submits, the job runs srun)."""
+    return [name for name in SLURM_COMMANDS if shutil.which(name) is None]
+
+
+def require_slurm() -> None:
+    """One clear line (LaunchError) instead of submitit's RuntimeError when this machine has no SLURM."""
+    missing = missing_slurm_commands()
+    if missing:
+        raise LaunchError(f"{' and '.join(missing)} not found: run this on a SLURM login node (or slurm/testcluster.sh "
+                          "up; source its env.sh), or use --local (--dry-run shows the job without SLURM)")
+
+
+def _script_only_executor_class():
     import submitit
 
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
+    class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+        """submitit refuses to build its SLURM executor without `srun` on PATH; rendering the sbatch script
+        for --dry-run needs no SLURM, so this one skips that check (and is never asked to submit)."""
+
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    return ScriptOnlySlurmExecutor
+
+
+def make_executor(folder: Path, s: dict[str, Any], job_name: str, script_only: bool = False):
+    """submitit's SLURM executor with the job's settings. `script_only`: for rendering the script (--dry-run),
+    also where SLURM is not installed."""
+    import submitit
+
+    executor_class = _script_only_executor_class() if script_only else submitit.SlurmExecutor
+    executor = executor_class(folder=str(folder / "%j"))
     extra = dict(s["sbatch"])
     if s["time"]:
         extra.setdefault("time", s["time"])  # exact (submitit's own is in whole minutes)
     if s["mem"]:
         extra.setdefault("mem", s["mem"])
     params: dict[str, Any] = dict(
-        name=job_name,
+        job_name=job_name,
         nodes=s["nodes"],
-        tasks_per_node=s["tasks_per_node"],
-        timeout_min=time_to_minutes(s["time"]) if s["time"] else 60 * 24,
-        slurm_signal_delay_s=s["signal_delay_s"],
+        ntasks_per_node=s["tasks_per_node"],
+        time=time_to_minutes(s["time"]) if s["time"] else 60 * 24,
+        signal_delay_s=s["signal_delay_s"],
         # one failing task ends the step (and the job): nobody is left waiting in a collective
-        slurm_srun_args=["--kill-on-bad-exit=1"],
+        srun_args=["--kill-on-bad-exit=1"],
         # the pre-end signal goes to the tasks (--signal=USR2@N, scancel --signal=USR2 JOBID); a stray USR2 to
         # the batch shell (scancel --batch) must not kill the script that runs srun
-        slurm_setup=["trap '' USR2", f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
-                     f"cd {shlex.quote(str(REPO_ROOT))}", *[str(line) for line in s["setup"]]],
-        slurm_additional_parameters=extra,
-        slurm_array_parallelism=s["array_parallelism"],
+        setup=["trap '' USR2", f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+               f"cd {shlex.quote(str(REPO_ROOT))}", *[str(line) for line in s["setup"]]],
+        additional_parameters=extra,
+        array_parallelism=s["array_parallelism"],
     )
     if s["gpus_per_node"]:
-        params["slurm_gpus_per_node"] = s["gpus_per_node"]
+        params["gpus_per_node"] = s["gpus_per_node"]
     if s["cpus_per_task"]:
         params["cpus_per_task"] = s["cpus_per_task"]
     for key in ("partition", "account", "qos", "constraint"):
         if s[key]:
-            params[f"slurm_{key}"] = s[key]
+            params[key] = s[key]
     executor.update_parameters(**params)
     return executor
 
@@ -435,9 +468,8 @@ def submit_slurm(args: argparse.Namespace) -> int:
         if held and args.resume != "auto":
             raise LaunchError(f"output dir {job.run_dir} already holds a run ({', '.join(held)}): pass --resume auto "
                               f"to continue it, or choose another --output-dir")
-    if not args.dry_run and shutil.which("sbatch") is None:
-        raise LaunchError("sbatch not found: run this on a SLURM login node (or slurm/testcluster.sh up; "
-                          "source its env.sh), or use --local")
+    if not args.dry_run:
+        require_slurm()
     tasks = []
     for job in jobs:
         cfg = dataclasses.replace(job.cfg, output_dir=str(job.run_dir))
@@ -450,18 +482,21 @@ def submit_slurm(args: argparse.Namespace) -> int:
     first = jobs[0]
     folder = (first.run_dir if len(jobs) == 1 else first.run_dir.parent) / "slurm"
     job_name = args.job_name or (first.cfg.run_name if len(jobs) == 1 else f"{first.cfg.tracking.experiment}-array")
-    executor = make_executor(folder, s, job_name)
+    executor = make_executor(folder, s, job_name, script_only=args.dry_run)
     ntasks = s["nodes"] * s["tasks_per_node"]
 
     if args.dry_run:
-        inner = executor._executor
-        text = inner._make_submission_file_text(inner._submitit_command_str, "DRYRUN")
+        text = executor._make_submission_file_text(executor._submitit_command_str, "DRYRUN")
         if len(jobs) > 1:
             text = text.replace("#SBATCH --job-name", f"#SBATCH --array=0-{len(jobs) - 1}%"
                                 f"{min(len(jobs), s['array_parallelism'])}\n#SBATCH --job-name")
         print(text)
         for job, task in zip(jobs, tasks):
             print(f"# {job.label or 'job'}: {job.run_dir}  argv: {shlex.join(task.argv)}")
+        missing = missing_slurm_commands()
+        if missing:
+            print(f"# SLURM not found on this machine ({' and '.join(missing)} not on PATH): the script above is "
+                  f"what would be submitted; a real submission needs a SLURM login node")
         return 0
 
     uris = [default_tracking_uri(job.cfg) for job in jobs]

@@ -636,8 +636,8 @@ def launch_study(args: argparse.Namespace) -> int:
         if args.local:
             return run_local(study, dry_run=getattr(args, "dry_run", False))
         settings = launch.slurm_settings(args)
-        if not args.dry_run and __import__("shutil").which("sbatch") is None:
-            raise StudyError("sbatch not found: run this on a SLURM login node, or use --local")
+        if not args.dry_run:
+            launch.require_slurm()
         submit_slurm(study, settings, dry_run=args.dry_run)
         return 0
     except (StudyError, launch.LaunchError) as err:

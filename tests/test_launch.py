@@ -110,10 +110,43 @@ def test_bad_config_is_refused_before_anything(tmp_path, monkeypatch, capsys):
     assert rc == launch.EXIT_USAGE and "optim.momentom" in err and not submitted
 
 
-def test_no_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
-    rc = launch.main(["--partition", "gpu", "--output-dir", str(tmp_path / "r")])
-    assert rc == launch.EXIT_USAGE and "sbatch not found" in capsys.readouterr().err
+def path_without_slurm(tmp_path, *commands: str) -> dict:
+    """The environment of a machine whose PATH has no SLURM client but `commands`: executables that only leave
+    a trace file when run (nothing may run them: the launcher must refuse before it submits)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in commands:
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\ntouch {tmp_path / (name + '.ran')}\nexit 1\n")
+        script.chmod(0o755)
+    return dict(os.environ, PATH=str(bin_dir))
+
+
+@pytest.mark.parametrize("present", [(), ("sbatch",)], ids=["no-slurm", "sbatch-without-srun"])
+def test_submission_without_slurm_is_one_line_exit_2(tmp_path, present):
+    """A real submission needs sbatch (to submit) and srun (the job script runs it): one line, exit 2, not
+    submitit's RuntimeError; the same for a study."""
+    env = path_without_slurm(tmp_path, *present)
+    for args in (["--partition", "gpu", "--output-dir", str(tmp_path / "r")],
+                 ["--study", str(REPO / "studies" / "demo.yaml"), "--partition", "gpu"]):
+        proc = run_launch(*args, cwd=tmp_path, env=env)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == launch.EXIT_USAGE and len(err) == 1, proc.stderr
+        assert "srun" in err[0] and "not found" in err[0] and "--local" in err[0]
+        assert ("sbatch and srun" in err[0]) == (not present)
+        assert not list(tmp_path.glob("*.ran")) and not (tmp_path / "r").exists()
+
+
+def test_dry_run_without_slurm_shows_the_script_and_says_so(tmp_path):
+    """--dry-run is for a laptop too: the sbatch script and resolved settings without any SLURM installed."""
+    proc = run_launch("--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--dry-run",
+                      "--output-dir", str(tmp_path / "run"), cwd=tmp_path, env=path_without_slurm(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    s = sbatch_lines(proc.stdout)
+    assert s["nodes"] == "2" and s["ntasks-per-node"] == "4" and s["gpus-per-node"] == "4"
+    assert "srun" in proc.stdout and "--kill-on-bad-exit=1" in proc.stdout
+    assert "SLURM not found on this machine (sbatch and srun not on PATH)" in proc.stdout
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_dir_needs_resume_auto(tmp_path, monkeypatch, capsys):
