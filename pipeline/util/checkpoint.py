@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import pickle
 import random
 import re
 import time
@@ -223,8 +224,13 @@ def _feed(digest, obj: Any) -> None:
         digest.update(b"]")
     elif isinstance(obj, (set, frozenset)):  # string hashing varies per process: sort
         digest.update(repr(sorted(repr(v) for v in obj)).encode())
-    else:
+    elif isinstance(obj, _PLAIN_VALUES):
         digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:  # an object whose repr may hold its address: its pickle
+        digest.update(pickle.dumps(obj, protocol=4))
+
+
+_PLAIN_VALUES = (int, float, complex, bool, str, bytes, type(None), np.generic, torch.dtype, torch.device, torch.Size)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
