@@ -128,7 +128,8 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, damage):
     assert message.startswith(str(path)) and "\n" not in message and len(message) < 400, message
 
 
-def _mounted_tmpfs(folder, size: str):
+def mounted_tmpfs(folder, size: str):
+    """`folder`, a new tmpfs of `size` (the caller unmounts it); skips unless root can mount one."""
     if os.geteuid() != 0:
         pytest.skip("filling a disk needs a small tmpfs, and mounting one needs root")
     folder.mkdir()
@@ -140,7 +141,7 @@ def _mounted_tmpfs(folder, size: str):
 
 
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
-    folder = _mounted_tmpfs(tmp_path / "small", "4m")
+    folder = mounted_tmpfs(tmp_path / "small", "4m")
     try:
         path = folder / "last.pt"
         save_checkpoint({"model": {"w": torch.ones(250_000)}, "epoch": 1}, path)  # 1 MB of 4

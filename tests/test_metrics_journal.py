@@ -10,11 +10,15 @@ def _history(uri, run_id, key):
     return [(m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
 
 
-def test_a_key_logged_again_by_a_later_process_is_kept_once(tmp_path):
+def _started(tmp_path):
+    """(store URI, run folder, a started Tracker, its run id)."""
     uri = default_tracking_uri(str(tmp_path / "runs"))
-    run_dir = tmp_path / "run"
-    first = Tracker(uri, "journal", str(run_dir))
-    run_id = first.start("r")
+    tracker = Tracker(uri, "journal", str(tmp_path / "run"))
+    return uri, tmp_path / "run", tracker, tracker.start("r")
+
+
+def test_a_key_logged_again_by_a_later_process_is_kept_once(tmp_path):
+    uri, run_dir, first, run_id = _started(tmp_path)
     MetricsJournal(run_dir, first).log("epoch 1", {"val/top1": 0.5}, step=1)
     first.end("KILLED")
 
@@ -28,10 +32,7 @@ def test_a_key_logged_again_by_a_later_process_is_kept_once(tmp_path):
 
 
 def test_a_line_torn_by_a_kill_does_not_hide_the_next_one(tmp_path):
-    uri = default_tracking_uri(str(tmp_path / "runs"))
-    run_dir = tmp_path / "run"
-    tracker = Tracker(uri, "journal", str(run_dir))
-    run_id = tracker.start("r")
+    uri, run_dir, tracker, run_id = _started(tmp_path)
     MetricsJournal(run_dir, tracker).log("epoch 1", {"loss": 2.0}, step=1)
     with open(run_dir / JOURNAL, "a") as handle:
         handle.write('{"key": "epoch 2", "st')  # killed mid-append: that call was never sent

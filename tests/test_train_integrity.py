@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import REPO_ROOT
 from pipeline.util.checkpoint import HOLD_SAVE_ENV, load_checkpoint
-from tests.test_checkpoint import flip_byte_inside_a_tensor
+from tests.test_checkpoint import flip_byte_inside_a_tensor, mounted_tmpfs
 from tests.test_train import _wait_for_line, env, only_run, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow
@@ -151,19 +151,8 @@ def test_kills_during_checkpoint_writes_log_every_metric_once(tiny_demo, tmp_pat
     assert steps["run/wall_seconds"] == [2] and steps["holdout/top1/main"] == [2]  # not again by the re-evaluation
 
 
-def _mounted_tmpfs(folder: Path, size: str) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("filling a disk needs a small tmpfs, and mounting one needs root")
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    return folder
-
-
 def test_disk_full_at_a_checkpoint_is_one_line_and_the_resume_logs_each_epoch_once(tiny_demo, tmp_path):
-    disk = _mounted_tmpfs(tmp_path / "disk", "64m")
+    disk = mounted_tmpfs(tmp_path / "disk", "64m")
     try:
         overrides = tiny_overrides(tiny_demo, tmp_path, **SMALL, output_dir=disk / "run")
         stderr_path = tmp_path / "stderr.txt"
