@@ -17,10 +17,12 @@ counted), once at 224 px for the table and once at the timing resolution for the
 
 Targets (issue 7): SSAL x3 on ResNet-50 <= 1.20x the backbone's step time; for every method,
 step-time ratio / FLOPs ratio <= 1.10 (branches as efficient as the backbone).
+``--json FILE`` writes the rows (and the run's settings) as well (bench/gpu_check.sh).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -149,6 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads; default 1 with --clock cpu, else 2")
     parser.add_argument("--clock", choices=["cpu", "wall"],
                         help="cpu: process CPU time (CPU default), wall: elapsed time (GPU default)")
+    parser.add_argument("--json", help="write the rows (and the run's settings) to this file as well")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -169,6 +172,11 @@ def main(argv=None) -> None:
     for arch in args.archs:
         rows += run_arch(arch, args.methods, args, device)
     print_table(rows, args, device)
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        if gpu:
+            settings["device_name"] = torch.cuda.get_device_name()
+        Path(args.json).write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -70,12 +70,12 @@ def main(argv=None) -> int:
     for e in epochs:
         print(f"{e:>5}  " + "  ".join(f"{series(lam, 'train/label_fraction').get(e, float('nan')):>12.3f}"
                                       for lam in args.lambdas))
-    print("\nlast epoch        " + "  ".join(f"lambda={lam:<5g}" for lam in args.lambdas))
-    for key in ("train/label_fraction", "train/entropy_term", "train/aux_acc", "train/meta_loss",
-                "val/top1/main", "val/aux_acc"):
-        print(f"{key:<17} " + "  ".join(f"{series(lam, key).get(epochs[-1], float('nan')):>12.4f}"
+    print("\nlast epoch               " + "  ".join(f"lambda={lam:<5g}" for lam in args.lambdas))
+    for key in ("train/label_fraction", "train/label_entropy_frac", "train/label_max_prob", "train/entropy_term",
+                "train/entropy_estimate", "train/aux_acc", "train/meta_loss", "val/top1/main", "val/aux_acc"):
+        print(f"{key:<24} " + "  ".join(f"{series(lam, key).get(epochs[-1], float('nan')):>12.4f}"
                                         for lam in args.lambdas))
-    print("wall seconds      " + "  ".join(f"{results[lam]['seconds']:>12.0f}" for lam in args.lambdas))
+    print("wall seconds             " + "  ".join(f"{results[lam]['seconds']:>12.0f}" for lam in args.lambdas))
     return 0
 
 

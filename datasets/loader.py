@@ -30,7 +30,8 @@ NCHW). CUDA: they write uint8 NHWC, copied with ``non_blocking=True`` from pinne
 FFCV's side streams (``ToDevice``), turned into a channels-last NCHW view (``ToTorchImage``) and
 converted to float and normalised on the GPU in the consumer's current stream (FFCV's GPU
 ``NormalizeImage`` needs cupy, which is not a dependency). The CUDA path is written from FFCV's
-source (ops.py, epoch_iterator.py) and has not been run here.
+source (ops.py, epoch_iterator.py); tests/test_gpu.py compares it with the CPU path where a GPU is
+visible (bench/gpu_check.sh).
 
 Gotchas handled: importing FFCV and creating / iterating its loaders reset torch's thread count
 (restored here); an iterator abandoned mid-epoch is closed (its thread stopped and joined)
@@ -45,7 +46,6 @@ import math
 import os
 import queue
 import threading
-import warnings
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -81,6 +81,7 @@ from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner  # noqa: E402
 
 from datasets.resample import LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8, resample_crop  # noqa: E402
@@ -290,14 +291,36 @@ class CenterCropDecoder(_LayoutOutput, CenterCropRGBImageDecoder):
 
 
 class StatelessQuasiRandom(QuasiRandom):
-    """FFCV's QuasiRandom shuffles its page table in place, so epoch e's order depends on the
-    epochs drawn before it (``set_epoch`` could not reproduce it). This one shuffles a copy."""
+    """FFCV's QuasiRandom order (samples drawn from a window of ``2 x batch_size`` pages at a time,
+    so that with ``os_cache=False`` a process holds that window, not the beton), with two changes:
+
+    * FFCV shuffles its page table in place, so epoch e's order depended on the epochs drawn before
+      it (``set_epoch`` could not reproduce it); this one shuffles a copy.
+    * Distributed: FFCV 1.0.2 refuses it. Every rank draws the same global order (same seed and
+      epoch), padded cyclically to a multiple of the world size as torch's DistributedSampler pads,
+      and takes its own contiguous block of it: the ranks' shares are disjoint, and each rank reads
+      its own pages (all ranks together read the beton about once per epoch, where ``random`` makes
+      every rank read nearly every page)."""
+
+    def __init__(self, loader: Loader):
+        TraversalOrder.__init__(self, loader)  # not QuasiRandom's: it raises when distributed
+        self.page_to_samples = loader.memory_manager.page_to_samples
+        if not self.page_to_samples:
+            raise ValueError("quasi_random: the beton has no data pages")
+        self.prepare_data_structures()
+        if self.distributed:
+            import torch.distributed as dist
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     def sample_order(self, epoch: int):
         result = np.zeros(len(self.indices), dtype=np.int64)
         generate_order_inner(self.seed * 912300 + epoch, self.page_to_samples_array.copy(), self.page_sizes,
                              result, 2 * self.loader.batch_size)
-        return result
+        if not self.distributed:
+            return result
+        per_rank = -(-len(result) // self.world_size)
+        padded = np.resize(result, per_rank * self.world_size)  # repeats the order's start, as DistributedSampler
+        return padded[self.rank * per_rank:(self.rank + 1) * per_rank]
 
 
 # ------------------------------------------------------------------ iterator plumbing
@@ -633,18 +656,15 @@ class TrainLoader(_LoaderBase):
         self.resolution = int(resolution)
         self._cell = np.array([self.seed, 0], dtype=np.int64)  # read by the compiled pipeline by address
         ffcv_order = ORDERS[order]
-        if dist_on and ffcv_order == OrderOption.QUASI_RANDOM:
-            warnings.warn("order='quasi_random' is not supported by FFCV in distributed mode; using 'random'",
-                          stacklevel=2)
-            ffcv_order = OrderOption.RANDOM
-        self.effective_order = {v: k for k, v in ORDERS.items()}[ffcv_order]
+        quasi = ffcv_order == OrderOption.QUASI_RANDOM
         self._decoder = SeededRandomResizedCropDecoder((self.resolution, self.resolution), self._cell,
                                                        scale=scale, ratio=ratio, layout=self._layout())
         image = [self._decoder] + self._image_tail()
-        self._loader = self._make(os_cache=os_cache, order=ffcv_order, distributed=dist_on, seed=self.seed,
-                                  indices=idx, pipelines=self._pipelines(image), drop_last=drop_last,
-                                  batches_ahead=batches_ahead)
-        if ffcv_order == OrderOption.QUASI_RANDOM:
+        # quasi_random: built as random (cheap; FFCV's QuasiRandom refuses distributed), then replaced
+        self._loader = self._make(os_cache=os_cache, order=OrderOption.RANDOM if quasi else ffcv_order,
+                                  distributed=dist_on, seed=self.seed, indices=idx, pipelines=self._pipelines(image),
+                                  drop_last=drop_last, batches_ahead=batches_ahead)
+        if quasi:
             self._loader.traversal_order = StatelessQuasiRandom(self._loader)
             self._loader.first_traversal_order = self._loader.next_traversal_order()
         order_len = len(self._loader.first_traversal_order)

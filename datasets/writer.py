@@ -27,8 +27,8 @@ import numpy as np
 
 from datasets.images import Reject, load_rgb, probe
 from datasets.layouts import DataError, Source
-from datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, atomic_write_text, sha256_file,
-                               write_manifest)
+from datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, atomic_write_text, quick_digest,
+                               sha256_file, write_manifest)
 
 OUTPUT_NAMES = (MANIFEST_NAME, REJECTS_NAME, "train.beton", "val.beton")
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -205,14 +205,15 @@ def write_beton(path: Path, items: list[tuple[str, int]], shapes: np.ndarray, se
         n = int(Reader(str(tmp)).num_samples)
         if n != len(items):
             raise DataError(f"{path.name}: wrote {n} samples, expected {len(items)}")
-        digest = sha256_file(tmp)
+        digest, quick = sha256_file(tmp), quick_digest(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
         for f in glob.glob(fail_prefix + "*"):
             os.unlink(f)
-    return {"sha256": digest, "page_size": page_size, "bytes": path.stat().st_size, "workers": workers}
+    return {"sha256": digest, "quick_sha256": quick, "page_size": page_size, "bytes": path.stat().st_size,
+            "workers": workers}
 
 
 def write_source(source: Source, out_dir: Path, settings: WriterSettings, *, extra: dict | None = None,
@@ -251,7 +252,8 @@ def write_source(source: Source, out_dir: Path, settings: WriterSettings, *, ext
         secs = time.perf_counter() - t0
         splits[split] = {"beton": beton.name, "count": len(good), "per_class": per_class,
                          "rejected": len(rejected), "found": len(items) + len([t for t in source.layout_rejects if t[0] == split]),
-                         "sha256": info["sha256"], "bytes": info["bytes"], "page_size": info["page_size"]}
+                         "sha256": info["sha256"], "quick_sha256": info["quick_sha256"], "bytes": info["bytes"],
+                         "page_size": info["page_size"]}
         stats[split] = secs
         reject_lines += rejected
         log(f"{split}: wrote {len(good)} images ({len(rejected)} rejected of {splits[split]['found']} found) "

@@ -12,9 +12,11 @@ ResNet-18 at small resolution with one SSAL branch, a few epochs on CPU.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,8 +38,9 @@ class DataConfig:
     batch_size: int = 64  # per process
     val_batch_size: int = 128  # per process
     num_workers: int = 2  # FFCV decoding threads per process
-    order: str = "quasi_random"  # quasi_random (needs less RAM than the beton) | random
-    os_cache: bool = True  # memory-map the whole beton through the OS page cache
+    # auto: random with os_cache, quasi_random without (pipeline/util/data_access.py) | random | quasi_random
+    order: str = "auto"
+    os_cache: bool = True  # read the beton through the OS page cache (false: when it does not fit in RAM)
     min_res: int = 32  # progressive resizing: train crop size ramps min_res -> max_res
     max_res: int = 32
     start_ramp: int = 0  # epoch where the ramp starts (0-based)
@@ -275,7 +278,7 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
 
 _CHOICES = {
     "data.dataset": ("demo", "imagenet", "tinyimagenet"),
-    "data.order": ("quasi_random", "random"),
+    "data.order": ("auto", "quasi_random", "random"),
     "method.name": ("baseline", "ssal", "dks", "ds", "gapcat", "maxl"),
     "schedule.kind": ("step", "triangular", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -333,11 +336,38 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.holdout_fraction: must be in [0, 0.5], got {cfg.eval.holdout_fraction}")
     if any(k < 1 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk: every k must be >= 1, got {cfg.eval.topk}")
+    if cfg.tracking.uri:
+        check_tracking_uri(cfg.tracking.uri)
     if cfg.method.name in ("ssal", "gapcat") and not cfg.method.groups_file and not cfg.method.num_groups:
         raise ConfigError("method.num_groups: SSAL needs groupings: set method.groups_file or method.num_groups")
     if cfg.method.groups_file and not resolve_path(cfg.method.groups_file).is_file():
         raise ConfigError(f"method.groups_file: no such file {cfg.method.groups_file}; compute it from a baseline "
                           f"run with `python pipeline/groups.py`")
+
+
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+_URI_FIX = "use http://HOST:PORT (a tracking server), sqlite:////abs/path/mlflow.db, or leave it empty for runs/mlflow.db"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A typo here would lose all tracking (MLflow rejects every call): refuse it before training."""
+    parsed = urllib.parse.urlparse(uri)
+    scheme = parsed.scheme.split("+")[0].lower()  # postgresql+psycopg2://...
+    if not parsed.scheme or "://" not in uri:
+        raise ConfigError(f"tracking.uri: '{uri}' has no scheme (a server: tracking.uri=http://{uri}); {_URI_FIX}")
+    if scheme not in TRACKING_SCHEMES:
+        close = difflib.get_close_matches(scheme, TRACKING_SCHEMES, n=1)
+        hint = f" (did you mean {close[0]}://{uri.split('://', 1)[1]}?)" if close else ""
+        raise ConfigError(f"tracking.uri: '{uri}': unknown scheme '{parsed.scheme}'{hint}; {_URI_FIX}")
+    if scheme in ("http", "https") and not parsed.hostname:
+        raise ConfigError(f"tracking.uri: '{uri}' names no host; {_URI_FIX}")
+    if scheme in ("http", "https"):
+        try:
+            parsed.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            raise ConfigError(f"tracking.uri: '{uri}': the port is not a number; {_URI_FIX}") from None
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise ConfigError(f"tracking.uri: '{uri}': a SQLite URI has three slashes before the path; {_URI_FIX}")
 
 
 # ----------------------------------------------------------------------------- public API

@@ -24,9 +24,11 @@ class Preempted(Exception):
 
 
 def autocast_context(device: torch.device, amp: str):
-    if device.type != "cuda" or amp == "none":
+    """Autocast on the model's device (pipeline/train.py sets amp "none" for CPU runs; the
+    tests run the same code under CPU autocast, tests/step_checks.py)."""
+    if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -88,7 +90,7 @@ class StandardTraining:
         self.train_model = train_model  # possibly DDP / compiled
         self.optimizers: dict[str, torch.optim.Optimizer] = {"net": optimizer}
         self.peak_lrs: dict[str, float] = {"net": peak_lr}
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         self.device, self.amp = device, amp
         self.grad_clip_norm, self.channels_last = grad_clip_norm, channels_last
 
@@ -126,6 +128,14 @@ class StandardTraining:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
             optimizer.step()
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called at the start (or mid-epoch resume) of every training epoch (default: nothing)."""
+
+    def initial_metrics(self, loader: Iterable, steps: int) -> dict[str, float]:
+        """Method-specific reference metrics before any training (logged at step 0; collective:
+        every rank calls it). Default: none, and the loader is not touched."""
+        return {}
 
     def epoch_metrics(self) -> dict[str, float]:
         """Method-specific training statistics of the epoch (reduced over ranks), then reset."""
@@ -166,6 +176,7 @@ def train_one_epoch(
     NaN/Inf loss and Preempted (every rank, together) when a stop was requested.
     """
     training.train_model.train()
+    training.begin_epoch(epoch)
     device = training.device
     iterator = iter(loader)
     started = time.perf_counter()
@@ -186,7 +197,7 @@ def train_one_epoch(
             dist_util.all_reduce_sum(flags)
             if flags[0] > 0:
                 detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step} (global step {global_step}): "
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {step + 1} (global step {global_step}): "
                                     f"loss={loss.item():.4g} on this rank; parts: {detail}")
             meter.update(labels.shape[0], loss.item(), {k: v.item() for k, v in parts.items()})
             global_step += 1
@@ -196,7 +207,7 @@ def train_one_epoch(
                 progress.update(step, loss.item(), training.lr)
             if flags[1] > 0:
                 meter.seconds += time.perf_counter() - started
-                raise Preempted(f"stop requested at epoch {epoch} step {step + 1}")
+                raise Preempted(f"stop requested at epoch {epoch + 1} step {step + 1}")  # 1-based, as progress
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:  # an FFCV iterator abandoned mid-epoch must be closed (its threads)
@@ -221,16 +232,23 @@ def evaluate(
     tta_flip: bool = False,
     channels_last: bool = False,
     prefix: str = "val",
+    soft_out: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Top-k of every prediction rule of the method, its extra metrics, the val loss, and the
     main head's confusion matrix (rows = true class), all summed over ranks (exact counts:
-    the val loader gives every rank a disjoint share, no padding)."""
+    the val loader gives every rank a disjoint share, no padding).  With ``soft_out`` (a C x C
+    float CPU tensor) also the *soft* confusion: the main rule's softmax averaged per true class
+    over the same images (a row of zeros for a class without images)."""
     model = unwrap(model)
     method = model.method
+    # DDP broadcasts rank 0's buffers before each training forward, then every rank updates its
+    # own BN statistics on its batch: evaluate rank 0's everywhere, the ones the checkpoint holds
+    dist_util.broadcast_([b for b in model.buffers() if b.is_floating_point()])
     model.eval()
     topk = sorted(set(min(k, num_classes) for k in topk))
     counts: dict[str, torch.Tensor] = {}
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    soft_sums = None if soft_out is None else torch.zeros(num_classes, num_classes, device=device)
 
     def add(name: str, value: torch.Tensor) -> None:
         counts[name] = counts.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value.double()
@@ -255,6 +273,9 @@ def evaluate(
                 add(f"top{k}/{rule}", hits[:, :k].any(dim=1).sum())
             if rule == "main":
                 confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2)
+                if soft_sums is not None:  # a matmul, not index_add_ (atomics on CUDA: not deterministic)
+                    one_hot = torch.nn.functional.one_hot(labels, num_classes).float()
+                    soft_sums.addmm_(one_hot.T, log_probs.float().exp())
         for name, correct in method.extra_metrics(outputs, labels).items():
             add(name, correct.sum())
 
@@ -262,11 +283,15 @@ def evaluate(
     packed = torch.stack([counts[n] for n in names]) if names else torch.zeros(0, device=device)
     dist_util.all_reduce_sum(packed)
     dist_util.all_reduce_sum(confusion)
+    confusion = confusion.view(num_classes, num_classes)
+    if soft_sums is not None:
+        dist_util.all_reduce_sum(soft_sums)
+        soft_out.copy_(soft_sums / confusion.sum(dim=1, keepdim=True).clamp(min=1))
     totals = dict(zip(names, packed.tolist()))
     samples = max(totals.pop("samples", 0.0), 1.0)
     metrics = {f"{prefix}/{name}": value / samples for name, value in totals.items()}
     metrics[f"{prefix}/samples"] = samples
-    return metrics, confusion.view(num_classes, num_classes).cpu()
+    return metrics, confusion.cpu()
 
 
 class Progress:

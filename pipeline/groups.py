@@ -3,14 +3,27 @@
     python pipeline/groups.py --from-run RUN_ID --k 200 334 500 --criterion join --out groups.json
     python pipeline/groups.py --from-run-dir runs/demo/baseline --k 8 --out groups.json
     python pipeline/groups.py --confusion confusion.npy --data-root data/demo --k 8 --out groups.json
+    python pipeline/groups.py --from-run-dir runs/demo/baseline --k 8 --matrix soft --out groups.json
+    python pipeline/groups.py --import-authors imagenet_200_group_similar_v2.txt --data-root data/imagenet \
+        --out groups.json
 
 The confusion matrix comes from held-out data when the run has it: a run trained with
 ``eval.holdout_fraction > 0`` logs ``confusion_holdout.npy`` (a seeded share of the *train* split,
 never trained on). Without it the val confusion ``confusion_main.npy`` is used, with a warning
 (the groups then peek at the split the final numbers are measured on). The JSON says which
-(``metadata.confusion_split``).
+(``metadata.confusion_split``). ``--matrix soft`` reads the *soft* confusion of the same images
+instead (``confusion_soft_holdout.npy`` / ``confusion_soft_main.npy``: the model's softmax
+averaged per true class), which on few held-out images separates confusable classes far better
+than the hard counts (most of whose off-diagonal cells are 0).
 
-Each grouping is ``ssal_models.grouping.group_classes(confusion, k, criterion, seed)``.
+Each grouping is ``ssal_models.grouping.group_classes(confusion, k, criterion, seed, variant)``;
+``--variant authors`` reproduces the SSAL authors' ``create_grouping_v2`` (raw-count distance,
+groups full at 1.1*C/k, no minimum size), ``paper`` (default) is the balanced ceil(C/k) version.
+
+``--import-authors FILE ...`` converts the authors' published label files (one group index per
+class per line, written as a float, in torchvision's ImageNet class order = sorted wnids) into
+our JSON, one grouping per file in the order given, mapping their class order onto the
+manifest's via the wnids (no MLflow run).
 *Choice* (documented): on a sparse hard-count confusion many class distances tie at 1, and the
 farthest-point seeding then picks seeds by the seeded tie-break, sometimes two in one cluster of
 confusable classes. ``--restarts R`` (default 10) runs seeds ``seed .. seed+R-1`` and keeps the
@@ -42,6 +55,7 @@ from pipeline.runs import ToolError, run_cli
 
 HOLDOUT_FILE = "confusion_holdout.npy"
 VAL_FILE = "confusion_main.npy"
+SOFT_FILES = {HOLDOUT_FILE: "confusion_soft_holdout.npy", VAL_FILE: "confusion_soft_main.npy"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-run-dir", metavar="DIR", help="a training run folder (holds mlflow_run_id and the "
                                                            "confusion .npy files)")
     src.add_argument("--confusion", metavar="FILE.npy", help="a C x C confusion matrix (rows = true class)")
+    src.add_argument("--import-authors", nargs="+", metavar="FILE",
+                     help="the SSAL authors' label files (e.g. imagenet_200_group_similar_v2.txt), one grouping "
+                          "per file; needs --data-root; no --k")
     p.add_argument("--split", choices=("auto", "holdout", "val"), default="auto",
                    help="with a run: which confusion; auto = holdout if logged, else val with a warning "
                         "(default: %(default)s)")
-    p.add_argument("--k", type=int, nargs="+", required=True, metavar="K",
+    p.add_argument("--matrix", choices=("hard", "soft"), default="hard",
+                   help="with a run: hard counts or the soft (mean softmax) confusion (default: %(default)s)")
+    p.add_argument("--k", type=int, nargs="+", metavar="K",
                    help="number of groups of each grouping (one grouping per value, in branch order)")
     p.add_argument("--criterion", choices=("join", "split"), default="join",
                    help="join: confusable classes together; split: apart (default: %(default)s)")
+    p.add_argument("--variant", choices=("paper", "authors"), default="paper",
+                   help="paper: balanced groups of <= ceil(C/k); authors: the SSAL authors' create_grouping_v2 "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="tie-break seed (default: %(default)s)")
     p.add_argument("--restarts", type=int, default=10,
                    help="seeds tried per grouping, best criterion objective kept (default: %(default)s)")
@@ -95,12 +117,13 @@ def objective(confusion: np.ndarray, grouping: np.ndarray) -> float:
     return float(rates[same].sum() / total)
 
 
-def best_grouping(confusion: np.ndarray, k: int, criterion: str, seed: int, restarts: int) -> tuple[np.ndarray, dict]:
+def best_grouping(confusion: np.ndarray, k: int, criterion: str, seed: int, restarts: int,
+                  variant: str = "paper") -> tuple[np.ndarray, dict]:
     from ssal_models.grouping import group_classes
 
     best, best_score, best_seed, scores = None, None, None, []
     for s in range(seed, seed + max(1, restarts)):
-        g = group_classes(confusion, k, criterion, seed=s)
+        g = group_classes(confusion, k, criterion, seed=s, variant=variant)
         score = objective(confusion, g)
         scores.append(score)
         better = best is None or (score > best_score + 1e-12 if criterion == "join" else score < best_score - 1e-12)
@@ -135,21 +158,24 @@ def confusion_from_run(args, mlflow_client, run, tmp: str) -> tuple[np.ndarray, 
     from pipeline import runs
 
     wanted = {"auto": [HOLDOUT_FILE, VAL_FILE], "holdout": [HOLDOUT_FILE], "val": [VAL_FILE]}[args.split]
+    if args.matrix == "soft":
+        wanted = [SOFT_FILES[name] for name in wanted]
     for name in wanted:
         path = runs.run_file(mlflow_client, run, name, tmp) if mlflow_client is not None else None
         if path is None and args.from_run_dir and (Path(args.from_run_dir) / name).is_file():
             path = Path(args.from_run_dir) / name
         if path is None:
             continue
-        split = "holdout" if name == HOLDOUT_FILE else "val"
+        split = "holdout" if name in (HOLDOUT_FILE, SOFT_FILES[HOLDOUT_FILE]) else "val"
         if split == "val" and args.split == "auto":
-            msg = (f"run {run.info.run_id if run else args.from_run_dir} has no {HOLDOUT_FILE}: using the VAL "
-                   f"confusion ({VAL_FILE}); the groups then depend on the split the final numbers are measured on. "
+            msg = (f"run {run.info.run_id if run else args.from_run_dir} has no {wanted[0]}: using the VAL "
+                   f"confusion ({name}); the groups then depend on the split the final numbers are measured on. "
                    f"Train the baseline with eval.holdout_fraction=0.1 to avoid this.")
             print(f"warning: {msg}", file=sys.stderr)
         return np.load(path).astype(np.float64), split, str(path)
+    hint = " (runs logged before the soft confusion existed have none: use --matrix hard)" if args.matrix == "soft" else ""
     raise ToolError(f"run {run.info.run_id if run else args.from_run_dir} has no {' or '.join(wanted)} "
-                    f"(not a finished training run?); pass --confusion FILE.npy instead")
+                    f"(not a finished training run?{hint}); pass --confusion FILE.npy instead")
 
 
 def class_info(data_root: str | None, num_classes: int) -> tuple[list[str], list[int] | None, str]:
@@ -186,15 +212,89 @@ def summary_lines(groupings, stats, names, ari) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- the authors' label files
+
+
+def read_authors_file(path: str, num_classes: int) -> np.ndarray:
+    """One of the authors' label files as a validated grouping (their class order), or ToolError."""
+    file = Path(path)
+    if not file.is_file():
+        raise ToolError(f"--import-authors: no such file {file}")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8", errors="replace").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if len(lines) != num_classes:
+        raise ToolError(f"--import-authors: {file} has {len(lines)} lines but the dataset has {num_classes} classes "
+                        f"(one group index per class, in sorted-wnid order); pass the file made for this dataset")
+    values = np.empty(num_classes)
+    for number, line in enumerate(lines, 1):
+        try:
+            values[number - 1] = float(line)
+        except ValueError:
+            raise ToolError(f"--import-authors: {file} line {number}: {line[:40]!r} is not a number; "
+                            f"expected one group index per line") from None
+    bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)) | (values < 0))
+    if bad.size:
+        raise ToolError(f"--import-authors: {file} line {bad[0] + 1}: {lines[bad[0]]!r} is not a group index "
+                        f"(a non-negative integer)")
+    labels = values.astype(np.int64)
+    used = np.unique(labels)
+    if used.size < 2 or used[-1] != used.size - 1:
+        missing = sorted(set(range(int(used[-1]) + 1)) - set(used.tolist()))[:5]
+        raise ToolError(f"--import-authors: {file} uses group indices 0..{used[-1]} but no class is in group(s) "
+                        f"{missing}; every group 0..k-1 must be used (k >= 2)")
+    return labels
+
+
+def import_authors(args) -> dict:
+    from datasets.manifest import class_names, read_manifest
+    from pipeline.config import resolve_path
+    from ssal_models.grouping import save_groupings
+
+    if not args.data_root:
+        raise ToolError("--import-authors needs --data-root DIR (the dataset folder with manifest.json: the "
+                        "wnids map the authors' sorted-wnid order onto ours)")
+    root = resolve_path(args.data_root)
+    try:
+        manifest = read_manifest(root)
+    except Exception as err:  # noqa: BLE001
+        raise ToolError(f"--data-root: cannot read {root}/manifest.json ({err}); pass the dataset folder") from None
+    wnids = [c["wnid"] for c in manifest["classes"]]
+    if len(set(wnids)) != len(wnids):
+        raise ToolError(f"--data-root: {root}/manifest.json repeats wnids; cannot map the authors' class order")
+    # the authors' line i belongs to the i-th wnid in sorted order (torchvision's ImageFolder order)
+    line_of = {wnid: i for i, wnid in enumerate(sorted(wnids))}
+    order = np.array([line_of[w] for w in wnids])
+    groupings = [read_authors_file(path, len(wnids))[order] for path in args.import_authors]
+    names = class_names(manifest)
+    metadata = {"source": "authors' label files", "files": [str(Path(f).resolve()) for f in args.import_authors],
+                "class_order_of_files": "sorted wnids", "data_root": str(root)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_groupings(out, groupings, names, metadata=metadata)
+    print(f"wrote {out}: {len(groupings)} grouping(s) of {len(names)} classes imported from the authors' files")
+    for path, g in zip(args.import_authors, groupings):
+        sizes = np.bincount(g)
+        print(f"{Path(path).name}: k={sizes.size}, group sizes {sizes.min()}..{sizes.max()} (mean {sizes.mean():.1f})")
+    return {"out": str(out), "groupings": groupings}
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def run(args) -> dict:
     from pipeline import runs
 
-    sources = [x for x in (args.from_run, args.from_run_dir, args.confusion) if x]
+    sources = [x for x in (args.from_run, args.from_run_dir, args.confusion, args.import_authors) if x]
     if len(sources) != 1:
-        raise ToolError("give exactly one of --from-run RUN_ID, --from-run-dir DIR, --confusion FILE.npy")
+        raise ToolError("give exactly one of --from-run RUN_ID, --from-run-dir DIR, --confusion FILE.npy, "
+                        "--import-authors FILE ...")
+    if args.import_authors:
+        if args.k:
+            raise ToolError("--k: not used with --import-authors (each file fixes its own number of groups)")
+        return import_authors(args)
+    if not args.k:
+        raise ToolError("--k: give the number of groups of each grouping, e.g. --k 200 334 500")
     if args.restarts < 1:
         raise ToolError(f"--restarts: must be >= 1, got {args.restarts}")
     out = Path(args.out)
@@ -226,7 +326,7 @@ def run(args) -> dict:
 
     groupings, stats = [], []
     for k in args.k:
-        g, st = best_grouping(confusion, k, args.criterion, args.seed, args.restarts)
+        g, st = best_grouping(confusion, k, args.criterion, args.seed, args.restarts, args.variant)
         groupings.append(g)
         stats.append(st)
     ari = None
@@ -235,9 +335,10 @@ def run(args) -> dict:
     split_note = {"holdout": "held-out share of the train split (eval.holdout_fraction), never trained on",
                   "val": "val split (no holdout confusion was logged): the groups saw the evaluation split",
                   "file": "a confusion file given on the command line"}[split]
-    metadata = {"criterion": args.criterion, "k": list(args.k), "seed": args.seed, "restarts": args.restarts,
-                "confusion_split": split, "confusion_split_note": split_note, "source": source,
-                "num_samples_in_confusion": int(confusion.sum()), "data_root": root, "groupings": stats}
+    metadata = {"criterion": args.criterion, "variant": args.variant, "matrix": args.matrix, "k": list(args.k),
+                "seed": args.seed, "restarts": args.restarts, "confusion_split": split, "confusion_split_note": split_note, "source": source,
+                "num_samples_in_confusion": int(round(float(confusion.sum()))), "data_root": root,
+                "groupings": stats}
     if ari is not None:
         metadata["ari_vs_planted_superclasses"] = {str(k): round(v, 4) for k, v in ari.items()}
 
@@ -246,7 +347,8 @@ def run(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_groupings(out, groupings, names, metadata=metadata)
     print(f"wrote {out}: {len(groupings)} grouping(s) of {num_classes} classes, criterion {args.criterion}, "
-          f"confusion from {split} ({int(confusion.sum())} samples, {where})")
+          f"variant {args.variant}, {args.matrix} confusion from {split} ({metadata['num_samples_in_confusion']} "
+          f"{'classes (rows)' if args.matrix == 'soft' else 'samples'}, {where})")
     for line in summary_lines(groupings, stats, names, ari):
         print(line)
 
@@ -256,13 +358,15 @@ def run(args) -> dict:
         if not experiment and run_obj is not None:
             experiment = mlflow_client.get_experiment(run_obj.info.experiment_id).name
         experiment = experiment or "groups"
-        tags = {"stage": "groups", "method": "groups", "criterion": args.criterion, "confusion_split": split}
+        tags = {"stage": "groups", "method": "groups", "criterion": args.criterion, "confusion_split": split,
+                "variant": args.variant, "matrix": args.matrix}
         if run_obj is not None:
             tags.update({"source_run": run_obj.info.run_id,
                          **{t: run_obj.data.tags[t] for t in ("arch", "dataset", "study") if t in run_obj.data.tags}})
         tags.update(runs.parse_tags(args.tag))
         name = args.run_name or f"groups-{args.criterion}-k{'-'.join(map(str, args.k))}"
-        params = {"k": list(args.k), "criterion": args.criterion, "seed": args.seed, "restarts": args.restarts,
+        params = {"k": list(args.k), "criterion": args.criterion, "variant": args.variant, "matrix": args.matrix,
+                  "seed": args.seed, "restarts": args.restarts,
                   "confusion_split": split, "source": json.dumps(source)}
         tracker = runs.aux_tracker(uri, experiment, out.parent / f".{out.stem}-tracking", name, params, tags)
         metrics = {f"groups/within_group_confusion/k{st['k']}": st["within_group_confusion"] for st in stats}

@@ -30,7 +30,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import time
 from typing import Any, Sequence
 
@@ -117,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("local")
     g.add_argument("--local", action="store_true", help="run on this machine instead of submitting")
     g.add_argument("--nproc", type=int, default=1,
-                   help="local processes: 1 = in this process; N > 1 = torch.distributed.run (gloo on CPU)")
+                   help="local processes: 1 = in this process; N > 1 = N worker processes (gloo on CPU), "
+                        "stopped together: SIGTERM / SIGUSR2 / Ctrl-C checkpoint and stop them (exit 3)")
 
     g = p.add_argument_group("SLURM (flags override the --cluster profile)")
     g.add_argument("--cluster", metavar="NAME", help="profile slurm/NAME.yaml (or a path to a YAML file)")
@@ -316,13 +316,18 @@ def expand_jobs(args: argparse.Namespace, output_dir: str | None) -> list[JobSpe
 
 
 def run_local(args: argparse.Namespace) -> int:
-    _load(args.config, args.overrides, "config")  # fail fast, with the launcher's one-line message
+    from pipeline.util import run_lock
+
+    overrides = ([f"output_dir={Path(args.output_dir).resolve()}"] if args.output_dir else []) + list(args.overrides)
+    cfg = _load(args.config, overrides, "config")  # fail fast, with the launcher's one-line message
     argv = (["--config", args.config] if args.config else []) + (["--resume", args.resume] if args.resume else [])
-    if args.output_dir:
-        argv.append(f"output_dir={Path(args.output_dir).resolve()}")
-    argv += list(args.overrides)
+    argv += overrides
     if args.nproc < 1:
         raise LaunchError(f"--nproc: must be >= 1, got {args.nproc}")
+    try:  # fail before any worker starts; rank 0 holds the lock for the whole run
+        run_lock.check_free(cfg.run_dir)
+    except run_lock.RunFolderBusy as err:
+        raise LaunchError(str(err)) from None
     if args.nproc == 1:
         from pipeline.submitit_launch import resolve_entry
 
@@ -330,12 +335,12 @@ def run_local(args: argparse.Namespace) -> int:
     module = args.entry.split(":")[0]
     if args.entry.split(":")[1] != "main":
         raise LaunchError("--local --nproc N > 1 runs `python -m MODULE`: --entry must be MODULE:main")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", module, *argv]
+    from pipeline.util.local_workers import run_workers
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    print("+ " + shlex.join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=str(REPO_ROOT), env=env)
+    print(f"+ {args.nproc} x python -m {module} {shlex.join(argv)}", flush=True)
+    return run_workers(module, argv, args.nproc, env, str(REPO_ROOT))
 
 
 # ----------------------------------------------------------------------------- SLURM

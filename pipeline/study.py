@@ -21,7 +21,8 @@ Study file (YAML)::
         kind: groups               # pipeline/groups.py on a training stage's confusion
         from: baseline
         k: [8]
-        criterion: join            # join | split; also seed, restarts, split (auto|holdout|val)
+        criterion: join            # join | split; also seed, restarts, split (auto|holdout|val),
+                                   # variant (paper|authors), confusion (soft|hard; default soft)
       ssal3:
         overrides: {method.name: ssal, method.groups_file: "${groups}"}
       lc:
@@ -94,7 +95,7 @@ TOP_KEYS = ("study", "experiment", "description", "base", "stages", "report", "s
 COMMON_KEYS = ("kind", "after", "slurm")
 STAGE_KEYS = {
     "train": ("config", "overrides"),
-    "groups": ("from", "k", "criterion", "seed", "restarts", "split"),
+    "groups": ("from", "k", "criterion", "seed", "restarts", "split", "variant", "confusion"),
     "lc": ("from", "epochs", "lr", "max_samples"),
     "explain": ("from", "images"),
     "report": (),
@@ -359,12 +360,18 @@ def _build_argv(study: Study, stage: Stage, base_config: Any, base_overrides: li
         split = spec.get("split", "auto")
         if split not in ("auto", "holdout", "val"):
             raise StudyError(f"{what}.split: expected auto, holdout or val, got {split!r}")
+        variant, matrix = spec.get("variant", "paper"), spec.get("confusion", "soft")
+        if variant not in ("paper", "authors"):
+            raise StudyError(f"{what}.variant: expected paper or authors, got {variant!r}")
+        if matrix not in ("soft", "hard"):
+            raise StudyError(f"{what}.confusion: expected soft or hard, got {matrix!r}")
         ints = {key: spec.get(key, default) for key, default in (("seed", 0), ("restarts", 10))}
         for key, value in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise StudyError(f"{what}.{key}: expected an integer >= 0, got {value!r}")
         stage.argv = ["--from-run-dir", str(study.stages[spec["from"]].output), "--k", *map(str, k),
-                      "--criterion", criterion, "--split", split, "--seed", str(ints["seed"]),
+                      "--criterion", criterion, "--split", split, "--variant", variant, "--matrix", matrix,
+                      "--seed", str(ints["seed"]),
                       "--restarts", str(max(1, ints["restarts"])), "--out", str(stage.output),
                       "--run-name", stage.name, *common]
     elif stage.kind == "lc":

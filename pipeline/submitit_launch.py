@@ -88,6 +88,8 @@ class TrainTask:
 
     def __call__(self) -> dict[str, Any]:
         preemption.install_handlers()  # after submitit's: ours win
+        # only a SLURM job with requeues left continues after a USR2; otherwise the engine ends the run (KILLED)
+        preemption.allow_requeue("SLURM_JOB_ID" in os.environ and preemption.restart_count() < self.max_requeues)
         os.environ.update(self.env)
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         if self.export_torch_env and "SLURM_JOB_ID" in os.environ:

@@ -51,12 +51,14 @@ __all__ = [
     "ensure_sqlite_store",
     "sync_run_dir",
     "BUFFER_FILE",
+    "REJECTED_FILE",
     "FALLBACK_DB",
 ]
 
 log = logging.getLogger(__name__)
 
 BUFFER_FILE = "tracking_buffer.jsonl"      # pending (unsent) calls, one JSON op per line
+REJECTED_FILE = "tracking_rejected.jsonl"  # calls the store refused (kept, not dropped); `sync` retries them
 STATE_FILE = "tracking_state.json"         # uri / experiment / run id / params, for `sync`
 FALLBACK_DB = "mlflow_fallback.db"         # local store written when the server never came back
 FALLBACK_ARTIFACTS = "mlflow_fallback_artifacts"
@@ -516,7 +518,7 @@ class Tracker:
                 return
             except Exception as e:
                 if _is_permanent(e):
-                    log.warning("tracking: %s call rejected by the store, dropped: %s", op["op"], e)
+                    self._keep_rejected(op, e)
                     return
                 self._went_offline(e)
         self._enqueue(op)
@@ -571,6 +573,20 @@ class Tracker:
             f.flush()
             os.fsync(f.fileno())
 
+    def _keep_rejected(self, op: dict, exc: BaseException) -> None:
+        """A call the store refused is never dropped: it goes to REJECTED_FILE, which `sync` retries."""
+        if op["op"] == "artifact" and STAGING_DIR not in op["local_path"]:
+            op = dict(op, local_path=self._stage_copy(op["local_path"]))
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]
+        path = os.path.join(self.run_dir, REJECTED_FILE)
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(op, rejected=reason)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._save_state()
+        log.warning("tracking: %s call rejected by %s (%s); kept in %s: `python -m pipeline.tracking sync %s "
+                    "[--uri URI]` sends it again", op["op"], self.uri, reason, path, self.run_dir)
+
     def _stage_copy(self, src: str) -> str:
         """Snapshot a file/dir that is waiting to be uploaded (the original may change)."""
         self._n_staged += 1
@@ -603,7 +619,7 @@ class Tracker:
                     if not _is_permanent(e):
                         self._went_offline(e)
                         return
-                    log.warning("tracking: buffered %s call rejected by the store, dropped: %s", op["op"], e)
+                    self._keep_rejected(op, e)
                 self._pending.pop(0)
                 sent += 1
         finally:
@@ -753,6 +769,14 @@ def sync_run_dir(run_dir: str, uri: str | None = None, **tracker_kwargs) -> str 
     ``None`` if calls are still pending (server still unreachable)."""
     with open(os.path.join(run_dir, STATE_FILE)) as f:
         state = json.load(f)
+    rejected = os.path.join(run_dir, REJECTED_FILE)
+    if os.path.exists(rejected):  # refused before: queue them again (those refused again come back here)
+        ops = [{k: v for k, v in op.items() if k != "rejected"} for op in _read_jsonl(rejected)]
+        with open(os.path.join(run_dir, BUFFER_FILE), "a") as f:
+            f.write("".join(json.dumps(op) + "\n" for op in ops))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(rejected)
     target = uri or state["uri"]
     same_store = target == state["uri"]
     t = Tracker(target, state["experiment"], run_dir, **tracker_kwargs)
@@ -773,12 +797,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = ap.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "sync":
-        if not os.path.exists(os.path.join(args.run_dir, BUFFER_FILE)):
-            print(f"nothing to sync: no {BUFFER_FILE} in {args.run_dir}")
+        if not any(os.path.exists(os.path.join(args.run_dir, f)) for f in (BUFFER_FILE, REJECTED_FILE)):
+            print(f"nothing to sync: no {BUFFER_FILE} or {REJECTED_FILE} in {args.run_dir}")
             return 0
         rid = sync_run_dir(args.run_dir, args.uri)
         if rid is None:
             print("tracking server still unreachable; nothing lost, try again later", file=sys.stderr)
+            return 1
+        still = len(_read_jsonl(os.path.join(args.run_dir, REJECTED_FILE)))
+        if still:
+            print(f"synced into run {rid}; {still} call(s) refused again, kept in "
+                  f"{os.path.join(args.run_dir, REJECTED_FILE)}", file=sys.stderr)
             return 1
         print(f"synced into run {rid}")
     return 0

@@ -29,9 +29,11 @@ from pipeline import engine
 from pipeline.config import Config, ConfigError, resolve_path
 from pipeline.optim import build_optimizer, lr_factor, scaled_lr
 from pipeline.util import checkpoint as ckpt
+from pipeline.util import data_access
 from pipeline.util import dist as dist_util
 from pipeline.util import preemption
 from pipeline.util.metrics_journal import MetricsJournal
+from pipeline.util import run_lock
 
 # methods that train differently from engine.StandardTraining (module:class, imported on use)
 TRAININGS = {"maxl": "pipeline.maxl_training:MaxlTraining"}
@@ -39,6 +41,23 @@ TRAININGS = {"maxl": "pipeline.maxl_training:MaxlTraining"}
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 4
 RUN_ID_FILE = "mlflow_run_id"
+
+
+class AgreedConfigError(ConfigError):
+    """A ConfigError that every rank raises together (see :func:`raise_if_any_rank`); rank 0 alone prints it."""
+
+
+def raise_if_any_rank(info: dist_util.DistInfo, message: str | None) -> None:
+    """Each rank passes its own problem (or None); if any rank has one, every rank raises the first one.
+    A check that may fail on one rank only (its node's copy of the data, the lock rank 0 takes) thus ends
+    all ranks at once, with one line instead of one per rank or a rank left waiting in a collective."""
+    messages = [message]
+    if info.distributed:
+        messages = [None] * info.world_size
+        torch.distributed.all_gather_object(messages, message)
+    for rank, text in enumerate(messages):
+        if text:
+            raise AgreedConfigError(text if rank == 0 else f"rank {rank}: {text}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +92,17 @@ def ensure_dataset(cfg: Config, info: dist_util.DistInfo) -> Path:
             subprocess.run([sys.executable, str(writer), "demo", "--out", str(root)], check=True)
         dist_util.barrier()
     return root
+
+
+def data_problem(cfg: Config, data_root: Path, manifest: dict) -> str | None:
+    """Why the data in data.root must not train this config (None: it may). Cheap: see quick_check."""
+    from datasets.manifest import quick_check
+
+    if manifest["dataset"] != cfg.data.dataset:
+        return (f"data.dataset: '{cfg.data.dataset}', but {data_root / 'manifest.json'} holds '{manifest['dataset']}'; "
+                f"set data.dataset={manifest['dataset']} or point data.root at the {cfg.data.dataset} betons")
+    problems = quick_check(data_root, manifest)
+    return f"data.root: {problems[0]}" if problems else None
 
 
 def load_groupings(cfg: Config, num_classes: int, class_names: list[str]) -> list[np.ndarray]:
@@ -242,6 +272,7 @@ class Trainer:
         if missing:
             raise ConfigError(f"data.root: {data_root / 'manifest.json'} has no {' and no '.join(missing)} split; "
                               f"write the data set with `python datasets/write_ffcv.py {cfg.data.dataset} --out {data_root}`")
+        raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
         self.num_classes = int(manifest["num_classes"])
         self.class_names = class_names(manifest)
         needs_groups = cfg.method.name in ("ssal", "gapcat")
@@ -256,17 +287,22 @@ class Trainer:
         train_beton = data_root / manifest["splits"]["train"]["beton"]
         train_indices, holdout_indices = holdout_split(int(manifest["splits"]["train"]["count"]),
                                                        cfg.eval.holdout_fraction, cfg.train.seed)
+        if info.is_main:
+            for line in data_access.access_warnings(train_beton, cfg.data.order, cfg.data.os_cache,
+                                                    data_access.node_memory_bytes(), _local_world_size()):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
         try:  # a beton missing or damaged (truncated...): the loaders' message names the file
             self.train_loader = data_loader.create_train_loader(
                 train_beton, batch_size=batch, num_workers=cfg.data.num_workers, resolution=cfg.data.min_res,
-                device=device, distributed=info.distributed, seed=cfg.train.seed, order=cfg.data.order,
-                os_cache=cfg.data.os_cache, channels_last=self.channels_last, indices=train_indices)
+                device=device, distributed=info.distributed, seed=cfg.train.seed,
+                order=data_access.loader_order(cfg.data.order, cfg.data.os_cache), os_cache=cfg.data.os_cache,
+                channels_last=self.channels_last, indices=train_indices)
             self.holdout_loader = None
             if holdout_indices is not None:
                 self.holdout_loader = data_loader.create_val_loader(
                     train_beton, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
                     resolution=cfg.data.val_res, device=device, distributed=info.distributed,
-                    channels_last=self.channels_last, indices=holdout_indices)
+                    channels_last=self.channels_last, indices=holdout_indices, os_cache=cfg.data.os_cache)
             self.val_loader = data_loader.create_val_loader(
                 data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
                 num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
@@ -298,10 +334,15 @@ class Trainer:
         training_cls.prepare_model(model)  # before DDP wraps it (MAXL: the generator stays out of DDP)
         train_model: nn.Module = model
         if info.distributed:
-            # no buffer broadcast before each forward: BN statistics are averaged after every
-            # step instead (dist_util.average_bn_statistics, called in fit)
+            # find_unused_parameters=True keeps DDP's first gradient buckets for the whole run. Otherwise DDP
+            # re-buckets after the first iteration of every *process*, so the first step after a resume summed
+            # the ranks' gradients in another order than the uninterrupted run did: bit-exact with 2 ranks
+            # (a + b = b + a), not with more (bench/slurm_scale.sh, 16 ranks). Costs one autograd-graph walk a step.
+            # No buffer broadcast before each forward: BN statistics are averaged after every step instead
+            # (dist_util.average_bn_statistics, called in fit).
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+                broadcast_buffers=False)
         if cfg.train.compile:
             train_model = torch.compile(train_model)
         self.global_batch = batch * info.world_size
@@ -403,10 +444,13 @@ class Trainer:
             elif self.epoch > 0:  # the checkpoint's epoch: its log may have been cut off after the save
                 self.journal.log(f"epoch {self.epoch}", self._history_at(self.epoch), step=self.epoch)
             print(f"run dir {self.run_dir}; world size {info.world_size}; device {info.device}; "
-                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}"
+                  f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}; "
+                  f"data order {self.train_loader.order}, os_cache {str(cfg.data.os_cache).lower()}"
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
         epochs = cfg.schedule.epochs
         last_metrics: dict[str, float] = {}
+        if self.resume_path is None:  # once per run, before any training
+            self._log_initial_metrics()
         while self.epoch < epochs:
             epoch = self.epoch
             res = self.resolution_for_epoch(epoch, min_res=cfg.data.min_res, max_res=cfg.data.max_res,
@@ -470,10 +514,11 @@ class Trainer:
             last_metrics, self.confusion = self.evaluate()
         self.holdout_confusion = None
         if self.holdout_loader is not None:
+            self.holdout_soft_confusion = torch.zeros(self.num_classes, self.num_classes)
             holdout, self.holdout_confusion = engine.evaluate(
                 self.model_without_ddp, self.holdout_loader, device=self.info.device, amp=self.amp,
                 num_classes=self.num_classes, topk=self.cfg.eval.topk, channels_last=self.channels_last,
-                prefix="holdout")
+                prefix="holdout", soft_out=self.holdout_soft_confusion)
             self.journal.log(f"holdout {epochs}", holdout, step=epochs)
             last_metrics.update(holdout)
         if info.is_main:
@@ -490,10 +535,26 @@ class Trainer:
             self.journal.log(f"wall_seconds {self.cfg.schedule.epochs}", {"run/wall_seconds": seconds},
                              step=self.cfg.schedule.epochs)
 
+    def _log_initial_metrics(self) -> None:
+        """The method's reference metrics before training (MAXL: the untrained generator's labels
+        on epoch 0's batches), logged at step 0."""
+        cfg = self.cfg
+        self.train_loader.set_resolution(self.resolution_for_epoch(
+            0, min_res=cfg.data.min_res, max_res=cfg.data.max_res, start_ramp=cfg.data.start_ramp,
+            end_ramp=cfg.data.end_ramp))
+        self.train_loader.set_epoch(0)
+        metrics = self.training.initial_metrics(self.train_loader, self.steps_per_epoch)
+        if metrics:
+            for name, value in metrics.items():
+                self.history.setdefault(name, []).append((0, value))
+            self.journal.log("initial", metrics, step=0)
+
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
         kwargs = dict(device=self.info.device, amp=self.amp, num_classes=self.num_classes,
                       topk=self.cfg.eval.topk, tta_flip=self.cfg.eval.tta_flip, channels_last=self.channels_last)
-        metrics, confusion = engine.evaluate(self.model_without_ddp, self.val_loader, **kwargs)
+        self.soft_confusion = torch.zeros(self.num_classes, self.num_classes)  # of the last val evaluation
+        metrics, confusion = engine.evaluate(self.model_without_ddp, self.val_loader, soft_out=self.soft_confusion,
+                                             **kwargs)
         if self.ema is not None:
             ema_metrics, _ = engine.evaluate(self.ema.module, self.val_loader, prefix="val_ema", **kwargs)
             metrics.update(ema_metrics)
@@ -513,9 +574,13 @@ class Trainer:
         conf_path = self.run_dir / "confusion_main.npy"
         np.save(conf_path, self.confusion.numpy())
         self.tracker.log_artifact(str(conf_path))
+        np.save(self.run_dir / "confusion_soft_main.npy", self.soft_confusion.numpy())
+        self.tracker.log_artifact(str(self.run_dir / "confusion_soft_main.npy"))
         if self.holdout_confusion is not None:
-            np.save(self.run_dir / "confusion_holdout.npy", self.holdout_confusion.numpy())
-            self.tracker.log_artifact(str(self.run_dir / "confusion_holdout.npy"))
+            for name, matrix in (("confusion_holdout.npy", self.holdout_confusion),
+                                 ("confusion_soft_holdout.npy", self.holdout_soft_confusion)):
+                np.save(self.run_dir / name, matrix.numpy())
+                self.tracker.log_artifact(str(self.run_dir / name))
         self.tracker.log_figure(plots.confusion_heatmap(self.confusion.numpy(), self.class_names),
                                 "confusion_main.png")
         curves = {k: v for k, v in self.history.items() if k.startswith("val/top1/") or k.startswith("val_ema/top1/")}
@@ -550,7 +615,7 @@ def configure_torch(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=v --resume auto key2=v2, as launch.py takes it
     try:
         cfg = config_lib.load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -560,8 +625,16 @@ def main(argv: list[str] | None = None) -> int:
     info = dist_util.init_distributed_mode(cfg.train.device)
     configure_torch(cfg)
     trainer = None
+    lock = None
     status = "FAILED"
     try:
+        busy = None
+        if info.is_main:  # before anything reads or writes the run folder
+            try:
+                lock = run_lock.acquire(cfg.run_dir)
+            except run_lock.RunFolderBusy as err:
+                busy = str(err)
+        raise_if_any_rank(info, busy)
         trainer = Trainer(cfg, info, args.resume)
         trainer.setup()
         started = time.perf_counter()
@@ -573,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {json.dumps(summary)}", flush=True)
         return 0
     except (ConfigError, ckpt.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if info.is_main or not isinstance(err, AgreedConfigError):
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except engine.Preempted as reason:
         # the checkpoint holds every rank's share of the interrupted epoch's sums; after the
@@ -584,14 +658,15 @@ def main(argv: list[str] | None = None) -> int:
         except ckpt.CheckpointError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_CONFIG
-        if preemption.requeue_pending():
+        if preemption.will_requeue():
             status = None  # the requeued job continues this MLflow run
             if info.is_main:
                 print(f"preempted ({reason}); checkpoint saved, requeue pending", flush=True)
-        else:
+        else:  # a plain stop, or a USR2 that nothing here will requeue (local run, torchrun)
             status = "KILLED"
             if info.is_main:
-                print(f"stopped ({reason}); checkpoint saved to {trainer.run_dir / ckpt.LAST}", flush=True)
+                print(f"stopped ({reason}); checkpoint saved to {trainer.run_dir / ckpt.LAST}; continue with "
+                      f"--resume auto", flush=True)
         return preemption.EXIT_PREEMPTED
     except engine.NonFiniteLoss as err:
         print(f"error: rank {info.rank}: {err}; training stopped, the last good checkpoint is kept "
@@ -609,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         if trainer is not None and getattr(trainer, "tracker", None) is not None and status is not None:
             trainer.tracker.end(status)
         dist_util.cleanup()
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

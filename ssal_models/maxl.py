@@ -12,7 +12,10 @@ Pieces
   gives the ``(C, sum(psi))`` boolean mask ``M``.
 * :func:`mask_log_softmax` -- the generator's mask softmax in log space.
 * :func:`focal_loss` (hard labels) and :func:`soft_focal_loss` (soft labels), both
-  from log-probabilities, gamma = 2; :func:`entropy_term` ``H = sum_k pbar_k log pbar_k``.
+  from log-probabilities, gamma = 2; :func:`entropy_term` ``H = sum_k pbar_k log pbar_k``
+  (the batch form); ``ssal_models.maxl_labels``: the collapse regulariser's three
+  estimates (:class:`~ssal_models.maxl_labels.CollapseRegulariser`, ``method.collapse``)
+  and the label statistics behind the pipeline's ``train/label_*`` metrics.
 * :class:`MultiTaskNet` (backbone + primary head ``fc`` + auxiliary head ``aux_fc``),
   :class:`LabelGenerator` (backbone + MLP head -> ``sum(psi)`` logits),
   :class:`MaxlMethod` (losses, prediction rules, metrics, the meta step; owns the
@@ -42,13 +45,49 @@ statistics included):
   Costs one forward/backward of the generator and four of the multi-task net
   (no double backward).
 
+Collapse regulariser (option ``entropy_estimate``; ``../shared/METHODS.md`` section 3 notation)
+----------------------------------------------------------------------------------------------
+``p_i`` is sample ``i``'s mask-softmax distribution (``A = sum(psi)`` entries, zero outside the
+block of its class ``y_i``), ``B`` this process's batch, ``G`` the global batch of the ``W``
+ranks, ``n_c`` the number of samples of primary class ``c`` and ``w_c = n_c / |set|``.
+Because the blocks are disjoint, ``sum_k pbar_k log pbar_k = sum_c w_c sum_{k in c} pbar_ck
+log pbar_ck + sum_c w_c log w_c`` (``pbar_c``: the class's mean distribution): the term is
+a class-frequency-weighted negative entropy of each class's mean label.
+
+* ``batch`` (the authors', default): ``H = sum_k pbar_k log pbar_k``, ``pbar = mean_{i in B} p_i``.
+  With ``n_c = 1`` (ImageNet: 1000 classes, 32-64 images per GPU) ``pbar_c`` is one sample's
+  label, so ``H`` no longer measures collapse across samples: it pushes each label toward uniform.
+* ``global``: the same ``H`` over ``G``: ``pbar = sum_{i in G} p_i / |G|`` from ``gather`` (the
+  pipeline's all-gather of every rank's ``(sum_{i in B_r} p_i, |B_r|)``; one process: ``batch``).
+  Gradient: through this rank's own ``p_i`` only (the other ranks' sums are constants),
+  multiplied by ``W``, so that averaging the ranks' generator gradients (the pipeline does)
+  gives ``grad_phi H(G) = sum_r dH/dp_{B_r} dp_{B_r}/dphi``.
+* ``ema`` (*choice*): running per-class sums, decay ``beta`` = ``entropy_ema_decay`` (0.99) per
+  generator step, over the global batch: ``s <- beta s + sum_{i in G} p_i`` (A,), ``z_c <- beta z_c
+  + n_c(G)``; the estimate including this step is ``m_c = (beta s_c + sum_{i in G, y_i = c} p_i)
+  / (beta z_c + n_c(G))`` (a class's first estimate is its batch mean: no pull toward uniform).
+  Value: ``H = sum_{c in G} w_c sum_{k in c} m_ck log m_ck + sum_c w_c log w_c`` (``w_c`` over
+  ``G``; ``beta = 0`` gives ``global``'s value). Gradient: ``sum_c w_c sum_{k in c} (log m_ck +
+  1) grad_phi pbar_ck(G)``, i.e. the slope of ``x log x`` at the running estimate applied to the
+  current batch's class means: the gradient through the current batch's contribution to
+  ``m_c``, divided by that contribution's share ``n_c / (beta z_c + n_c)``, so that ``lambda``
+  keeps the batch form's scale and ``beta = 0`` reproduces ``global``'s gradient exactly (times
+  ``W`` across ranks, as there). The slope is the same for every auxiliary class of ``c`` when
+  ``m_c`` is uniform: labels that are peaked but differ between a class's samples are left
+  alone; a collapsed class (``m_c`` peaked) is pushed off its dominant label. The sums are
+  updated once per generator step (skipped on non-finite input), identical on every rank (built
+  from the gathered sums), persistent buffers of ``method.collapse`` (checkpointed) and kept
+  out of DDP's buffer broadcast (:func:`ddp_ignore_generator`).
+
 lr / weight decay / momentum of the virtual step come from ``net_optimizer``
 (per parameter group; SGD momentum buffers as in the authors' first-order code)
 or from ``lr=`` (plain SGD step, as in their second-order code).
 
 One training iteration of each kind (the networks are updated in alternation --
-supplementary section 5 -- e.g. one epoch of multi-task steps, then one epoch (or
-``k`` batches) of generator steps; the schedule is the engine's).  ``model`` is
+supplementary section 5; the pipeline's option ``schedule``: ``interleave``, one generator
+step after every ``generator_every``-th multi-task step on the same batch, or
+``alternate_epochs``, the authors' code: a whole pass of multi-task steps, then a whole pass
+of generator steps on fresh batches).  ``model`` is
 ``build_model(arch, "maxl", C, psi=5)`` (models library) or ``build_maxl_model(arch, C)``
 (standalone :class:`MaxlModel`); the calls are the same for both::
 
@@ -99,6 +138,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .hierarchies import PsiSpec, make_psi
+from .maxl_labels import ENTROPY_ESTIMATES, CollapseRegulariser, Gather
 
 __all__ = [
     "hierarchy_mask", "aux_owner", "mask_log_softmax", "focal_loss", "soft_focal_loss",
@@ -285,7 +325,8 @@ class MaxlMethod(nn.Module):
     aux_key = "aux"
 
     def __init__(self, generator: LabelGenerator, psi: Sequence[int], gamma: float = 2.0,
-                 entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01):
+                 entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01,
+                 entropy_estimate: str = "batch", entropy_ema_decay: float = 0.99):
         super().__init__()
         if meta_order not in META_ORDERS:
             raise ValueError(f"meta_order must be one of {META_ORDERS}, got {meta_order!r}")
@@ -301,6 +342,7 @@ class MaxlMethod(nn.Module):
         self.fd_eps = float(fd_eps)
         self.register_buffer("mask", hierarchy_mask(self.psi), persistent=False)
         self.register_buffer("owner", aux_owner(self.psi), persistent=False)
+        self.collapse = CollapseRegulariser(self.psi, entropy_estimate, entropy_ema_decay)
 
     # ---- multi-task side -------------------------------------------------------------
     def extra_outputs(self, x: torch.Tensor, outputs: "OrderedDict[str, torch.Tensor]"):
@@ -393,10 +435,16 @@ class MaxlMethod(nn.Module):
             self._in_meta = False
 
     def meta_objective(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: Optional[float] = None,
-                       net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0):
+                       net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0,
+                       gather: Optional[Gather] = None, update: bool = True):
         """Second order: ``(L_pri(theta+), H)`` as differentiable functions of the generator's
         parameters (``theta+`` built with ``create_graph=True``).  ``net`` is put in train
-        mode for the call (BN batch statistics) and its buffers are not modified."""
+        mode for the call (BN batch statistics) and its buffers are not modified.  ``H`` is the
+        configured collapse estimate (``gather``: see :class:`CollapseRegulariser`)."""
+        return self._second_order(net, x, y, lr, net_optimizer, grad_scale, gather, update)[:2]
+
+    def _second_order(self, net, x, y, lr, net_optimizer, grad_scale, gather, update=True):
+        """(meta loss, H, generated log-probs, (L_pri, L_aux) at theta)."""
         hp = self._inner_hparams(net, lr, net_optimizer)
         params = {n: p for n, p in net.named_parameters() if n in hp}
         old = _set_train(net, True)
@@ -414,11 +462,11 @@ class MaxlMethod(nn.Module):
             meta = focal_loss(F.log_softmax(_wide(out2["main"]), -1), y, self.gamma)
         finally:
             _restore_train(old)
-        return meta, entropy_term(gen_lp)
+        return meta, self.collapse(gen_lp, gather, update), gen_lp, (pri, aux)
 
-    def _first_order(self, net, x, y, lr, net_optimizer, grad_scale):
-        """Finite-difference meta-gradient; returns (meta loss, H, surrogate) where
-        ``grad_phi surrogate`` is the meta-gradient."""
+    def _first_order(self, net, x, y, lr, net_optimizer, grad_scale, gather=None):
+        """Finite-difference meta-gradient; returns (meta loss, H, surrogate, generated
+        log-probs, (L_pri, L_aux) at theta) where ``grad_phi surrogate`` is the meta-gradient."""
         hp = self._inner_hparams(net, lr, net_optimizer)
         names = [n for n, p in net.named_parameters() if n in hp]
         theta = {n: p.detach() for n, p in net.named_parameters() if n in hp}
@@ -429,15 +477,18 @@ class MaxlMethod(nn.Module):
             p = gen_lp.exp()
             pt = p.detach()
 
-            def grads_wrt(params, target, wrt):
+            def grads_wrt(params, target, wrt, parts=None):
                 out = self._fwd(net, params, buffers, x)
                 pri, aux = self.multitask_loss(out, y, target)
+                if parts is not None:
+                    parts.extend([pri.detach(), aux.detach()])
                 g = torch.autograd.grad((pri + aux) * grad_scale, wrt, allow_unused=True)
                 return [None if t is None else t / grad_scale for t in g]
 
             # virtual step theta+ (no graph)
             th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-            g = grads_wrt(th, pt, [th[n] for n in names])
+            parts: list = []
+            g = grads_wrt(th, pt, [th[n] for n in names], parts)
             with torch.no_grad():
                 fast = {n: self._step(theta[n], gi, hp[n]).requires_grad_(True) for n, gi in zip(names, g)}
             out2 = self._fwd(net, fast, buffers, x)
@@ -456,40 +507,53 @@ class MaxlMethod(nn.Module):
                     leaf = pt.clone().requires_grad_(True)
                     gp.append(grads_wrt(th, leaf, [leaf])[0])
                 v = -(gp[0] - gp[1]) / (2.0 * eps)
-            else:
+            elif torch.isfinite(norm):
                 v = torch.zeros_like(pt)
+            else:  # dL_pri/dtheta+ overflowed (fp16): the meta-gradient is unknown, not zero
+                v = torch.full_like(pt, float("nan"))
         finally:
             _restore_train(old)
-        h = entropy_term(gen_lp)
+        h = self.collapse(gen_lp, gather)
         surrogate = (p * v.detach()).sum() + self.entropy_weight * h
-        return meta.detach(), h, surrogate
+        return meta.detach(), h, surrogate, gen_lp, tuple(parts)
 
     def generator_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: Optional[float] = None,
                        net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0,
-                       accumulate: bool = True) -> Dict[str, torch.Tensor]:
+                       accumulate: bool = True, gather: Optional[Gather] = None) -> Dict[str, torch.Tensor]:
         """Meta-gradient of ``L_pri(theta+) + lambda * H`` w.r.t. the generator, added to
         (``accumulate``) or written into the generator parameters' ``.grad``.
 
         Does not step any optimiser and leaves ``net`` (parameters, ``.grad``, BN buffers)
-        untouched.  Returns ``{"meta_loss", "entropy_term", "finite"}`` (detached tensors).
+        untouched; advances the collapse estimate's running state (``ema``).  ``gather``: the
+        all-gather of a multi-process run (``global`` / ``ema``; see the module docstring).
+        Returns detached tensors: ``meta_loss``, ``entropy_term`` (the estimate's ``H``),
+        ``finite``, ``gen_log_probs`` (the labels of this batch before the step) and
+        ``focal/main``, ``focal/aux`` (the multi-task losses at the current ``theta``).
         """
         net = _unwrap(net)
         gparams = [p for p in self.generator.parameters() if p.requires_grad]
         if self.meta_order == "second":
-            meta, h = self.meta_objective(net, x, y, lr, net_optimizer, grad_scale)
+            # the double backward multiplies the inner (create_graph) and the outer gradient's
+            # scales: sqrt(s) each keeps the product at s, the scale the GradScaler found safe for
+            # the net's own backward (s each gives s^2: inf in fp16 at any usual scale)
+            grad_scale = grad_scale ** 0.5
+            meta, h, gen_lp, parts = self._second_order(net, x, y, lr, net_optimizer, grad_scale, gather)
             total = meta + self.entropy_weight * h
         else:
-            meta, h, total = self._first_order(net, x, y, lr, net_optimizer, grad_scale)
+            meta, h, total, gen_lp, parts = self._first_order(net, x, y, lr, net_optimizer, grad_scale, gather)
         grads = torch.autograd.grad(total * grad_scale, gparams, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g / grad_scale for p, g in zip(gparams, grads)]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        # a non-finite meta loss counts too: the first-order path then drops its meta part (v = 0)
+        # and would step on the entropy term alone
+        finite = torch.stack([torch.isfinite(g).all() for g in grads] + [torch.isfinite(meta).all()]).all()
         if bool(finite):
             for p, g in zip(gparams, grads):
                 if accumulate and p.grad is not None:
                     p.grad.add_(g)
                 else:
                     p.grad = g.detach().clone()
-        return {"meta_loss": meta.detach(), "entropy_term": h.detach(), "finite": finite}
+        return {"meta_loss": meta.detach(), "entropy_term": h.detach(), "finite": finite,
+                "gen_log_probs": gen_lp.detach(), "focal/main": parts[0].detach(), "focal/aux": parts[1].detach()}
 
 
 class MaxlModel(nn.Module):
@@ -535,10 +599,13 @@ def multitask_parameters(model: nn.Module) -> List[nn.Parameter]:
 def ddp_ignore_generator(model: nn.Module) -> List[str]:
     """List the generator's parameters and buffers in ``model._ddp_params_and_buffers_to_ignore``
     (DDP then neither broadcasts nor all-reduces them, and does not wait for their gradients,
-    which the multi-task backward never produces).  Call before wrapping in DDP; the engine
+    which the multi-task backward never produces), and the collapse estimate's running state
+    (identical on every rank by construction).  Call before wrapping in DDP; the engine
     all-reduces the generator's gradients itself after :meth:`MaxlMethod.generator_step`."""
-    gen = _unwrap(model).method.generator
+    method = _unwrap(model).method
+    gen = method.generator
     ids = {id(t) for t in gen.parameters()} | {id(t) for t in gen.buffers()}
+    ids |= {id(t) for t in method.collapse.buffers()}
     names = [n for n, t in model.named_parameters() if id(t) in ids]
     names += [n for n, t in model.named_buffers() if id(t) in ids]
     old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
@@ -564,7 +631,8 @@ def resolve_psi(num_classes: int, psi) -> List[int]:
 def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
                      generator_arch: Optional[str] = None, generator_hidden: Optional[int] = None,
                      backbone_builder: Optional[BackboneBuilder] = None, gamma: float = 2.0,
-                     entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01) -> MaxlModel:
+                     entropy_weight: float = 0.2, meta_order: str = "second", fd_eps: float = 0.01,
+                     entropy_estimate: str = "batch", entropy_ema_decay: float = 0.99) -> MaxlModel:
     """Multi-task net on ``arch`` + label generator on ``generator_arch`` (default: the
     family's small copy, :func:`default_generator_arch`).
 
@@ -584,22 +652,28 @@ def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
             raise
         gbody, gdim = build(arch)
     gen = LabelGenerator(gbody, gdim, psi, hidden=generator_hidden)
-    method = MaxlMethod(gen, psi, gamma=gamma, entropy_weight=entropy_weight, meta_order=meta_order, fd_eps=fd_eps)
+    method = MaxlMethod(gen, psi, gamma=gamma, entropy_weight=entropy_weight, meta_order=meta_order, fd_eps=fd_eps,
+                        entropy_estimate=entropy_estimate, entropy_ema_decay=entropy_ema_decay)
     return MaxlModel(net, method)
 
 
 # --------------------------------------------------------------------------------------
 # models-library integration: build_model(arch, "maxl", num_classes, **options)
 # --------------------------------------------------------------------------------------
-MAXL_OPTIONS = ("psi", "generator_arch", "generator_hidden", "gamma", "entropy_weight", "meta_order", "fd_eps")
+MAXL_OPTIONS = ("psi", "generator_arch", "generator_hidden", "gamma", "entropy_weight", "meta_order", "fd_eps",
+                "entropy_estimate", "entropy_ema_decay")
 
 #: Options that belong to the training, not to the model (read by ``pipeline.maxl_training``):
 #: validated here, stored with their defaults in ``method.training_options``.
 #: ``generator_lr`` (absolute peak lr, not scaled with the batch), ``generator_weight_decay``,
 #: ``generator_momentum`` (SGD of the generator; supplementary: lr 1e-3, wd 5e-4, no momentum)
-#: and ``generator_every`` (one generator meta step after every N-th multi-task step; 0: never).
+#: ``generator_every`` (``interleave``: one generator meta step after every N-th multi-task step;
+#: 0: never) and ``schedule`` (:data:`SCHEDULES`: ``interleave``, or ``alternate_epochs``, the
+#: authors' whole-epoch alternation: even epochs (0, 2, ...) train the multi-task net only, odd
+#: epochs the generator only, one meta step per batch of its own, fresh batches).
 TRAINING_OPTIONS = {"generator_lr": 1e-3, "generator_weight_decay": 5e-4, "generator_momentum": 0.0,
-                    "generator_every": 1}
+                    "generator_every": 1, "schedule": "interleave"}
+SCHEDULES = ("interleave", "alternate_epochs")
 
 
 def training_options(options: Dict) -> Dict:
@@ -607,7 +681,11 @@ def training_options(options: Dict) -> Dict:
     out = dict(TRAINING_OPTIONS)
     for key, default in TRAINING_OPTIONS.items():
         v = options.get(key, default)
-        if isinstance(default, int) and not isinstance(default, bool):
+        if key == "schedule":
+            if v not in SCHEDULES:
+                raise ValueError(f"maxl: option 'schedule' must be one of {', '.join(SCHEDULES)}, got {v!r}")
+            out[key] = v
+        elif isinstance(default, int) and not isinstance(default, bool):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"maxl: option {key!r} must be an integer >= 0, got {v!r}")
             out[key] = int(v)
@@ -648,15 +726,22 @@ def build_maxl_method(info, num_classes: int, options: Dict):
     if meta_order not in META_ORDERS:
         raise ValueError(f"maxl: option 'meta_order' must be one of {', '.join(META_ORDERS)}, got {meta_order!r}")
     floats = {}
-    for key, default, lo in (("gamma", 2.0, 0.0), ("entropy_weight", 0.2, 0.0), ("fd_eps", 0.01, 1e-12)):
+    for key, default, lo in (("gamma", 2.0, 0.0), ("entropy_weight", 0.2, 0.0), ("fd_eps", 0.01, 1e-12),
+                             ("entropy_ema_decay", 0.99, 0.0)):
         v = options.get(key, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= lo) or v != v or v == float("inf"):
             raise ValueError(f"maxl: option {key!r} must be a finite number >= {lo}, got {v!r}")
         floats[key] = float(v)
+    if not floats["entropy_ema_decay"] < 1:
+        raise ValueError(f"maxl: option 'entropy_ema_decay' must be in [0, 1), got {floats['entropy_ema_decay']!r}")
+    estimate = options.get("entropy_estimate", "batch")
+    if estimate not in ENTROPY_ESTIMATES:
+        raise ValueError(f"maxl: option 'entropy_estimate' must be one of {', '.join(ENTROPY_ESTIMATES)}, "
+                         f"got {estimate!r}")
     garch = options.get("generator_arch") or default_generator_arch(info.arch)
     gbody, gdim = torchvision_backbone(garch)
     gen = LabelGenerator(gbody, gdim, psi, hidden=options.get("generator_hidden"))
-    method = MaxlMethod(gen, psi, meta_order=meta_order, **floats)
+    method = MaxlMethod(gen, psi, meta_order=meta_order, entropy_estimate=estimate, **floats)
     method.training_options = train_opts
     return MethodBuild(method=method, branches=[BranchSpec(MaxlMethod.aux_key, "layer4",
                                                            AuxHead(info.feature_dim, sum(psi)))])

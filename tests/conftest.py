@@ -18,6 +18,23 @@ import urllib.request as _urlrequest
 import pytest as _pytest
 
 
+# --- the `gpu` marker: one place decides, so `pytest -ra` gives one clear reason ------------------
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip where torch sees no CUDA device (CI, this box); bench/gpu_check.sh
+    runs them on a GPU machine."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = _pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False here); "
+                                    "run bench/gpu_check.sh on a GPU machine")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 def free_port() -> int:
     with _socket.socket() as s:
         s.bind(("127.0.0.1", 0))

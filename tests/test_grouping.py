@@ -180,3 +180,111 @@ def test_load_reports_malformed_structure_as_value_error(tmp_path, content):
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError):
         grouping.load_groupings(path)
+
+
+# ----------------------------------------------------------------------------- variant="authors"
+# Expected partitions below are worked out by hand from create_grouping_v2's steps: first class =
+# smallest row sum of D (join: D = max(M) - M, the most confused; split: D = M, the least
+# confused), then while a group is empty the class farthest from its nearest group opens the
+# next one, then the class closest to any group (full ones included) goes to its nearest group
+# with room; a group is full at len >= 1.1 * C / k.
+
+
+def blocks_confusion(sizes, within=10.0, correct=50.0):
+    truth = np.repeat(np.arange(len(sizes)), sizes)
+    counts = within * (truth[:, None] == truth[None, :])
+    np.fill_diagonal(counts, correct)
+    return counts, truth
+
+
+def test_authors_split_starts_from_the_least_confused_class_and_allows_a_singleton():
+    # symmetric off-diagonal counts; row sums 11, 11, 3, 7: class 2 is the least confused
+    counts = np.diag([20.0] * 4)
+    for i, j, v in [(0, 1, 6), (0, 3, 4), (1, 3, 3), (0, 2, 1), (1, 2, 2)]:
+        counts[i, j] = counts[j, i] = v
+    # group 0 = {2}; farthest from it: class 1 (D = 2) opens group 1; then class 3 (D = 0 to group 0)
+    # joins group 0; then class 0 (mean 2.5 to group 0 vs 6 to group 1) joins group 0: 1.1*4/2 = 2.2,
+    # so a group is full only at 3 members
+    g = grouping.group_classes(counts, 2, "split", variant="authors")
+    assert g.tolist() == [0, 1, 0, 0]
+    assert sorted(np.bincount(g).tolist()) == [1, 3]  # no minimum size, no balance
+    assert sorted(np.bincount(grouping.group_classes(counts, 2, "split")).tolist()) == [2, 2]  # paper: ceil(C/k)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_authors_capacity_is_1_1_c_over_k(seed):
+    # C = 20, k = 4: full at len >= 5.5, so the block of 6 stays whole (the paper variant caps at 5)
+    counts, truth = blocks_confusion([6, 5, 5, 4])
+    counts[0, 1] = counts[1, 0] = 11  # class 0 is the single most confused one
+    g = grouping.group_classes(counts, 4, "join", seed=seed, variant="authors")
+    assert same_partition(g, truth) and g[0] == 0
+    assert np.bincount(grouping.group_classes(counts, 4, "join", seed=seed)).max() == 5
+    # a block of 7: the 7th class finds its group full and goes to another one (all at the same
+    # distance: the seeded draw picks which); the other blocks stay whole
+    counts, truth = blocks_confusion([7, 5, 4, 4])
+    g = grouping.group_classes(counts, 4, "join", seed=seed, variant="authors")
+    assert sorted(np.unique(g[truth == 0], return_counts=True)[1].tolist()) == [1, 6] and np.bincount(g).max() == 6
+    assert all(len(set(g[truth == block].tolist())) == 1 for block in (1, 2, 3))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_authors_isolated_class_keeps_a_group_of_its_own(seed):
+    # three blocks of 3 and class 9 confused with nobody: every seed after the first is at distance
+    # max from the groups so far, one per block and class 9; the blocks then fill their own groups
+    counts, truth = blocks_confusion([3, 3, 3, 1])
+    g = grouping.group_classes(counts, 4, "join", seed=seed, variant="authors")
+    assert same_partition(g, truth)
+    assert np.bincount(g).tolist().count(1) == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_authors_fill_order_places_the_class_closest_to_a_full_group_first(seed):
+    # classes 0-3 = clique A, 4-6 = clique B (counts 10), 7 = c (confused with nobody), 8 = x (7 with
+    # each of A, 2 with each of B), 9 = y (6 with each of B, 2 with each of A); A-B pairs 1. C = 10,
+    # k = 3: full at len >= 3.67. D = 10 - M: first class = one of A (row sum 48, the smallest);
+    # farthest from it: c (D = 10) opens group 1, then one of B (9 vs y's 8) opens group 2; A and
+    # B fill their groups at distance 0 (A full with 4, B at 3). Left: x (mean 3 to the *full* A)
+    # and y (mean 4 to B): the authors place x first, into its nearest group with room, B (8 < 10),
+    # which fills B, so y goes to c's group.
+    counts = np.zeros((10, 10))
+
+    def pair(i, j, value):
+        counts[i, j] = counts[j, i] = value
+    for block in (range(0, 4), range(4, 7)):
+        for i in block:
+            for j in block:
+                pair(i, j, 10)
+    for a in range(4):
+        pair(8, a, 7)
+        pair(9, a, 2)
+        for b in range(4, 7):
+            pair(a, b, 1)
+    for b in range(4, 7):
+        pair(8, b, 2)
+        pair(9, b, 6)
+    np.fill_diagonal(counts, 50)
+    assert grouping.group_classes(counts, 3, "join", seed=seed, variant="authors").tolist() == \
+        [0, 0, 0, 0, 2, 2, 2, 1, 2, 1]
+    # the closest (class, group with room) pair instead gives y B's last place and x goes to c
+    paper = grouping.group_classes(counts, 3, "join", seed=seed)
+    assert paper[9] == paper[4] and paper[8] == paper[7]
+
+
+@pytest.mark.parametrize("criterion", ["join", "split"])
+def test_authors_variant_equals_a_literal_statement_of_create_grouping_v2(criterion):
+    # dense random matrices have no ties: no random draw is involved, the groups must be the same
+    from tests.grouping_reference import reference_authors_group_classes
+
+    for case in range(12):
+        rng = np.random.default_rng(case)
+        num_classes = int(rng.integers(6, 40))
+        k = int(rng.integers(2, num_classes // 2 + 1))
+        counts = rng.integers(0, 10**6, (num_classes, num_classes)).astype(float) if case % 2 \
+            else rng.random((num_classes, num_classes))
+        expected = reference_authors_group_classes(counts, k, criterion)
+        assert np.array_equal(grouping.group_classes(counts, k, criterion, variant="authors"), expected)
+
+
+def test_unknown_variant_is_rejected():
+    with pytest.raises(ValueError, match="variant"):
+        grouping.group_classes(np.ones((8, 8)), 2, variant="mine")

@@ -110,3 +110,113 @@ def test_from_run_logs_an_mlflow_run_with_the_artifact(tmp_path):
     assert len(runs) == 1 and runs[0].data.tags["source_run"] == tracker.run_id
     assert runs[0].data.tags["study"] == "s" and runs[0].data.tags["confusion_split"] == "val"
     assert "groups.json" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+
+
+# ----------------------------------------------------------------------------- variant, soft matrix, authors' files
+
+
+def test_cli_variant_authors_matches_the_library_and_is_recorded(tmp_path, capsys):
+    from ssal_models.grouping import group_classes
+
+    conf, _ = block_confusion(num_classes=20, blocks=4, chain=False)
+    np.save(tmp_path / "c.npy", conf)
+    out = tmp_path / "groups.json"
+    assert groups.main(["--confusion", str(tmp_path / "c.npy"), "--k", "4", "--variant", "authors", "--restarts", "1",
+                        "--out", str(out), "--no-mlflow"]) == 0
+    data = json.loads(out.read_text())
+    assert data["metadata"]["variant"] == "authors" and "variant authors" in capsys.readouterr().out
+    assert data["groupings"][0]["assignment"] == group_classes(conf, 4, "join", variant="authors").tolist()
+
+
+def write_manifest(root, wnids, names=None):
+    names = names or [f"class {w}" for w in wnids]
+    split = {"beton": "val.beton", "count": 0, "per_class": [0] * len(wnids), "rejected": 0, "found": 0, "sha256": ""}
+    manifest = {"format": 1, "dataset": "imagenet", "num_classes": len(wnids),
+                "classes": [{"index": i, "wnid": w, "name": n, "superclass": None, "superclass_name": None}
+                            for i, (w, n) in enumerate(zip(wnids, names))],
+                "splits": {"val": split}}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def authors_file(path, labels):
+    """The authors' layout: numpy.savetxt of the labels as floats, one per line (their class order)."""
+    np.savetxt(path, np.asarray(labels, dtype=float))
+    return path
+
+
+def test_import_authors_maps_sorted_wnid_order_onto_the_manifest(tmp_path, capsys):
+    wnids = ["n05", "n01", "n04", "n02", "n03", "n00"]  # manifest order is not sorted
+    root = write_manifest(tmp_path / "data", wnids)
+    # the authors' line i = the i-th wnid in sorted order: n00 n01 n02 n03 n04 n05
+    first = authors_file(tmp_path / "a.txt", [0, 0, 1, 1, 2, 2])
+    second = authors_file(tmp_path / "b.txt", [1, 0, 1, 0, 1, 0])
+    out = tmp_path / "groups.json"
+    assert groups.main(["--import-authors", str(first), str(second), "--data-root", str(root), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    by_wnid = {"n00": 0, "n01": 0, "n02": 1, "n03": 1, "n04": 2, "n05": 2}
+    assert data["groupings"][0]["assignment"] == [by_wnid[w] for w in wnids]
+    by_wnid = {"n00": 1, "n01": 0, "n02": 1, "n03": 0, "n04": 1, "n05": 0}
+    assert data["groupings"][1]["assignment"] == [by_wnid[w] for w in wnids]
+    assert data["groupings"][0]["groups"][0] == ["class n01", "class n00"]  # names, in the manifest's order
+    assert data["metadata"]["class_order_of_files"] == "sorted wnids"
+    assert "k=3, group sizes 2..2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    ("0\n1\n0\n1\n0\n", "has 5 lines but the dataset has 6 classes"),
+    ("0\n1\n0\n1\n0\n1\n0\n", "has 7 lines"),
+    ("0\n1\n0\n1.5\n0\n1\n", "line 4: '1.5' is not a group index"),
+    ("0\n1\n0\nbird\n0\n1\n", "line 4: 'bird' is not a number"),
+    ("0\n1\n0\n-1\n0\n1\n", "line 4"),
+    ("0\n2\n0\n2\n0\n2\n", "no class is in group(s) [1]"),
+    ("0\n0\n0\n0\n0\n0\n", "k >= 2"),
+])
+def test_import_authors_rejects_bad_files_in_one_line(tmp_path, capsys, content, message):
+    root = write_manifest(tmp_path / "data", [f"n{i:02d}" for i in range(6)])
+    (tmp_path / "bad.txt").write_text(content)
+    assert groups.main(["--import-authors", str(tmp_path / "bad.txt"), "--data-root", str(root),
+                        "--out", str(tmp_path / "g.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err, err
+    assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--import-authors", "{f}", "--out", "x.json"], "needs --data-root"),
+    (["--import-authors", "{f}", "--data-root", "{root}", "--k", "3", "--out", "x.json"], "--k: not used"),
+    (["--import-authors", "missing.txt", "--data-root", "{root}", "--out", "x.json"], "no such file"),
+])
+def test_import_authors_usage_errors(tmp_path, capsys, argv, message):
+    root = write_manifest(tmp_path / "data", [f"n{i:02d}" for i in range(6)])
+    f = authors_file(tmp_path / "a.txt", [0, 0, 1, 1, 2, 2])
+    argv = [a.format(f=f, root=root) for a in argv]
+    assert groups.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_soft_matrix_from_a_run_folder(tmp_path, capsys):
+    """--matrix soft reads confusion_soft_holdout.npy of the run; a run without it is one clear line."""
+    from pipeline.tracking import Tracker, default_tracking_uri
+
+    uri = default_tracking_uri(str(tmp_path / "runs"))
+    conf, truth = block_confusion(num_classes=16, blocks=4, chain=False)
+    soft = conf / conf.sum(axis=1, keepdims=True)
+    run_dir = tmp_path / "base"
+    tracker = Tracker(uri=uri, experiment="g-test", run_dir=str(run_dir))
+    tracker.start("baseline", params={"data.root": ""}, tags={})
+    np.save(run_dir / "confusion_holdout.npy", np.eye(16) * 4)  # a hard matrix with no confusion at all
+    np.save(run_dir / "confusion_soft_holdout.npy", soft)
+    (run_dir / "mlflow_run_id").write_text(tracker.run_id)
+    tracker.end("FINISHED")
+    out = tmp_path / "groups.json"
+    argv = ["--from-run-dir", str(run_dir), "--tracking-uri", uri, "--k", "4", "--out", str(out), "--no-mlflow"]
+    assert groups.main(argv + ["--matrix", "soft"]) == 0
+    meta = json.loads(out.read_text())["metadata"]
+    assert meta["matrix"] == "soft" and meta["confusion_split"] == "holdout"
+    assert groups.adjusted_rand(truth, np.array(json.loads(out.read_text())["groupings"][0]["assignment"])) == 1.0
+    (run_dir / "confusion_soft_holdout.npy").unlink()
+    assert groups.main(argv + ["--matrix", "soft", "--split", "holdout"]) == 2
+    assert "use --matrix hard" in capsys.readouterr().err

@@ -401,7 +401,8 @@ def test_models_library_build_model_maxl(monkeypatch):
         assert bool(stats["finite"]) and all(p.grad is None for p in mx.multitask_parameters(model))
         assert all(p.grad is not None for p in mx.generator_parameters(model))
     names = mx.ddp_ignore_generator(model)
-    assert names and all(n.startswith("method.generator.") for n in names)
+    assert names and all(n.startswith(("method.generator.", "method.collapse.")) for n in names)
+    assert {"method.collapse.ema_label_sum", "method.collapse.ema_sample_count"} <= set(names)
     with pytest.raises(ValueError, match="unknown option"):
         model_mod.build_model("resnet18", "maxl", 4, bogus=1)
     with pytest.raises(ValueError, match="meta_order"):

@@ -1,6 +1,7 @@
 """MAXL in the training pipeline (pipeline/maxl_training.py): the training class in process, and
 end to end on the tiny demo set with real FFCV loaders, 2-process gloo DDP under torchrun, a real
 MLflow SQLite store and real signals (SIGUSR2 mid-epoch, exact resume)."""
+import copy
 import json
 import os
 import signal
@@ -53,7 +54,8 @@ def changed(before, params):
 def test_training_options_are_validated_by_the_model_builder():
     model = tiny_model(generator_lr=0.05, generator_every=3)
     assert model.method.training_options == {"generator_lr": 0.05, "generator_weight_decay": 5e-4,
-                                             "generator_momentum": 0.0, "generator_every": 3}
+                                             "generator_momentum": 0.0, "generator_every": 3,
+                                             "schedule": "interleave"}
     for bad in ({"generator_every": -1}, {"generator_every": 1.5}, {"generator_lr": 0},
                 {"generator_weight_decay": "x"}, {"generator_momentum": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -91,12 +93,15 @@ def test_two_optimisers_alternation_metrics_state_and_artifacts(tmp_path):
     assert metrics["train/generator_steps"] == 1 and metrics["train/generator_skipped"] == 0
     assert 0 < metrics["train/label_fraction"] <= 1 and metrics["train/entropy_term"] <= 0
     assert 0 <= metrics["train/aux_acc"] <= 1 and metrics["train/meta_loss"] > 0
-    assert sum(training.last_counts) == 16 and training.sums.sum() == 0  # reset for the next epoch
+    assert metrics["train/entropy_estimate"] < 0  # the configured estimate (batch) over generator steps
+    assert 0 < metrics["train/label_entropy_frac"] <= 1 and 0.5 <= metrics["train/label_max_prob"] <= 1
+    assert sum(training.label_history[-1]["counts"]) == 16 and training.sums.sum() == 0  # reset
+    assert training.label_sums.sum() == 0
 
     # a fresh training object restores both optimisers, the alternation counter and the epoch sums
     other = make_training(tiny_model())
     other.load_state_dict(state)
-    assert other.iteration == 2 and other.sums[0] == 16 and other.counts.sum() == 16
+    assert other.iteration == 2 and other.label_sums[:8].sum() == 16
     assert other.optimizers["net"].state_dict()["state"].keys() == net_opt.state_dict()["state"].keys()
     assert other.epoch_metrics() == pytest.approx(metrics)
 
@@ -115,6 +120,100 @@ def test_generator_every_zero_never_trains_the_generator():
         training.step(*batch(seed))
     assert not changed(g0, mx.generator_parameters(model))
     assert "train/meta_loss" not in training.epoch_metrics()
+
+
+def optimizer_state(optimizer):
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+            for group in optimizer.param_groups for p in group["params"]]
+
+
+def same_state(a, b):
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k]))
+                                                                  for k in x) for x, y in zip(a, b))
+
+
+def net_buffers(model):
+    return [b.detach().clone() for n, b in model.named_buffers() if not n.startswith("method.")]
+
+
+def test_alternate_epochs_trains_only_the_epochs_network():
+    model = tiny_model(schedule="alternate_epochs", generator_momentum=0.9, generator_every=1)
+    training = make_training(model)
+    gen, net = mx.generator_parameters(model), mx.multitask_parameters(model)
+    for epoch in range(3):
+        training.begin_epoch(epoch)
+        g0, n0, b0 = snapshot(gen), snapshot(net), net_buffers(model)
+        gen_state, net_state = optimizer_state(training.optimizers["generator"]), optimizer_state(training.optimizers["net"])
+        for seed in range(3):
+            loss, parts = training.step(*batch(10 * epoch + seed))
+            assert torch.isfinite(loss) and set(parts) == {"focal/main", "focal/aux"}
+        metrics = training.epoch_metrics()
+        assert 0 < metrics["train/label_fraction"] <= 1 and metrics["train/label_entropy"] > 0
+        if epoch % 2 == 0:  # the multi-task net's epoch
+            assert changed(n0, net) and not changed(g0, gen)
+            assert same_state(gen_state, optimizer_state(training.optimizers["generator"]))
+            assert metrics["train/generator_steps"] == 0 and "train/aux_acc" in metrics
+        else:  # the generator's epoch: one meta step per batch, the net and its optimizer untouched
+            assert changed(g0, gen) and not changed(n0, net)
+            assert all(torch.equal(a, b) for a, b in zip(b0, net_buffers(model)))  # BN statistics too
+            assert same_state(net_state, optimizer_state(training.optimizers["net"]))
+            assert metrics["train/generator_steps"] == 3 and metrics["train/meta_loss"] > 0
+            assert "train/aux_acc" not in metrics  # no multi-task forward in this epoch
+    assert training.iteration == 6  # multi-task steps only
+    assert len(training.optimizers["generator"].state) > 0  # momentum buffers exist (epoch 1) ...
+
+
+def test_alternate_epochs_resumes_mid_epoch_exactly():
+    options = dict(schedule="alternate_epochs", generator_momentum=0.9, entropy_estimate="ema")
+
+    def start():
+        model = tiny_model(**options)
+        return model, make_training(model)
+
+    def train(training, epoch, seeds):
+        training.begin_epoch(epoch)
+        for seed in seeds:
+            training.step(*batch(seed))
+
+    model, training = start()
+    train(training, 0, [0, 1])
+    first = training.epoch_metrics()
+    train(training, 1, [2, 3])
+    saved = copy.deepcopy((model.state_dict(), training.state_dict()))
+    train(training, 1, [4, 5])
+    straight = training.epoch_metrics()
+
+    resumed_model, resumed = start()
+    resumed_model.load_state_dict(saved[0])
+    resumed.load_state_dict(saved[1])
+    train(resumed, 1, [4, 5])
+    assert resumed.epoch_metrics() == straight and first["train/generator_steps"] == 0
+    a, b = model.state_dict(), resumed_model.state_dict()
+    assert any(k.startswith("method.collapse.") for k in a)  # the running estimate is checkpointed
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("net", "generator"):
+        assert same_state(optimizer_state(training.optimizers[name]), optimizer_state(resumed.optimizers[name]))
+
+
+def test_initial_metrics_describe_the_untrained_generator_and_change_nothing():
+    from ssal_models import maxl_labels as mxl
+
+    model = tiny_model()
+    training = make_training(model)
+    before = copy.deepcopy(model.state_dict())
+    batches = [batch(0), batch(1), batch(2)]
+    metrics = training.initial_metrics(batches, steps=2)  # the first two batches
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running statistics included
+    gen = model.method.generator
+    with torch.no_grad():
+        lps = [mx.mask_log_softmax(gen(x), y, model.method.mask) for x, y in batches[:2]]
+    model.load_state_dict(before)
+    sums = [mxl.label_sums(lp, y, model.method.psi) for lp, (_, y) in zip(lps, batches)]
+    expected = mxl.label_metrics({k: sums[0][k] + sums[1][k] for k in sums[0]}, model.method.psi)
+    for key in ("label_entropy", "label_entropy_frac", "label_max_prob", "label_fraction", "label_marginal_entropy"):
+        assert metrics[f"train/{key}"] == pytest.approx(expected[key], rel=1e-6)
+    assert training.label_history[0]["epoch"] == 0 and training.label_history[0]["counts"] == expected["counts"]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -160,35 +259,46 @@ def children(pid: int) -> list[int]:
     return found
 
 
-MAXL_METRICS = ("train/label_fraction", "train/entropy_term", "train/aux_acc", "train/meta_loss",
-                "train/generator_steps", "train/generator_lr", "val/aux_acc", "val/aux_in_set",
-                "val/top1/main", "val/top5/main", "val/top1/aux_sum", "train/loss")
+# logged at: step 0 (the untrained generator) and after both epochs / after the multi-task epoch /
+# after the generator epoch (schedule alternate_epochs)
+LABEL_METRICS = ("train/label_entropy", "train/label_entropy_frac", "train/label_max_prob", "train/label_fraction",
+                 "train/label_marginal_entropy", "train/label_marginal_entropy_frac")
+MAXL_METRICS = {**{k: [0, 1, 2] for k in LABEL_METRICS},
+                **{k: [1, 2] for k in ("train/entropy_term", "train/generator_steps", "train/generator_lr",
+                                       "val/aux_acc", "val/aux_in_set", "val/top1/main", "val/top5/main",
+                                       "val/top1/aux_sum", "train/loss")},
+                "train/aux_acc": [1], "train/meta_loss": [2], "train/entropy_estimate": [2]}
 
 
 @pytest.mark.slow
 def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, tmp_path):
-    """Uninterrupted 2-process run vs the same run stopped by SIGUSR2 inside epoch 2 and resumed:
-    identical final weights (both networks), one MLflow run with every epoch's MAXL metrics."""
+    """Uninterrupted 2-process run vs the same run stopped by SIGUSR2 inside epoch 2 (the generator's
+    epoch of alternate_epochs) and resumed: identical final weights (both networks, the running
+    collapse estimate), one MLflow run with every epoch's MAXL metrics."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    # meta_order=second: the exact meta step under DDP (the config's first order is cheaper on CPU)
-    extra = {"method.options.meta_order": "second"}
+    # meta_order=second: the exact meta step under DDP; ema: the collapse estimate over both ranks
+    extra = {"method.options.meta_order": "second", "method.options.schedule": "alternate_epochs",
+             "method.options.entropy_estimate": "ema"}
     result = subprocess.run(torchrun_cmd(*tiny_overrides(tiny_demo, straight, **extra)), cwd=REPO_ROOT, env=env(),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     client, run = only_run(straight)
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "maxl" and run.data.tags["world_size"] == "2"
     metrics = run.data.metrics
-    for key in MAXL_METRICS:
+    for key, steps in MAXL_METRICS.items():
         assert key in metrics, sorted(metrics)
-        assert steps_of(client, run.info.run_id, key) == [1, 2], key
-    assert metrics["train/generator_steps"] == 2  # generator_every 2, 4 steps per epoch
+        assert steps_of(client, run.info.run_id, key) == steps, key
+    assert metrics["train/generator_steps"] == 4  # the generator's epoch: a meta step per batch
     assert 0 < metrics["train/label_fraction"] <= 1 and metrics["train/entropy_term"] < 0
+    assert metrics["train/entropy_estimate"] < 0
     assert metrics["val/samples"] == 64
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"maxl_label_distribution.json", "maxl_label_distribution.png", "final_weights.pt"} <= artifacts
     labels = json.loads((straight / "run" / "maxl_label_distribution.json").read_text())
     assert labels["psi"] == [5] * 16 and sum(labels["counts"]) == 4 * 16 * 2  # last epoch, both ranks
     assert labels["label_fraction"] == pytest.approx(metrics["train/label_fraction"])
+    assert [e["epoch"] for e in labels["epochs"]] == [0, 1, 2]  # the untrained generator first
+    assert all(sum(e["counts"]) == 4 * 16 * 2 for e in labels["epochs"])
 
     proc = subprocess.Popen(torchrun_cmd(*tiny_overrides(tiny_demo, interrupted, **extra)), cwd=REPO_ROOT,
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -212,7 +322,7 @@ def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, t
     state = torch.load(interrupted / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert state["epoch"] == 1 and 1 <= state["step_in_epoch"] < 4  # stopped inside epoch 2
     assert set(state["training"]["optimizers"]) == {"net", "generator"}
-    assert state["training"]["maxl"]["iteration"] == 4 + state["step_in_epoch"]
+    assert state["training"]["maxl"]["iteration"] == 4  # multi-task steps: epoch 1 only
 
     result = subprocess.run(torchrun_cmd("--resume", "auto", *tiny_overrides(tiny_demo, interrupted, **extra)),
                             cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=900)
@@ -226,8 +336,8 @@ def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, t
         assert torch.equal(a[key], b[key]), key
     client_b, run_b = only_run(interrupted)  # the resumed job continued the same MLflow run
     assert run_b.info.status == "FINISHED"
-    for key in MAXL_METRICS:
-        assert steps_of(client_b, run_b.info.run_id, key) == [1, 2], key
+    for key, steps in MAXL_METRICS.items():
+        assert steps_of(client_b, run_b.info.run_id, key) == steps, key
         # every rank's share of the interrupted epoch is in the checkpoint: the epoch means match
         assert run_b.data.metrics[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
 

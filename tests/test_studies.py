@@ -51,6 +51,19 @@ def test_stage_graph_order_refs_and_commands(tmp_path):
     assert ssal.index("schedule.epochs=1") < ssal.index(f"runs_root={tmp_path / 'runs'}")
     groups = s.stages["groups"].argv
     assert groups[groups.index("--from-run-dir") + 1] == str(s.stages["baseline"].output)
+    # our studies group on the soft confusion with the balanced variant unless the stage says otherwise
+    assert groups[groups.index("--matrix") + 1] == "soft" and groups[groups.index("--variant") + 1] == "paper"
+
+
+def test_groups_stage_variant_and_confusion_keys(tmp_path):
+    text = BASIC.replace("groups: {kind: groups, from: baseline, k: [4]}",
+                         "groups: {kind: groups, from: baseline, k: [4], variant: authors, confusion: hard}")
+    argv = study_lib.load_study(write(tmp_path, text), [f"runs_root={tmp_path / 'runs'}"]).stages["groups"].argv
+    assert argv[argv.index("--matrix") + 1] == "hard" and argv[argv.index("--variant") + 1] == "authors"
+    from pipeline import groups as groups_cli
+
+    parsed = groups_cli.build_parser().parse_args(argv)  # the stage's command line is one groups.py accepts
+    assert (parsed.variant, parsed.matrix) == ("authors", "hard")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -60,6 +73,8 @@ def test_stage_graph_order_refs_and_commands(tmp_path):
     ("study: x\nstages: {a: {overrides: {method.groups_file: '${zz}'}}}\n", "${zz} names no other stage"),
     ("study: x\nstages: {a: {}, g: {kind: groups, from: nope, k: [2]}}\n", "from: needs the name of a training stage"),
     ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: four}}\n", "k: expected a list"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: [2], variant: mine}}\n", "variant: expected paper or authors"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: [2], confusion: fuzzy}}\n", "confusion: expected soft or hard"),
     ("study: 'bad id!'\nstages: {a: {}}\n", "study: needs an id"),
     ("study: x\nstages: {}\n", "stages: needs a mapping"),
     ("study: x\nbase: {config: configs/missing.yaml}\nstages: {a: {}}\n", "no such recipe"),
@@ -150,7 +165,7 @@ def test_demo_study_end_to_end(demo_study):
     # grouping from the baseline's held-out confusion recovers the planted super-classes
     data = json.loads((study_dir / "groups" / "groups.json").read_text())
     meta = data["metadata"]
-    assert meta["confusion_split"] == "holdout" and meta["criterion"] == "join"
+    assert meta["confusion_split"] == "holdout" and meta["criterion"] == "join" and meta["matrix"] == "soft"
     ari = meta["ari_vs_planted_superclasses"]["4"]
     print(f"ARI vs planted super-classes: {ari}")
     assert ari >= 0.8, meta

@@ -79,6 +79,10 @@ def test_two_process_gloo_run_logs_every_head(tiny_demo, tmp_path):
             "accuracy_curves.png", "final_weights.pt"} <= artifacts
     confusion = np.load(tmp_path / "run" / "confusion_main.npy")
     assert confusion.shape == (16, 16) and confusion.sum() == 64 and (confusion.sum(axis=1) == 4).all()
+    # the soft confusion of the same images (summed over both ranks): a distribution per class
+    assert "confusion_soft_main.npy" in artifacts
+    soft = np.load(tmp_path / "run" / "confusion_soft_main.npy")
+    assert soft.shape == (16, 16) and np.allclose(soft.sum(axis=1), 1.0, atol=1e-4) and (soft >= 0).all()
 
 
 def metrics_steps_sorted(client, run_id, key):
@@ -152,7 +156,7 @@ def test_nan_loss_stops_keeps_last_checkpoint_and_fails_the_run(tiny_demo, tmp_p
         cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 4, second.stderr[-3000:]
     message = [line for line in second.stderr.splitlines() if "non-finite loss" in line]
-    assert message and "epoch 1 step" in message[0] and "ce/main=" in message[0]
+    assert message and "epoch 2 step" in message[0]  # counted from 1, as progress and resume and "ce/main=" in message[0]
     assert (tmp_path / "run" / "last.pt").read_bytes() == before  # the last good checkpoint, untouched
     state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert state["epoch"] == 1

@@ -127,6 +127,24 @@ def average_bn_statistics(model: torch.nn.Module) -> None:
             offset += b.numel()
 
 
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Broadcast tensors from rank ``src`` in place, one flat message per dtype (no-op without a
+    process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2 or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.data.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any rank."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)

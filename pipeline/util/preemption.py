@@ -9,12 +9,15 @@ Protocol (shared by the engine and the SLURM launcher, ``pipeline/submitit_launc
       submitit's own USR2 handler would requeue at once, without our checkpoint: it is replaced.
     - ``SIGTERM`` = **killed**: ``scancel`` without requeue (or a node shutting down). A second SIGTERM
       while the first is still pending restores the default action and re-raises (the process dies).
+    - ``SIGHUP`` = **killed**, never escalating: the terminal closed, or the ``launch.py --local`` launcher
+      died (its workers' parent-death signal). Left ignored when it is ignored at start (``nohup``).
   Both only set a flag (nothing heavy happens in the handler).
 * The engine polls ``requested()`` once per iteration, all-reduces it across ranks, and when set: rank 0
   writes an atomic, resumable checkpoint (mid-epoch, with the iteration), the process group is torn down,
   and ``pipeline.train.main`` returns ``EXIT_PREEMPTED``.
-* The engine marks the MLflow run KILLED when ``requeue_pending()`` is False (plain scancel); when it is
-  True the run stays open/RUNNING-to-be-continued: the requeued job resumes it with ``--resume auto``.
+* The engine marks the MLflow run KILLED unless ``will_requeue()`` (USR2 seen *and* a requeuer registered by
+  ``allow_requeue()``: the SLURM task, below): then the run stays open/RUNNING-to-be-continued and the requeued
+  job resumes it with ``--resume auto``. A USR2 outside such a task (a local run, torchrun) is a plain stop.
 * The launcher's task then requeues the job (rank 0, ``scontrol requeue``) when ``requeue_pending()``,
   and just exits otherwise.
 """
@@ -30,7 +33,8 @@ EXIT_PREEMPTED = 3  # pipeline.train.main's return code after a checkpoint-and-s
 PREEMPT = "preempt"  # USR2: checkpoint, then requeue (same run continues)
 KILLED = "killed"  # TERM: checkpoint if there is time, no requeue (run marked KILLED)
 
-_state: dict = {"reason": None, "signal": None, "time": None, "installed": False, "requeue": False}
+_state: dict = {"reason": None, "signal": None, "time": None, "installed": False, "requeue": False,
+                "requeuer": False}
 
 
 def _note(msg: str) -> None:
@@ -62,10 +66,22 @@ def _on_term(signum, frame) -> None:
         _note(f"got {signal.Signals(signum).name} after a preemption request: still requeueing")
 
 
+def _on_hup(signum, frame) -> None:
+    # the terminal or the launcher is gone (launch.py's workers get it when the launcher dies): a stop that
+    # repeats never escalates, as the kernel may deliver the launcher's death more than once (once per thread)
+    if _state["reason"] is None:
+        _state.update(reason=KILLED, signal=signum, time=time.time())
+        _note(f"got {signal.Signals(signum).name} (terminal or launcher gone): checkpoint at the next iteration, "
+              f"then stop (no requeue)")
+
+
 def install_handlers() -> None:
-    """SIGUSR2 -> preempt+requeue, SIGTERM -> killed. Main thread only (Python's rule for signals)."""
+    """SIGUSR2 -> preempt+requeue, SIGTERM -> killed, SIGHUP -> killed (unless ignored, as under nohup).
+    Main thread only (Python's rule for signals)."""
     signal.signal(signal.SIGUSR2, _on_usr2)
     signal.signal(signal.SIGTERM, _on_term)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _on_hup)
     _state["installed"] = True
 
 
@@ -82,6 +98,17 @@ def reason() -> str | None:
 def requeue_pending() -> bool:
     """True when the job will be requeued (USR2 seen, or ``mark_requeue_pending()``): do not mark the run KILLED."""
     return bool(_state["requeue"])
+
+
+def allow_requeue(possible: bool = True) -> None:
+    """The SLURM task calls this before the worker entry when it can requeue the job (under SLURM, requeues
+    left): only then does a preemption leave the run open for the requeued job."""
+    _state["requeuer"] = bool(possible)
+
+
+def will_requeue() -> bool:
+    """True when a stop will be followed by a requeue of this job: USR2 seen and a requeuer registered."""
+    return requeue_pending() and bool(_state["requeuer"])
 
 
 def mark_requeue_pending() -> None:
@@ -101,7 +128,7 @@ def request(kind: str = PREEMPT) -> None:
 
 def reset() -> None:
     """Clear the flag (tests; a new run in the same process). Handlers stay installed."""
-    _state.update(reason=None, signal=None, time=None, requeue=False)
+    _state.update(reason=None, signal=None, time=None, requeue=False, requeuer=False)
 
 
 def restart_count() -> int:
@@ -114,7 +141,7 @@ def restart_count() -> int:
 
 __all__ = [
     "EXIT_PREEMPTED", "PREEMPT", "KILLED", "install_handlers", "requested", "reason", "requeue_pending",
-    "mark_requeue_pending", "request", "reset", "restart_count",
+    "mark_requeue_pending", "allow_requeue", "will_requeue", "request", "reset", "restart_count",
 ]
 
 if __name__ == "__main__":  # pragma: no cover - manual check: python -m pipeline.util.preemption
