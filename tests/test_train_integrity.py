@@ -270,8 +270,8 @@ DATA_CASES = [
     ("manifest without a val split", lambda d: _edit_manifest(d, lambda m: m["splits"].pop("val")),
      ["manifest.json has no val split", "write_ffcv.py"]),
     ("manifest without betons", lambda d: [(d / n).unlink() for n in ("train.beton", "val.beton")],
-     ["train.beton", "no such beton"]),
-    ("beton truncated to half", lambda d: _truncate(d / "train.beton"), ["train.beton", "not a readable FFCV beton"]),
+     ["train.beton: missing"]),
+    ("beton truncated to half", lambda d: _truncate(d / "train.beton"), ["train.beton", "truncated"]),
 ]
 
 
