@@ -241,9 +241,6 @@ def evaluate(
     over the same images (a row of zeros for a class without images)."""
     model = unwrap(model)
     method = model.method
-    # DDP broadcasts rank 0's buffers before each training forward, then every rank updates its
-    # own BN statistics on its batch: evaluate rank 0's everywhere, the ones the checkpoint holds
-    dist_util.broadcast_([b for b in model.buffers() if b.is_floating_point()])
     model.eval()
     topk = sorted(set(min(k, num_classes) for k in topk))
     counts: dict[str, torch.Tensor] = {}

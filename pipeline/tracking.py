@@ -253,7 +253,7 @@ class NullTracker:
     def start(self, run_name, params=None, tags=None, run_id=None):
         return run_id
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, metrics, step, timestamp_ms=None):
         pass
 
     def log_params(self, params):
@@ -381,7 +381,9 @@ class Tracker:
                 log.exception("tracking: start failed (training continues)")
             return self.run_id
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Log metrics at `step`. A call repeated with the same `timestamp_ms` (and values) is
+        ignored by MLflow's store: pipeline.util.metrics_journal relies on that for exactly-once."""
         with self._lock:
             try:
                 clean = {}
@@ -392,7 +394,8 @@ class Tracker:
                         log.warning("tracking: metric %r=%r is not a number; skipped", k, v)
                 if not clean:
                     return
-                op = {"op": "metrics", "metrics": clean, "step": int(step), "ts": _now_ms()}
+                op = {"op": "metrics", "metrics": clean, "step": int(step),
+                      "ts": int(timestamp_ms) if timestamp_ms is not None else _now_ms()}
                 self._metric_history.append(op)
                 self._submit(op)
             except Exception:

@@ -32,6 +32,7 @@ from pipeline.util import checkpoint as ckpt
 from pipeline.util import data_access
 from pipeline.util import dist as dist_util
 from pipeline.util import preemption
+from pipeline.util.metrics_journal import MetricsJournal
 from pipeline.util import run_lock
 
 # methods that train differently from engine.StandardTraining (module:class, imported on use)
@@ -273,7 +274,14 @@ class Trainer:
         from datasets.manifest import class_names, read_manifest
 
         data_root = ensure_dataset(cfg, info)
-        manifest = read_manifest(data_root)
+        try:
+            manifest = read_manifest(data_root)
+        except ValueError as err:  # the manifest's own checks: the message names the file
+            raise ConfigError(f"data.root: {err}") from None
+        missing = [split for split in ("train", "val") if split not in manifest["splits"]]
+        if missing:
+            raise ConfigError(f"data.root: {data_root / 'manifest.json'} has no {' and no '.join(missing)} split; "
+                              f"write the data set with `python datasets/write_ffcv.py {cfg.data.dataset} --out {data_root}`")
         raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
         self.num_classes = int(manifest["num_classes"])
         self.class_names = class_names(manifest)
@@ -293,23 +301,27 @@ class Trainer:
             for line in data_access.access_warnings(train_beton, cfg.data.order, cfg.data.os_cache,
                                                     data_access.node_memory_bytes(), _local_world_size()):
                 print(f"warning: {line}", file=sys.stderr, flush=True)
-        self.train_loader = data_loader.create_train_loader(
-            train_beton, batch_size=batch, num_workers=cfg.data.num_workers, resolution=cfg.data.min_res,
-            device=device, distributed=info.distributed, seed=cfg.train.seed,
-            order=data_access.loader_order(cfg.data.order, cfg.data.os_cache), os_cache=cfg.data.os_cache,
-            channels_last=self.channels_last, indices=train_indices, scale=tuple(cfg.data.rrc_scale),
-            color_jitter=cfg.data.color_jitter)
-        self.holdout_loader = None
-        if holdout_indices is not None:
-            self.holdout_loader = data_loader.create_val_loader(
-                train_beton, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
-                resolution=cfg.data.val_res, device=device, distributed=info.distributed,
-                channels_last=self.channels_last, indices=holdout_indices, os_cache=cfg.data.os_cache,
-                preprocess=cfg.data.val_preprocess)
-        self.val_loader = data_loader.create_val_loader(
-            data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
-            num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
-            distributed=info.distributed, channels_last=self.channels_last, preprocess=cfg.data.val_preprocess)
+        try:  # a beton missing or damaged (truncated...): the loaders' message names the file
+            self.train_loader = data_loader.create_train_loader(
+                train_beton, batch_size=batch, num_workers=cfg.data.num_workers, resolution=cfg.data.min_res,
+                device=device, distributed=info.distributed, seed=cfg.train.seed,
+                order=data_access.loader_order(cfg.data.order, cfg.data.os_cache), os_cache=cfg.data.os_cache,
+                channels_last=self.channels_last, indices=train_indices, scale=tuple(cfg.data.rrc_scale),
+                color_jitter=cfg.data.color_jitter)
+            self.holdout_loader = None
+            if holdout_indices is not None:
+                self.holdout_loader = data_loader.create_val_loader(
+                    train_beton, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers,
+                    resolution=cfg.data.val_res, device=device, distributed=info.distributed,
+                    channels_last=self.channels_last, indices=holdout_indices, os_cache=cfg.data.os_cache,
+                    preprocess=cfg.data.val_preprocess)
+            self.val_loader = data_loader.create_val_loader(
+                data_root / manifest["splits"]["val"]["beton"], batch_size=cfg.data.val_batch_size,
+                num_workers=cfg.data.num_workers, resolution=cfg.data.val_res, device=device,
+                distributed=info.distributed, channels_last=self.channels_last, preprocess=cfg.data.val_preprocess)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"data.root: {err}; check the folder with "
+                              f"`python datasets/write_ffcv.py verify --out {data_root}`") from None
         self.resolution_for_epoch = data_loader.resolution_for_epoch
         # FFCV sets torch's thread count to its worker count: reset it for CPU training
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, _local_world_size()))
@@ -338,8 +350,11 @@ class Trainer:
             # re-buckets after the first iteration of every *process*, so the first step after a resume summed
             # the ranks' gradients in another order than the uninterrupted run did: bit-exact with 2 ranks
             # (a + b = b + a), not with more (bench/slurm_scale.sh, 16 ranks). Costs one autograd-graph walk a step.
+            # No buffer broadcast before each forward: BN statistics are averaged after every step instead
+            # (dist_util.average_bn_statistics, called in fit).
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+                broadcast_buffers=False)
         if cfg.train.compile:
             train_model = torch.compile(train_model)
         self.global_batch = batch * info.world_size
@@ -362,6 +377,8 @@ class Trainer:
         if self.run_id is None and run_id_file.is_file():  # preempted before the first checkpoint
             self.run_id = run_id_file.read_text().strip() or None
         self.tracker = make_tracker(cfg, info, self.run_dir)
+        self.journal = MetricsJournal(self.run_dir, self.tracker, enabled=info.is_main and cfg.tracking.enabled)
+        self.trained = False  # whether this process trained (a finished run resumed only re-evaluates)
 
     # -- checkpoints
 
@@ -386,7 +403,7 @@ class Trainer:
     def save(self, name: str = ckpt.LAST) -> None:
         if self.info.is_main:
             self._note_run_id()
-            ckpt.atomic_torch_save(self._state(), self.run_dir / name)
+            ckpt.save_checkpoint(self._state(), self.run_dir / name)
 
     def _note_run_id(self) -> None:
         """The tracker may learn its run id late (server down at start): keep the newest one."""
@@ -396,7 +413,9 @@ class Trainer:
             (self.run_dir / RUN_ID_FILE).write_text(run_id)
 
     def _load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)
+        state = ckpt.load_training_state(path)
+        ckpt.check_resumable(path, state, self.cfg.flat(), self.model_without_ddp.state_dict(),
+                             [g.tolist() for g in self.groupings] if self.groupings is not None else None)
         self.model_without_ddp.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -426,12 +445,16 @@ class Trainer:
         self.run_id = self.tracker.start(run_name=cfg.run_name, params=cfg.flat(),
                                          tags=run_tags(cfg, info, self.groupings), run_id=self.run_id)
         if info.is_main:
+            for path in ckpt.remove_stale_temporaries(self.run_dir):
+                print(f"removed {path.name}, left by a save that was interrupted", flush=True)
             self._note_run_id()
             self._log_static_artifacts()
             if self.resume_path is None:  # once per run: a resumed run has them already
                 import ssal_models
                 counts = ssal_models.count_parameters(self.model_without_ddp)
-                self.tracker.log_metrics({f"model/params/{n}": float(v) for n, v in counts.items()}, step=0)
+                self.journal.log("model/params", {f"model/params/{n}": float(v) for n, v in counts.items()}, step=0)
+            elif self.epoch > 0:  # the checkpoint's epoch: its log may have been cut off after the save
+                self.journal.log(f"epoch {self.epoch}", self._history_at(self.epoch), step=self.epoch)
             print(f"run dir {self.run_dir}; world size {info.world_size}; device {info.device}; "
                   f"{self.steps_per_epoch} steps/epoch of {self.global_batch} images; peak lr {self.peak_lr:.4g}; "
                   f"data order {self.train_loader.order}, os_cache {str(cfg.data.os_cache).lower()}"
@@ -453,6 +476,8 @@ class Trainer:
             def after_step():  # the trainer's counters stay exact even when the epoch ends by Preempted
                 self.step_in_epoch += 1
                 self.global_step += 1
+                self.trained = True
+                dist_util.average_bn_statistics(self.model_without_ddp)
                 if self.ema is not None:
                     self.ema.update_parameters(self.model_without_ddp)
 
@@ -480,7 +505,6 @@ class Trainer:
             self.epoch, self.step_in_epoch, self.meter = epoch + 1, 0, engine.EpochMeter()
             for name, value in metrics.items():
                 self.history.setdefault(name, []).append((epoch + 1, value))
-            self.tracker.log_metrics(metrics, step=epoch + 1)
             if info.is_main:
                 heads = "  ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in sorted(metrics.items())
                                   if k.startswith("val/top1/") or k == "train/loss")
@@ -492,6 +516,9 @@ class Trainer:
                     self.save(ckpt.BEST)
             if (epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last_epoch:
                 self.save()
+            # logged once the checkpoint is on disk: a kill or a full disk during the save makes
+            # the resume redo this epoch, which is then logged for the first time
+            self.journal.log(f"epoch {epoch + 1}", metrics, step=epoch + 1)
             if confusion is not None:
                 last_metrics = metrics
                 self.confusion = confusion
@@ -504,11 +531,21 @@ class Trainer:
                 self.model_without_ddp, self.holdout_loader, device=self.info.device, amp=self.amp,
                 num_classes=self.num_classes, topk=self.cfg.eval.topk, channels_last=self.channels_last,
                 prefix="holdout", soft_out=self.holdout_soft_confusion)
-            self.tracker.log_metrics(holdout, step=epochs)
+            self.journal.log(f"holdout {epochs}", holdout, step=epochs)
             last_metrics.update(holdout)
         if info.is_main:
             self._log_final_artifacts()
         return last_metrics
+
+    def _history_at(self, epoch: int) -> dict[str, float]:
+        """The metrics of `epoch` as the checkpoint's history holds them."""
+        return {name: value for name, points in self.history.items() for at, value in points if at == epoch}
+
+    def log_wall_seconds(self, seconds: float) -> None:
+        """Once per run, and only by a process that trained (not by a re-evaluation)."""
+        if self.trained:
+            self.journal.log(f"wall_seconds {self.cfg.schedule.epochs}", {"run/wall_seconds": seconds},
+                             step=self.cfg.schedule.epochs)
 
     def _log_initial_metrics(self) -> None:
         """The method's reference metrics before training (MAXL: the untrained generator's labels
@@ -522,7 +559,7 @@ class Trainer:
         if metrics:
             for name, value in metrics.items():
                 self.history.setdefault(name, []).append((0, value))
-            self.tracker.log_metrics(metrics, step=0)
+            self.journal.log("initial", metrics, step=0)
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
         kwargs = dict(device=self.info.device, amp=self.amp, num_classes=self.num_classes,
@@ -616,11 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics = trainer.fit()
         status = "FINISHED"
         if info.is_main:
-            trainer.tracker.log_metrics({"run/wall_seconds": time.perf_counter() - started}, step=cfg.schedule.epochs)
+            trainer.log_wall_seconds(time.perf_counter() - started)
             summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/top")}
             print(f"done: {json.dumps(summary)}", flush=True)
         return 0
-    except ConfigError as err:
+    except (ConfigError, ckpt.CheckpointError) as err:
         if info.is_main or not isinstance(err, AgreedConfigError):
             print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -628,7 +665,11 @@ def main(argv: list[str] | None = None) -> int:
         # the checkpoint holds every rank's share of the interrupted epoch's sums; after the
         # resume rank 0 carries them on and the other ranks start from zero (no double count)
         trainer.meter = trainer.meter.summed_over_ranks(info.device)
-        trainer.save()
+        try:
+            trainer.save()
+        except ckpt.CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_CONFIG
         if preemption.will_requeue():
             status = None  # the requeued job continues this MLflow run
             if info.is_main:
@@ -643,7 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: rank {info.rank}: {err}; training stopped, the last good checkpoint is kept "
               f"({cfg.run_dir / ckpt.LAST})", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
-    except Exception:
+    except Exception as err:
+        if isinstance(err, OSError) and ckpt.is_disk_full(err):
+            print(f"error: {err.filename or cfg.run_dir}: not written, no space left on device; free space, then "
+                  f"continue with --resume auto", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
         print(f"error: rank {info.rank} of {info.world_size} failed:\n{traceback.format_exc()}", file=sys.stderr,
               flush=True)
         return 1

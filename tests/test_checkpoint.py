@@ -1,12 +1,20 @@
-"""Atomic checkpoints: a process killed in the middle of a save leaves the previous file loadable."""
+"""Atomic, checksummed checkpoints: a process killed in the middle of a save (or a full disk) leaves
+the previous file loadable; a damaged file is one line naming it; the next run removes the
+temporaries of killed saves."""
+import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 
+import numpy as np
+import pytest
 import torch
 
-from pipeline.util.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from pipeline.util.checkpoint import (HOLD_SAVE_ENV, CheckpointError, atomic_torch_save, load_checkpoint,
+                                      remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 
 WRITER = """
 import sys, torch
@@ -41,3 +49,107 @@ def test_rng_state_round_trip():
     a = torch.rand(3)
     set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
+
+
+def test_the_next_run_removes_temporaries_of_killed_saves(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"step": 0}, path)
+    for name in ("last.pt", "best.pt"):  # a writer killed (SIGKILL) while it writes each file
+        flag = tmp_path / f"held-{name}"
+        proc = subprocess.Popen([sys.executable, "-c", HELD_WRITER, str(tmp_path / name)],
+                                env=dict(os.environ, **{HOLD_SAVE_ENV: f"{name}@1:{flag}"}))
+        _wait_for(flag.exists, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    leftovers = sorted(p.name for p in tmp_path.glob(".*.pt.tmp-*"))
+    assert len(leftovers) == 2 and leftovers[0].startswith(".best.pt.tmp-")
+    mine = tmp_path / f".last.pt.tmp-{os.getpid()}"  # a live process's temporary is not touched
+    mine.write_bytes(b"in progress")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == leftovers
+    assert mine.exists() and load_checkpoint(path) == {"step": 0}
+
+
+HELD_WRITER = """
+import sys, torch
+from pipeline.util.checkpoint import atomic_torch_save
+atomic_torch_save({"w": torch.ones(1000)}, sys.argv[1])
+"""
+
+
+def _wait_for(condition, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the writer exited (rc {proc.returncode}) before holding its save"
+        assert time.monotonic() < deadline, "the writer never held its save"
+        time.sleep(0.05)
+
+
+def flip_byte_inside_a_tensor(path) -> None:
+    """Flip one byte in the middle of the largest tensor storage record of a torch zip file."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        handle.seek(at)
+        byte = handle.read(1)
+        handle.seek(at)
+        handle.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_a_flipped_byte_inside_a_tensor_is_detected(tmp_path):
+    path = tmp_path / "last.pt"
+    state = {"model": {"w": torch.arange(100_000, dtype=torch.float32)}, "epoch": 3, "rng": rng_state()}
+    save_checkpoint(state, path)
+    loaded = load_checkpoint(path)  # intact: loads, without the checksum key
+    assert loaded.keys() == state.keys() and torch.equal(loaded["model"]["w"], state["model"]["w"])
+    flip_byte_inside_a_tensor(path)
+    assert torch.load(path, weights_only=False)["epoch"] == 3  # torch itself does not notice
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value) and "checksum" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbled", "text"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, damage):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.randn(50_000)}, "epoch": 1}, path)
+    data = path.read_bytes()
+    damaged = {"empty": b"", "truncated": data[: len(data) // 2],
+               "garbled": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)) + data[4096:],
+               "text": b"data:\n  root: x\n"}[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and "\n" not in message and len(message) < 400, message
+
+
+def mounted_tmpfs(folder, size: str):
+    """`folder`, a new tmpfs of `size` (the caller unmounts it); skips unless root can mount one."""
+    if os.geteuid() != 0:
+        pytest.skip("filling a disk needs a small tmpfs, and mounting one needs root")
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    return folder
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    folder = mounted_tmpfs(tmp_path / "small", "4m")
+    try:
+        path = folder / "last.pt"
+        save_checkpoint({"model": {"w": torch.ones(250_000)}, "epoch": 1}, path)  # 1 MB of 4
+        with pytest.raises(CheckpointError) as err:
+            save_checkpoint({"model": {"w": torch.ones(1_000_000)}, "epoch": 2}, path)  # 4 MB more: full
+        message = str(err.value)
+        assert "no space left" in message and str(path) in message and "\n" not in message, message
+        assert load_checkpoint(path)["epoch"] == 1
+        assert [p.name for p in folder.iterdir()] == ["last.pt"]  # the partial temporary is gone
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

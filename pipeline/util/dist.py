@@ -96,6 +96,37 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_bn_statistics(model: torch.nn.Module) -> None:
+    """Make every rank's BatchNorm running statistics the mean over ranks (in place; no-op
+    without a process group), so that evaluation, the EMA copy and every checkpoint see the
+    same model on every rank (timm's `distribute_bn`, reduce mode).
+
+    Mean, not a broadcast of rank 0's: the statistics then come from every rank's images, not
+    1/world of them. They are exponential averages, linear in the batch statistics, so
+    averaging after every step gives the same values as averaging once before each evaluation;
+    doing it every step (one small all-reduce, in place of DDP's per-forward buffer broadcast,
+    which the trainer turns off) keeps the ranks identical at any moment, so a checkpoint
+    written mid-epoch holds the whole state and the resume stays exact. Training itself does
+    not read the running statistics: the weights are unaffected."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    buffers: dict[torch.dtype, list[torch.Tensor]] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                if buffer is not None:
+                    buffers.setdefault(buffer.dtype, []).append(buffer)
+    world_size = dist.get_world_size()
+    for group in buffers.values():  # one message per dtype
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        offset = 0
+        for b in group:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
     """Broadcast tensors from rank ``src`` in place, one flat message per dtype (no-op without a
     process group)."""
