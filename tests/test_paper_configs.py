@@ -32,7 +32,7 @@ def test_one_config_per_paper_row():
 
 @pytest.mark.parametrize("recipe", CASES)
 def test_paper_config_trains_two_steps_on_the_demo_set(recipe, tiny_demo, tmp_path):
-    overrides = [f"data.root={tiny_demo}", "data.batch_size=4", "data.val_batch_size=16", "data.num_workers=1",
+    overrides = [f"data.root={tiny_demo}", "data.dataset=demo", "data.batch_size=4", "data.val_batch_size=16", "data.num_workers=1",
                  "data.min_res=64", "data.max_res=64", "data.val_res=64", "schedule.epochs=1",
                  "schedule.peak_epoch=0.5", "train.max_steps_per_epoch=2", "train.device=cpu",
                  "tracking.enabled=false", f"output_dir={tmp_path / 'run'}", "method.groups_file=",
