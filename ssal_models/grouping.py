@@ -41,8 +41,8 @@ values ``0..k-1``, every group non-empty.
   Scale: both variants run in O(C·k) memory (one k x C float64 array of per-group distance
   sums, the confusion kept sparse) and about O(C²) time when few pairs tie
   (ssal_models/grouping_fill.py), with the partition of the plain dense code, bit for bit.
-  21,841 classes (ImageNet-21k), k = 4,368, sparse hard counts, join: 24 s (paper) / 28 s
-  (authors) of CPU time and 1.4 GiB peak RSS on a 2-core box (bench/grouping_scale.py; the
+  21,841 classes (ImageNet-21k), k = 4,368, sparse hard counts, join: 23 s (paper) / 29 s
+  (authors) and 1.4 GiB peak RSS on a quiet 2-core box (bench/grouping_scale.py; the
   dense code, kept as tests/grouping_reference.py, needs 27 s already at 4,000 classes and
   hours at 21,841).  Where most pairs tie (``split`` on sparse counts: every untouched pair is
   at distance 0) the paper variant still scans the tied rows every step, at about the dense
