@@ -4,6 +4,7 @@ dense implementations it replaced (tests/grouping_reference.py) where those fini
 
     .venv/bin/python bench/grouping_scale.py                      # C = 1000 4000 21841
     .venv/bin/python bench/grouping_scale.py --sizes 1000 4000 --variants paper
+    .venv/bin/python bench/grouping_scale.py --criteria join split   # split: most pairs tie at 0
 
 Input: a hold-out-like hard-count confusion -- every class gets Poisson(10) errors on random
 other classes plus 40 correct predictions (Poisson counts + diagonal, ~10 non-zeros per row).
@@ -45,7 +46,7 @@ def confusion(num_classes: int, dense: bool):
     return counts.toarray() if dense else counts.tocsr()
 
 
-def one(num_classes: int, implementation: str, variant: str, out: str) -> None:
+def one(num_classes: int, implementation: str, variant: str, criterion: str, out: str) -> None:
     """Run one grouping in this process; write its figures (and the grouping) as JSON."""
     import numpy as np
 
@@ -60,9 +61,9 @@ def one(num_classes: int, implementation: str, variant: str, out: str) -> None:
     k = num_classes // 5
     wall, cpu = time.perf_counter(), time.process_time()
     if implementation == "new":
-        grouping = fn(matrix, k, "join", seed=0, variant=variant)
+        grouping = fn(matrix, k, criterion, seed=0, variant=variant)
     else:
-        grouping = fn(matrix, k, "join", 0)
+        grouping = fn(matrix, k, criterion, 0)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     sizes = np.bincount(grouping)
@@ -71,11 +72,11 @@ def one(num_classes: int, implementation: str, variant: str, out: str) -> None:
                                      "grouping": grouping.tolist()}))
 
 
-def spawn(num_classes: int, implementation: str, variant: str, timeout: float) -> dict | None:
+def spawn(num_classes: int, implementation: str, variant: str, criterion: str, timeout: float) -> dict | None:
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, __file__, "--one", str(num_classes), implementation, variant, out.name]
+        cmd = [sys.executable, __file__, "--one", str(num_classes), implementation, variant, criterion, out.name]
         try:
             subprocess.run(cmd, check=True, timeout=timeout, cwd=ROOT)
         except subprocess.TimeoutExpired:
@@ -92,32 +93,35 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 21841])
     p.add_argument("--variants", nargs="+", choices=("paper", "authors"), default=["paper", "authors"])
+    p.add_argument("--criteria", nargs="+", choices=("join", "split"), default=["join"],
+                   help="join (the papers' groupings; default) and/or split")
     p.add_argument("--timeout", type=float, default=3600, help="per run, seconds (default: %(default)s)")
-    p.add_argument("--one", nargs=4, metavar=("C", "IMPL", "VARIANT", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=5, metavar=("C", "IMPL", "VARIANT", "CRITERION", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        one(int(args.one[0]), args.one[1], args.one[2], args.one[3])
+        one(int(args.one[0]), *args.one[1:])
         return 0
-    print(f"{'variant':8} {'C':>6} {'k':>5}  {'impl':9} {'wall s':>8} {'cpu s':>8} {'peak GiB':>9} "
+    print(f"{'variant':8} {'crit.':5} {'C':>6} {'k':>5}  {'impl':9} {'wall s':>8} {'cpu s':>8} {'peak GiB':>9} "
           f"{'RSS in GiB':>10}  sizes   same partition / speed-up (cpu)")
-    for variant in args.variants:
+    for variant, criterion in [(v, c) for c in args.criteria for v in args.variants]:
         for num_classes in args.sizes:
-            new = spawn(num_classes, "new", variant, args.timeout)
-            ref = spawn(num_classes, "reference", variant, args.timeout) \
+            new = spawn(num_classes, "new", variant, criterion, args.timeout)
+            ref = spawn(num_classes, "reference", variant, criterion, args.timeout) \
                 if num_classes <= REFERENCE_LIMIT[variant] else None
             for name, r in (("new", new), ("reference", ref)):
+                head = f"{variant:8} {criterion:5} {num_classes:>6} {num_classes // 5:>5}  {name:9}"
                 if r is None:
-                    print(f"{variant:8} {num_classes:>6} {num_classes // 5:>5}  {name:9} {'not run (hours at this size)':>36}")
+                    print(f"{head} {'not run (hours at this size)':>36}")
                     continue
                 if "timeout" in r:
-                    print(f"{variant:8} {num_classes:>6} {num_classes // 5:>5}  {name:9} {'timed out':>8}")
+                    print(f"{head} {'timed out':>8}")
                     continue
                 note = ""
                 if name == "reference" and new and "grouping" in new:
                     note = (f"{'yes' if new['grouping'] == r['grouping'] else 'NO'} "
                             f"(renamed-equal: {same_partition(new['grouping'], r['grouping'])}); "
                             f"{r['cpu'] / max(new['cpu'], 1e-9):.0f}x")
-                print(f"{variant:8} {num_classes:>6} {r['k']:>5}  {name:9} {r['wall']:8.1f} {r['cpu']:8.1f} "
+                print(f"{head} {r['wall']:8.1f} {r['cpu']:8.1f} "
                       f"{r['peak_gib']:9.2f} {r['input_gib']:10.2f}  {r['sizes'][0]}..{r['sizes'][1]:<4} {note}",
                       flush=True)
     return 0

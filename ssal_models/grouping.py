@@ -44,9 +44,8 @@ values ``0..k-1``, every group non-empty.
   21,841 classes (ImageNet-21k), k = 4,368, sparse hard counts, join: 23 s (paper) / 29 s
   (authors) and 1.4 GiB peak RSS on a quiet 2-core box (bench/grouping_scale.py; the
   dense code, kept as tests/grouping_reference.py, needs 27 s already at 4,000 classes and
-  hours at 21,841).  Where most pairs tie (``split`` on sparse counts: every untouched pair is
-  at distance 0) the paper variant still scans the tied rows every step, at about the dense
-  code's cost.  The confusion may be a numpy array, a torch tensor or a scipy.sparse matrix
+  hours at 21,841); ``split`` on the same counts, where nearly every pair ties at distance 0:
+  21 s (paper) / 24 s (authors).  The confusion may be a numpy array, a torch tensor or a scipy.sparse matrix
   (give a sparse one at 21k classes: a dense float64 copy alone is 3.8 GB).
 * :func:`random_grouping`: a seeded, balanced random grouping (a control, and for tests).
 * :func:`validate_grouping`, :func:`grouping_to_index` (the ``C -> k`` index tensor the

@@ -14,7 +14,10 @@ broken with the same single draw of the seeded generator.  What changes is the b
   table every step: O(C^2 k) in all, hours at 21,841 classes);
 * ``paper``: the minimum of every group's row over the unassigned classes (and how many
   classes attain it) is kept, so a step looks only at the groups that reach the global
-  minimum; ``authors``: every class's minimum over the groups (and its attainer count) is kept
+  minimum; while that minimum is exactly 0 (``split`` on sparse counts: most pairs were
+  never confused, so nearly every (class, group) pair ties) the ties are the zero sums,
+  counted per class and updated from the one row that changed (:class:`_ZeroTies`);
+  ``authors``: every class's minimum over the groups (and its attainer count) is kept
   and updated from the one row that changed.
 """
 from __future__ import annotations
@@ -70,6 +73,7 @@ class SparseDistance:
         self.csr, self.csc = matrix, matrix.tocsc()
         self.csc.sort_indices()
         self.maximum = maximum
+        self.min_positive = float(matrix.data[matrix.data > 0].min()) if matrix.nnz else np.inf
         self.confusion_score = np.concatenate(score_rows) + col_sums if variant == "paper" else None
 
     def _transform(self, values: np.ndarray) -> np.ndarray:
@@ -154,20 +158,72 @@ def paper_fill(distance: SparseDistance, k: int, rng: np.random.Generator) -> np
     sizes = np.ones(k, dtype=np.int64)
     open_groups = np.ones(k, dtype=bool)
     near = _RowMinima(sums, sizes)
+    zeros = _ZeroTies(sums) if _ZeroTies.exact(distance, capacity) else None
     for _ in range(num_classes - k):
         group_best = np.where(open_groups, near.minimum / sizes, np.inf)  # min over i of S/n = (min S)/n
         best = group_best.min()
-        tied_groups = np.flatnonzero(np.abs(group_best - best) <= _TIE_TOLERANCE)
-        chosen, group = near.pick_tie(tied_groups, best, rng)
+        if zeros is not None and best == 0.0:
+            chosen, group = zeros.pick(open_groups, rng)
+        else:
+            tied_groups = np.flatnonzero(np.abs(group_best - best) <= _TIE_TOLERANCE)
+            chosen, group = near.pick_tie(tied_groups, best, rng)
         grouping[chosen] = group
         near.remove_class(chosen, open_groups, group)
-        sums[group] += distance.row(chosen)
+        row = distance.row(chosen)
+        if zeros is not None:
+            zeros.before_add(chosen, group, row)
+        sums[group] += row
         sizes[group] += 1
         if sizes[group] >= capacity:
             open_groups[group] = False
+            if zeros is not None:
+                zeros.close(group)
         else:
             near.refresh(group)
     return grouping
+
+
+class _ZeroTies:
+    """While the smallest mean is exactly 0, the tied (class, group) pairs are the zero sums
+    ``S[g, i] == 0`` of the open groups over the unassigned classes: ``per_class[i]`` counts
+    them, so a step finds the pair the dense code picks (class-major, then group order, one
+    draw) in O(C + k) instead of scanning every tied group's row.
+
+    Exact only if no positive sum ``S`` can be within the tie window of 0, i.e. if the smallest
+    positive distance exceeds ``1e-12 * capacity`` (a positive sum of non-negative distances is
+    at least its largest term; a mean ``S/n <= 1e-12`` needs ``S <= 1e-12 n``); :meth:`exact`
+    checks it once (true for any count matrix of fewer than ~10^11 samples per class)."""
+
+    def __init__(self, sums: np.ndarray):
+        self.sums = sums  # (k, C), assigned columns +inf: every group is open here
+        self.per_class = np.count_nonzero(sums == 0.0, axis=0)
+
+    @staticmethod
+    def exact(distance: SparseDistance, capacity: int) -> bool:
+        if distance.join:  # D = 1 - rate: zero distances are rare, the general path handles them
+            return False
+        smallest = distance.min_positive / 2.0  # D = (r + r^T) / 2 >= max(r, r^T) / 2
+        return smallest > _TIE_TOLERANCE * capacity
+
+    def pick(self, open_groups: np.ndarray, rng: np.random.Generator) -> Tuple[int, int]:
+        cumulative = np.cumsum(self.per_class)
+        total = int(cumulative[-1])
+        pick = 0 if total == 1 else int(rng.integers(0, total))
+        chosen = int(np.searchsorted(cumulative, pick, side="right"))
+        within = pick - (int(cumulative[chosen - 1]) if chosen else 0)
+        groups = np.flatnonzero(open_groups & (self.sums[:, chosen] == 0.0))
+        return chosen, int(groups[within])
+
+    def before_add(self, chosen: int, group: int, row: np.ndarray) -> None:
+        """Class ``chosen`` joins ``group`` (its column is already +inf): the group's zero sums
+        where ``row`` is positive stop being ties."""
+        self.per_class[chosen] = 0
+        lost = np.flatnonzero((row > 0.0) & (self.sums[group] == 0.0))
+        self.per_class[lost] -= 1
+
+    def close(self, group: int) -> None:
+        """``group`` is full: none of its zero sums is a tie any more."""
+        self.per_class -= self.sums[group] == 0.0
 
 
 class _RowMinima:
