@@ -29,6 +29,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the project's packages, for planted_agreement
 LABEL_KEYS = ("train/label_entropy_frac", "train/label_max_prob", "train/label_fraction",
               "train/label_marginal_entropy_frac")
 
@@ -53,6 +54,40 @@ def history(run_dir: Path) -> dict:
     return {k: dict(v) for k, v in state["history"].items()}
 
 
+def planted_agreement(run_dir: Path) -> float | None:
+    """With ``data.labels: superclass`` on the demo set: how well the trained generator's labels
+    (argmax) recover the planted classes inside each super-class on the val split -- the adjusted
+    Rand index per super-class, averaged (0: chance, 1: the classes exactly); None otherwise."""
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score
+
+    from datasets import loader as data_loader
+    from datasets.manifest import read_manifest
+    from pipeline.config import resolve_path
+    from pipeline.runs import load_trained
+    from pipeline.train import label_space
+
+    cfg, model, _, _ = load_trained(None, None, run_dir, run_dir)
+    if cfg.method.name != "maxl" or cfg.data.labels != "superclass":
+        return None
+    root = resolve_path(cfg.data.root)
+    manifest = read_manifest(root)
+    _, _, table = label_space(cfg, manifest)
+    loader = data_loader.create_val_loader(root / manifest["splits"]["val"]["beton"], batch_size=256, num_workers=1,
+                                           resolution=cfg.data.val_res, device="cpu", distributed=False,
+                                           channels_last=False)
+    classes, generated = [], []
+    with torch.no_grad():
+        for images, labels in loader:
+            generated.append(model.method.generator.log_probs(images, table[labels]).argmax(-1))
+            classes.append(labels.clone())
+    loader.close()
+    classes, generated = torch.cat(classes).numpy(), torch.cat(generated).numpy()
+    superclass = table.numpy()[classes]
+    return float(np.mean([adjusted_rand_score(classes[superclass == s], generated[superclass == s])
+                          for s in np.unique(superclass)]))
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -67,7 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default: %(default)s)")
     parser.add_argument("--work", default="runs/bench_maxl_demo", help="run dirs (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (after --)")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra key=value overrides for every run (after --); method.* ones for MAXL's only")
     args = parser.parse_args(argv)
     work = (REPO / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -87,7 +123,9 @@ def main(argv=None) -> int:
             done = (run_dir / "last.pt").is_file() and epochs in history(run_dir).get("val/top1/main", {})
             if not done:
                 name = f"{kind}_seed{seed}"
-                queue.append((name, command(configs[kind], run_dir, name, seed, work, args.overrides)))
+                # method.* overrides are MAXL's (the baseline has no such options)
+                overrides = [o for o in args.overrides if kind == "maxl" or not o.startswith("method.")]
+                queue.append((name, command(configs[kind], run_dir, name, seed, work, overrides)))
     started = time.perf_counter()
     running: list[tuple[subprocess.Popen, list[str]]] = []  # at most --jobs processes
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -121,6 +159,11 @@ def main(argv=None) -> int:
         last = values("maxl", key, epochs)
         print(f"{key:<34} {mean_std(values('maxl', key, 0)):>20} {mean_std(last):>20}   "
               + ", ".join(f"{v:.3f}" for v in last))
+    agreement = [a for a in (planted_agreement(work / f"maxl_seed{s}") for s in args.seeds
+                             if (work / f"maxl_seed{s}" / "final_weights.pt").is_file()) if a is not None]
+    if agreement:
+        print(f"{'planted classes (ARI, val)':<34} {'':>20} {mean_std(agreement):>20}   "
+              + ", ".join(f"{v:.3f}" for v in agreement))
     top = {kind: values(kind, "val/top1/main", epochs) for kind in ("maxl", "baseline")}
     for kind in ("maxl", "baseline"):
         print(f"{'val/top1/main ' + kind:<34} {'':>20} {mean_std(top[kind]):>20}   "

@@ -35,6 +35,10 @@ class DataConfig:
     dataset: str = "demo"  # demo | imagenet | tinyimagenet: names the run and the recipe
     root: str = "data/demo"  # folder with train.beton, val.beton and manifest.json
     write_demo_if_missing: bool = True  # dataset=demo only: write the demo betons on first use
+    # class | superclass: the primary task's labels. superclass trains on the planted super-classes of
+    # a manifest that has them (the demo set: 8 super-classes of 4 classes; MAXL's setting, where the
+    # generator may rediscover the classes inside each super-class as its auxiliary labels)
+    labels: str = "class"
     batch_size: int = 64  # per process
     val_batch_size: int = 128  # per process
     num_workers: int = 2  # FFCV decoding threads per process
@@ -288,6 +292,7 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
 
 _CHOICES = {
     "data.dataset": ("demo", "imagenet", "tinyimagenet"),
+    "data.labels": ("class", "superclass"),
     "data.order": ("auto", "quasi_random", "random"),
     "data.val_preprocess": ("center", "squash256"),
     "method.name": ("baseline", "ssal", "dks", "ds", "gapcat", "maxl"),

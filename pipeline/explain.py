@@ -104,6 +104,11 @@ def load_val_images(cfg, count: int, resolution: int):
     images, labels = next(iter(loader))
     images, labels = images.clone(), labels.clone()
     loader.close()
+    from pipeline.train import label_space
+
+    _, _, label_table = label_space(cfg, manifest)  # data.labels=superclass: the run's labels
+    if label_table is not None:
+        labels = label_table[labels]
     shown = (images.permute(0, 2, 3, 1).numpy() * IMAGENET_STD + IMAGENET_MEAN).clip(0, 255).astype(np.uint8)
     return images, shown, labels.tolist()
 

@@ -93,13 +93,19 @@ def run(args) -> dict:
 
     from datasets import loader as data_loader
     from datasets.manifest import read_manifest
-    from pipeline.train import holdout_split
+    from pipeline.train import Relabelled, holdout_split, label_space
 
     root = resolve_path(cfg.data.root)
     try:
         manifest = read_manifest(root)
     except Exception as err:  # noqa: BLE001
         raise ToolError(f"the run's dataset {root} is not readable here ({err}); run this where data.root is") from None
+    _, _, label_table = label_space(cfg, manifest)  # data.labels=superclass: the run's labels
+
+    def loader(split: str, **kw):
+        made = data_loader.create_val_loader(root / manifest["splits"][split]["beton"], **kw, **common)
+        return made if label_table is None else Relabelled(made, label_table)
+
     n_train = int(manifest["splits"]["train"]["count"])
     train_idx, _ = holdout_split(n_train, cfg.eval.holdout_fraction, cfg.train.seed)
     train_idx = np.arange(n_train) if train_idx is None else train_idx
@@ -108,7 +114,7 @@ def run(args) -> dict:
     common = dict(batch_size=args.batch_size, num_workers=max(1, cfg.data.num_workers), resolution=cfg.data.val_res,
                   device=device, distributed=False, channels_last=False, preprocess=cfg.data.val_preprocess)
     started = time.perf_counter()
-    fit_loader = data_loader.create_val_loader(root / manifest["splits"]["train"]["beton"], indices=train_idx, **common)
+    fit_loader = loader("train", indices=train_idx)
     outputs, targets = collect_outputs(model, fit_loader, device)
     fit_loader.close()
     method = model.method
@@ -118,7 +124,7 @@ def run(args) -> dict:
     with torch.no_grad():
         feats = method.lc_features({k: v.to(device) for k, v in outputs.items()})
         train_lc = (head(feats).argmax(1).cpu() == targets).float().mean().item()
-    val_loader = data_loader.create_val_loader(root / manifest["splits"]["val"]["beton"], **common)
+    val_loader = loader("val")
     metrics, _ = engine.evaluate(model, val_loader, device=device, amp="none", num_classes=len(names),
                                  topk=cfg.eval.topk, tta_flip=cfg.eval.tta_flip)
     val_loader.close()

@@ -217,11 +217,12 @@ def load_trained(mlflow_client, run, folder: Path | None, tmp: str | Path, weigh
     groupings = [state[k].numpy().astype(np.int64) for k in buffers] or None
     names, num_classes = None, None
     try:
-        from datasets.manifest import class_names, read_manifest
+        from datasets.manifest import read_manifest
         from pipeline.config import resolve_path
+        from pipeline.train import label_space
 
         manifest = read_manifest(resolve_path(cfg.data.root))
-        names, num_classes = class_names(manifest), int(manifest["num_classes"])
+        num_classes, names, _ = label_space(cfg, manifest)  # data.labels=superclass: the super-classes
     except Exception:  # noqa: BLE001 (dataset not on this machine: sizes from the weights)
         num_classes = int(state["backbone.fc.weight"].shape[0])
         names = [str(i) for i in range(num_classes)]

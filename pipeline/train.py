@@ -167,6 +167,40 @@ def read_hierarchy_file(path_text: str) -> list[int]:
     return counts
 
 
+def label_space(cfg: Config, manifest: dict) -> tuple[int, list[str], torch.Tensor | None]:
+    """``(num_classes, class names, class -> label table or None)`` of the primary task (data.labels)."""
+    from datasets.manifest import class_names, superclasses
+
+    if cfg.data.labels == "class":
+        return int(manifest["num_classes"]), class_names(manifest), None
+    table = superclasses(manifest)
+    if table is None:
+        raise ConfigError(f"data.labels: superclass, but the manifest of {cfg.data.root} names no super-classes "
+                          f"(only the demo set has them); set data.labels=class")
+    names = {c["superclass"]: c.get("superclass_name", str(c["superclass"])) for c in manifest["classes"]}
+    return len(names), [names[i] for i in range(len(names))], torch.tensor(table, dtype=torch.int64)
+
+
+class Relabelled:
+    """A loader whose labels go through ``table`` (data.labels=superclass: class -> super-class);
+    everything else is the wrapped loader's."""
+
+    def __init__(self, loader, table: torch.Tensor):
+        self.loader, self.table = loader, table
+
+    def __iter__(self):
+        for images, labels, *rest in self.loader:
+            if self.table.device != labels.device:
+                self.table = self.table.to(labels.device)
+            yield (images, self.table[labels], *rest)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 def build_model(cfg: Config, num_classes: int, groupings) -> nn.Module:
     import ssal_models
 
@@ -271,7 +305,7 @@ class Trainer:
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
         from datasets import loader as data_loader
-        from datasets.manifest import class_names, read_manifest
+        from datasets.manifest import read_manifest
 
         data_root = ensure_dataset(cfg, info)
         try:
@@ -283,8 +317,7 @@ class Trainer:
             raise ConfigError(f"data.root: {data_root / 'manifest.json'} has no {' and no '.join(missing)} split; "
                               f"write the data set with `python datasets/write_ffcv.py {cfg.data.dataset} --out {data_root}`")
         raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
-        self.num_classes = int(manifest["num_classes"])
-        self.class_names = class_names(manifest)
+        self.num_classes, self.class_names, label_table = label_space(cfg, manifest)
         needs_groups = cfg.method.name in ("ssal", "gapcat")
         self.groupings = load_groupings(cfg, self.num_classes, self.class_names) if needs_groups else None
         ckpt.seed_everything(cfg.train.seed)
@@ -322,6 +355,11 @@ class Trainer:
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"data.root: {err}; check the folder with "
                               f"`python datasets/write_ffcv.py verify --out {data_root}`") from None
+        if label_table is not None:
+            self.train_loader, self.val_loader = Relabelled(self.train_loader, label_table), \
+                Relabelled(self.val_loader, label_table)
+            if self.holdout_loader is not None:
+                self.holdout_loader = Relabelled(self.holdout_loader, label_table)
         self.resolution_for_epoch = data_loader.resolution_for_epoch
         # FFCV sets torch's thread count to its worker count: reset it for CPU training
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, _local_world_size()))

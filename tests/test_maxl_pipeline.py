@@ -295,7 +295,8 @@ def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, t
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"maxl_label_distribution.json", "maxl_label_distribution.png", "final_weights.pt"} <= artifacts
     labels = json.loads((straight / "run" / "maxl_label_distribution.json").read_text())
-    assert labels["psi"] == [5] * 16 and sum(labels["counts"]) == 4 * 16 * 2  # last epoch, both ranks
+    # the config's primary task: the tiny demo's 4 super-classes (data.labels), psi 4 labels each
+    assert labels["psi"] == [4] * 4 and sum(labels["counts"]) == 4 * 16 * 2  # last epoch, both ranks
     assert labels["label_fraction"] == pytest.approx(metrics["train/label_fraction"])
     assert [e["epoch"] for e in labels["epochs"]] == [0, 1, 2]  # the untrained generator first
     assert all(sum(e["counts"]) == 4 * 16 * 2 for e in labels["epochs"])
