@@ -260,12 +260,12 @@ def children(pid: int) -> list[int]:
 
 
 # logged at: step 0 (the untrained generator) and after both epochs / after the multi-task epoch /
-# after the generator epoch (schedule alternate_epochs)
+# after the generator epoch (schedule alternate_epochs); top-4: the tiny demo's 4 super-classes
 LABEL_METRICS = ("train/label_entropy", "train/label_entropy_frac", "train/label_max_prob", "train/label_fraction",
                  "train/label_marginal_entropy", "train/label_marginal_entropy_frac")
 MAXL_METRICS = {**{k: [0, 1, 2] for k in LABEL_METRICS},
                 **{k: [1, 2] for k in ("train/entropy_term", "train/generator_steps", "train/generator_lr",
-                                       "val/aux_acc", "val/aux_in_set", "val/top1/main", "val/top5/main",
+                                       "val/aux_acc", "val/aux_in_set", "val/top1/main", "val/top4/main",
                                        "val/top1/aux_sum", "train/loss")},
                 "train/aux_acc": [1], "train/meta_loss": [2], "train/entropy_estimate": [2]}
 
