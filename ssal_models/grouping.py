@@ -45,8 +45,8 @@ values ``0..k-1``, every group non-empty.
   (authors) and 1.4 GiB peak RSS on a quiet 2-core box (bench/grouping_scale.py; the
   dense code, kept as tests/grouping_reference.py, needs 27 s already at 4,000 classes and
   hours at 21,841); ``split`` on the same counts, where nearly every pair ties at distance 0:
-  21 s (paper) / 24 s (authors).  The confusion may be a numpy array, a torch tensor or a scipy.sparse matrix
-  (give a sparse one at 21k classes: a dense float64 copy alone is 3.8 GB).
+  21 s (paper) / 24 s (authors).  The confusion may be a numpy array, a torch tensor or a
+  scipy.sparse matrix (give a sparse one at 21k classes: a dense float64 copy alone is 3.8 GB).
 * :func:`random_grouping`: a seeded, balanced random grouping (a control, and for tests).
 * :func:`validate_grouping`, :func:`grouping_to_index` (the ``C -> k`` index tensor the
   models use), :func:`save_groupings` / :func:`load_groupings` (JSON listing the class names

@@ -192,7 +192,8 @@ class _ZeroTies:
     Exact only if no positive sum ``S`` can be within the tie window of 0, i.e. if the smallest
     positive distance exceeds ``1e-12 * capacity`` (a positive sum of non-negative distances is
     at least its largest term; a mean ``S/n <= 1e-12`` needs ``S <= 1e-12 n``); :meth:`exact`
-    checks it once (true for any count matrix of fewer than ~10^11 samples per class)."""
+    checks it once (for hard counts: while every class has fewer than 5e11 / capacity samples;
+    soft rates with tinier entries take the general path)."""
 
     def __init__(self, sums: np.ndarray):
         self.sums = sums  # (k, C), assigned columns +inf: every group is open here
