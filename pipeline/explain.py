@@ -90,6 +90,7 @@ def load_val_images(cfg, count: int, resolution: int):
     from datasets.loader import IMAGENET_MEAN, IMAGENET_STD
     from datasets.manifest import read_manifest
     from pipeline.config import resolve_path
+    from pipeline.train import Relabelled, label_space
 
     root = resolve_path(cfg.data.root)
     try:
@@ -101,14 +102,12 @@ def load_val_images(cfg, count: int, resolution: int):
     loader = data_loader.create_val_loader(root / manifest["splits"]["val"]["beton"], batch_size=len(indices),
                                            num_workers=1, resolution=resolution, device="cpu", distributed=False,
                                            channels_last=False, indices=indices)
+    _, _, label_table = label_space(cfg, manifest)  # data.labels=superclass: the run's labels
+    if label_table is not None:
+        loader = Relabelled(loader, label_table)
     images, labels = next(iter(loader))
     images, labels = images.clone(), labels.clone()
     loader.close()
-    from pipeline.train import label_space
-
-    _, _, label_table = label_space(cfg, manifest)  # data.labels=superclass: the run's labels
-    if label_table is not None:
-        labels = label_table[labels]
     shown = (images.permute(0, 2, 3, 1).numpy() * IMAGENET_STD + IMAGENET_MEAN).clip(0, 255).astype(np.uint8)
     return images, shown, labels.tolist()
 

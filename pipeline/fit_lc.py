@@ -100,12 +100,6 @@ def run(args) -> dict:
         manifest = read_manifest(root)
     except Exception as err:  # noqa: BLE001
         raise ToolError(f"the run's dataset {root} is not readable here ({err}); run this where data.root is") from None
-    _, _, label_table = label_space(cfg, manifest)  # data.labels=superclass: the run's labels
-
-    def loader(split: str, **kw):
-        made = data_loader.create_val_loader(root / manifest["splits"][split]["beton"], **kw, **common)
-        return made if label_table is None else Relabelled(made, label_table)
-
     n_train = int(manifest["splits"]["train"]["count"])
     train_idx, _ = holdout_split(n_train, cfg.eval.holdout_fraction, cfg.train.seed)
     train_idx = np.arange(n_train) if train_idx is None else train_idx
@@ -113,6 +107,12 @@ def run(args) -> dict:
         train_idx = np.sort(np.random.default_rng(args.seed).choice(train_idx, args.max_samples, replace=False))
     common = dict(batch_size=args.batch_size, num_workers=max(1, cfg.data.num_workers), resolution=cfg.data.val_res,
                   device=device, distributed=False, channels_last=False, preprocess=cfg.data.val_preprocess)
+    _, _, label_table = label_space(cfg, manifest)  # data.labels=superclass: the run's labels
+
+    def loader(split: str, **kw):
+        made = data_loader.create_val_loader(root / manifest["splits"][split]["beton"], **kw, **common)
+        return made if label_table is None else Relabelled(made, label_table)
+
     started = time.perf_counter()
     fit_loader = loader("train", indices=train_idx)
     outputs, targets = collect_outputs(model, fit_loader, device)
