@@ -20,12 +20,13 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(STAMP): requirements.txt | apt
+$(STAMP): requirements.txt pyproject.toml | apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	grep -v '^ffcv==' requirements.txt > $(VENV)/requirements-deps.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r $(VENV)/requirements-deps.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep '^ffcv==' requirements.txt)
-	$(PY) -c "import ffcv.loader, ffcv.writer, cv2, torch, mlflow, submitit; print('venv ok: torch', torch.__version__, 'ffcv ok')"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -c "import pipeline, ssal_models, ssal_datasets, ffcv.loader, ffcv.writer, cv2, torch, mlflow, submitit; print('venv ok: torch', torch.__version__, 'ffcv ok')"
 	touch $(STAMP)
 
 demo: venv

@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     if args.epochs < 1 or not args.seeds:
         print("error: --epochs must be >= 1 and --seeds non-empty", file=sys.stderr)
         return 2
-    from pipeline import runs, study as study_lib
-    from pipeline.config import resolve_path
+    from pipeline.tracking import runs
+    from pipeline.launch import study as study_lib
+    from pipeline.train.config import resolve_path
 
     root = resolve_path(args.runs_root)
     root.mkdir(parents=True, exist_ok=True)

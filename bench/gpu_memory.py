@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ssal_models  # noqa: E402
-from pipeline.config import OptimConfig  # noqa: E402
-from pipeline.optim import build_optimizer  # noqa: E402
-from pipeline.train import training_class  # noqa: E402
+from pipeline.train.config import OptimConfig  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
+from pipeline.train.factory import training_class  # noqa: E402
 from ssal_models.grouping import random_grouping  # noqa: E402
 
 NUM_CLASSES = 1000

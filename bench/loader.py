@@ -51,10 +51,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from datasets import loader as L
-    from datasets.layouts import scan_imagenet
-    from datasets.synth import make_bench_tree
-    from datasets.writer import WriterSettings, prepare_out_dir, write_source
+    from ssal_datasets import loader as L
+    from ssal_datasets.layouts import scan_imagenet
+    from ssal_datasets.synth import make_bench_tree
+    from ssal_datasets.writer import WriterSettings, prepare_out_dir, write_source
 
     threads = torch.get_num_threads()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-loader-"))

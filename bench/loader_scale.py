@@ -125,7 +125,7 @@ def run_rank(rank: int, case: dict) -> None:
     world = case["ranks"]
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{case['init']}", rank=rank, world_size=world)
-    from datasets import loader as L
+    from ssal_datasets import loader as L
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -61,11 +61,11 @@ def planted_agreement(run_dir: Path) -> float | None:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    from datasets import loader as data_loader
-    from datasets.manifest import read_manifest
-    from pipeline.config import resolve_path
-    from pipeline.runs import load_trained
-    from pipeline.train import label_space
+    from ssal_datasets import loader as data_loader
+    from ssal_datasets.manifest import read_manifest
+    from pipeline.train.config import resolve_path
+    from pipeline.tracking.runs import load_trained
+    from pipeline.train.factory import label_space
 
     cfg, model, _, _ = load_trained(None, None, run_dir, run_dir)
     if cfg.method.name != "maxl" or cfg.data.labels != "superclass":

@@ -28,8 +28,8 @@ def timed_train(argv: list[str]) -> int:
     import yaml
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from pipeline import train
-    from pipeline.util import dist as dist_util
+    from pipeline.train import entry as train
+    from pipeline.train import dist as dist_util
 
     marks = {"process_start": _process_start(), "entry": time.time()}
 

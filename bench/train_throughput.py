@@ -28,9 +28,9 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) 
 import torch  # noqa: E402
 
 import ssal_models  # noqa: E402
-from pipeline.engine import StandardTraining  # noqa: E402
-from pipeline.config import OptimConfig  # noqa: E402
-from pipeline.optim import build_optimizer  # noqa: E402
+from pipeline.train.engine import StandardTraining  # noqa: E402
+from pipeline.train.config import OptimConfig  # noqa: E402
+from pipeline.train.optim import build_optimizer  # noqa: E402
 
 
 def make_training(arch: str, method: str, num_classes: int, device, amp: str, channels_last: bool):
@@ -87,7 +87,7 @@ def loader_batches(loader):
 
 def _bench_class(src: Path, index: int, per_class: int) -> None:
     """The JPEGs of one class of the bench tree (one process per class: minutes serially at 5000)."""
-    from datasets.synth import make_bench_tree
+    from ssal_datasets.synth import make_bench_tree
 
     part = src / f"part{index}"
     make_bench_tree(part, num_classes=1, per_class=per_class, size_range=(300, 500), seed=100 + index)
@@ -99,7 +99,7 @@ def write_bench_beton(workdir: Path, images: int, classes: int) -> Path:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from datasets.synth import make_bench_tree
+    from ssal_datasets.synth import make_bench_tree
 
     src = workdir / "src"
     (src / "train").mkdir(parents=True)
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     baseline = make_training(args.arch, "baseline", args.classes, device, amp, channels_last)
     synthetic = time_steps(baseline, synthetic_batches(args.batch, args.res, args.classes, device),
                            args.steps, args.warmup)
-    from datasets.loader import create_train_loader
+    from ssal_datasets.loader import create_train_loader
 
     with tempfile.TemporaryDirectory() as tmp:
         beton = Path(args.beton) if args.beton else write_bench_beton(Path(tmp), args.images, min(args.classes, 100))

@@ -42,7 +42,7 @@ class DemoSpec:
     seed: int = 0
 
     def check(self) -> None:
-        from datasets.layouts import DataError
+        from ssal_datasets.layouts import DataError
         if self.num_superclasses < 1 or self.num_classes < self.num_superclasses:
             raise DataError(f"demo: need 1 <= --num-superclasses ({self.num_superclasses}) <= --num-classes "
                             f"({self.num_classes})")

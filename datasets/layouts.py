@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets.images import is_image_name
+from ssal_datasets.images import is_image_name
 
 
 class DataError(Exception):

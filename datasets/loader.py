@@ -87,7 +87,7 @@ from ffcv.transforms import ToDevice, ToTensor, ToTorchImage  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner  # noqa: E402
 
-from datasets.resample import (LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8, adjust_colors,  # noqa: E402
+from ssal_datasets.resample import (LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8, adjust_colors,  # noqa: E402
                                resample_crop, write_layout)
 
 torch.set_num_threads(_threads_before)  # importing ffcv set it to 1

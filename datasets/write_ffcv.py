@@ -16,20 +16,11 @@ temporary name and renamed at the end. Errors print one line and exit with statu
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-
-# Run as a file: the repo root goes first on sys.path, and this script's own folder goes away
-# (otherwise modules in datasets/ could shadow libraries of the same name).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import tempfile
+import time
 
 PROG = "write_ffcv.py"
 
@@ -131,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args):
-    from datasets.writer import WriterSettings
+    from ssal_datasets.writer import WriterSettings
     s = WriterSettings(max_resolution=args.max_resolution or None, jpeg_quality=args.jpeg_quality,
                        compress_probability=args.compress_probability, write_mode=args.write_mode,
                        smart_threshold=args.smart_threshold, workers=args.workers, subset=args.subset,
@@ -141,7 +132,7 @@ def _settings(args):
 
 
 def run(args, log=print) -> int:
-    from datasets import layouts, writer
+    from ssal_datasets import layouts, writer
 
     if args.command == "verify":
         problems = writer.verify(args.out, log=log)
@@ -161,7 +152,7 @@ def run(args, log=print) -> int:
         return 0
 
     # demo
-    from datasets.demo import DemoSpec, generate_tree
+    from ssal_datasets.demo import DemoSpec, generate_tree
     spec = DemoSpec(num_classes=args.num_classes, num_superclasses=args.num_superclasses,
                     train_per_class=args.images_per_class, val_per_class=args.val_images_per_class,
                     image_size=args.image_size, seed=args.seed)
@@ -200,7 +191,7 @@ def run(args, log=print) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from datasets.layouts import DataError
+    from ssal_datasets.layouts import DataError
     try:
         return run(args)
     except DataError as err:

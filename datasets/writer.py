@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.images import Reject, load_rgb, probe
-from datasets.layouts import DataError, Source
-from datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, atomic_write_text, quick_digest,
+from ssal_datasets.images import Reject, load_rgb, probe
+from ssal_datasets.layouts import DataError, Source
+from ssal_datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, atomic_write_text, quick_digest,
                                sha256_file, write_manifest)
 
 OUTPUT_NAMES = (MANIFEST_NAME, REJECTS_NAME, "train.beton", "val.beton")
@@ -219,7 +219,7 @@ def write_beton(path: Path, items: list[tuple[str, int]], shapes: np.ndarray, se
 def write_source(source: Source, out_dir: Path, settings: WriterSettings, *, extra: dict | None = None,
                  log=print) -> dict:
     """Check, write every split, then rejects.txt and manifest.json. Returns the manifest."""
-    from datasets.layouts import take_subset
+    from ssal_datasets.layouts import take_subset
 
     settings.check()
     if settings.subset:
@@ -305,7 +305,7 @@ def print_summary(manifest: dict, reject_lines, out_dir: Path, seconds: float, l
 
 def verify(out: str | os.PathLike, log=print) -> list[str]:
     """Re-check a written folder against its manifest; returns a list of problems (empty = fine)."""
-    from datasets.manifest import ManifestError, read_manifest
+    from ssal_datasets.manifest import ManifestError, read_manifest
 
     out = Path(out)
     if not out.is_dir():

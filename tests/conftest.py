@@ -60,7 +60,7 @@ class MlflowServer:
     def start(self, timeout=120.0):
         import os as _os
 
-        from pipeline.tracking import ensure_sqlite_store
+        from pipeline.tracking.tracker import ensure_sqlite_store
 
         ensure_sqlite_store(self.backend_uri, self.artifacts)  # schema first (no race with the server)
         env = dict(_os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
@@ -69,7 +69,7 @@ class MlflowServer:
                "--artifacts-destination", self.artifacts, "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
         log = open(_os.path.join(self.root, "server.log"), "ab")
-        self.proc = _subprocess.Popen(cmd, stdout=log, stderr=_subprocess.STDOUT, start_new_session=True)
+        self.proc = _subprocess.Popen(cmd, env=env, stdout=log, stderr=_subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = _time.monotonic() + timeout
         while _time.monotonic() < deadline:

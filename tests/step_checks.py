@@ -29,9 +29,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import ssal_models
-from pipeline.config import OptimConfig
-from pipeline.optim import build_optimizer
-from pipeline.train import training_class
+from pipeline.train.config import OptimConfig
+from pipeline.train.optim import build_optimizer
+from pipeline.train.factory import training_class
 from ssal_models.grouping import random_grouping
 
 NUM_CLASSES = 10

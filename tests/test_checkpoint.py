@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.util.checkpoint import (HOLD_SAVE_ENV, CheckpointError, atomic_torch_save, load_checkpoint,
+from pipeline.train.checkpoint import (HOLD_SAVE_ENV, CheckpointError, atomic_torch_save, load_checkpoint,
                                       remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 
 WRITER = """
 import sys, torch
-from pipeline.util.checkpoint import atomic_torch_save
+from pipeline.train.checkpoint import atomic_torch_save
 path = sys.argv[1]
 print("ready", flush=True)
 i = 0
@@ -72,7 +72,7 @@ def test_the_next_run_removes_temporaries_of_killed_saves(tmp_path):
 
 HELD_WRITER = """
 import sys, torch
-from pipeline.util.checkpoint import atomic_torch_save
+from pipeline.train.checkpoint import atomic_torch_save
 atomic_torch_save({"w": torch.ones(1000)}, sys.argv[1])
 """
 

@@ -1,12 +1,11 @@
 """Config schema: YAML + overrides, one-line errors that name the key, nothing heavy before validation."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import REPO_ROOT, ConfigError, load_config, save_config
+from pipeline.train.config import REPO_ROOT, ConfigError, load_config, save_config
 
 RECIPES = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from pipeline.config import REPO_ROOT, ConfigError, load_config
-from pipeline.util.data_access import access_warnings, loader_order, node_memory_bytes
+from pipeline.train.config import REPO_ROOT, ConfigError, load_config
+from pipeline.train.data_access import access_warnings, loader_order, node_memory_bytes
 
 RECIPES = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
 MB = 1000 ** 2
@@ -61,7 +61,7 @@ def test_training_warns_once_and_reads_quasi_random_without_page_cache(tiny_demo
     """The real worker entry on a node 'smaller' than the beton (node_memory_bytes stands in for a machine this
     box cannot be): data.os_cache=true gets the one-line warning on stderr and still trains; with
     os_cache=false there is no warning and the train loader reads quasi_random (data.order auto)."""
-    small_node = ("import sys; from pipeline import train; from pipeline.util import data_access; "
+    small_node = ("import sys; from pipeline.train import data_access, entry as train; "
                   "data_access.node_memory_bytes = lambda: 1; sys.exit(train.main(sys.argv[1:]))")
     common = ["--config", str(REPO_ROOT / "configs" / "demo.yaml"), f"data.root={tiny_demo}", "method.num_groups=[4]",
               "schedule.epochs=1", "train.max_steps_per_epoch=2", "data.batch_size=8", "data.num_workers=1",

@@ -9,8 +9,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from datasets import loader as L
-from datasets.resample import adjust_colors
+from ssal_datasets import loader as L
+from ssal_datasets.resample import adjust_colors
 from tests.test_data_loader import betons, collect, stored_images  # noqa: F401  (betons: a fixture)
 from tests.test_data_resample import reference
 
@@ -84,7 +84,7 @@ def test_train_loader_jitters_the_seeded_crop_with_torchvision_s_math(betons):  
         np.testing.assert_allclose(got, (expected - L.IMAGENET_MEAN) / L.IMAGENET_STD, atol=2e-4, rtol=0,
                                    err_msg=f"sample {k}")
     # the GPU path's decoder output (uint8 HWC, normalised on the GPU) is the same jittered image, rounded
-    from datasets.resample import LAYOUT_HWC_U8
+    from ssal_datasets.resample import LAYOUT_HWC_U8
     from tests.test_data_loader import uint8_batches
 
     decoder = L.SeededRandomResizedCropDecoder((res, res), np.array([seed, epoch], dtype=np.int64), scale=scale,

@@ -17,7 +17,7 @@ def _worker(rank: int, out_dir: str, init_file: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        from datasets import loader as L
+        from ssal_datasets import loader as L
 
         tl = L.create_train_loader(f"{out_dir}/train.beton", batch_size=4, num_workers=1, resolution=16,
                                    device="cpu", seed=1, order="random", drop_last=False,
@@ -40,9 +40,9 @@ def _worker(rank: int, out_dir: str, init_file: str) -> None:
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    from datasets.layouts import scan_imagenet
-    from datasets.synth import make_imagenet_tree
-    from datasets.writer import WriterSettings, prepare_out_dir, write_source
+    from ssal_datasets.layouts import scan_imagenet
+    from ssal_datasets.synth import make_imagenet_tree
+    from ssal_datasets.writer import WriterSettings, prepare_out_dir, write_source
 
     base = tmp_path_factory.mktemp("dist")
     # 3 classes x 6 train = 18 (even), val 3 x 2 + 1 converted gray JPEG = 7 (odd: no padding allowed)
@@ -82,7 +82,7 @@ def test_two_gloo_ranks_cover_every_index_once(written, ranks):
 def test_quasi_random_ranks_split_one_global_order(written, ranks):
     """Distributed quasi_random (FFCV 1.0.2 refuses it): every rank draws the single-process order and
     takes its own contiguous block, padded like DistributedSampler; a new order every epoch."""
-    from datasets import loader as L
+    from ssal_datasets import loader as L
 
     base, _ = written
     single = L.create_train_loader(base / "out" / "train.beton", return_index=True, distributed=False, **QUASI)

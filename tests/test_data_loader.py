@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import loader as L
-from datasets.layouts import scan_imagenet
-from datasets.synth import make_imagenet_tree
-from datasets.writer import WriterSettings, prepare_out_dir, write_source
+from ssal_datasets import loader as L
+from ssal_datasets.layouts import scan_imagenet
+from ssal_datasets.synth import make_imagenet_tree
+from ssal_datasets.writer import WriterSettings, prepare_out_dir, write_source
 
 NUM_CLASSES = 4
 # numba's dispatcher finaliser can print "Exception ignored ... KeyError" when FFCV's per-loader
@@ -184,7 +184,7 @@ def test_loader_process_uses_openmp_layer_and_exits_cleanly(betons):
     import sys
 
     out, _ = betons
-    script = ("import sys, numba\nfrom datasets import loader as L\n"
+    script = ("import sys, numba\nfrom ssal_datasets import loader as L\n"
               "for make in (L.create_train_loader, L.create_val_loader):\n"
               f"    ld = make({str(out / 'train.beton')!r}, batch_size=8, num_workers=2, resolution=24, device='cpu')\n"
               "    n = sum(len(y) for _, y in ld)\n"
@@ -238,7 +238,7 @@ def test_images_are_the_seeded_crop_flip_and_normalisation_of_the_stored_ones(be
     """End to end: each output image is the resample of its own sample's crop (seeded by
     (seed, epoch, index) for train, center for val), flipped when drawn, normalised, in the
     layout asked for; the GPU path's uint8 output is the same image rounded."""
-    from datasets.resample import LAYOUT_HWC_U8
+    from ssal_datasets.resample import LAYOUT_HWC_U8
     from tests.test_data_resample import reference
 
     out, _ = betons

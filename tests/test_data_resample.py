@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datasets.resample import LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8, resample_crop
+from ssal_datasets.resample import LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8, resample_crop
 
 MEAN = np.array([0.485, 0.456, 0.406]) * 255
 STD = np.array([0.229, 0.224, 0.225]) * 255

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasets import write_ffcv
-from datasets.manifest import ManifestError, class_names, read_manifest, superclasses
-from datasets.synth import make_imagenet_tree, make_tiny_tree
+from ssal_datasets import write_ffcv
+from ssal_datasets.manifest import ManifestError, class_names, read_manifest, superclasses
+from ssal_datasets.synth import make_imagenet_tree, make_tiny_tree
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "datasets" / "write_ffcv.py"
@@ -138,7 +138,7 @@ def test_tinyimagenet_layout(tmp_path, capsys):
     bad = {("train", 0): ["truncated", "gray"], ("val", 2): ["empty", "png"]}
     info = make_tiny_tree(tmp_path / "tiny", num_classes=3, train_per_class=4, val_per_class=2, bad=bad)
     # an extra unlabelled val file and a missing annotated file are listed, not lost
-    from datasets.synth import write_image
+    from ssal_datasets.synth import write_image
     write_image(tmp_path / "tiny" / "val" / "images" / "zz_unlabelled.JPEG", np.random.default_rng(1), 0, (64, 64))
     with open(tmp_path / "tiny" / "val" / "val_annotations.txt", "a") as f:
         f.write(f"gone.JPEG\t{info['wnids'][0]}\t0\t0\t1\t1\n")
@@ -187,7 +187,7 @@ def test_demo_writer(tmp_path, capsys):
 
 def test_demo_render_is_hierarchical():
     """Classes of one super-class share shape + hue; the fine cue is the stripe frequency."""
-    from datasets.demo import DemoSpec, class_table
+    from ssal_datasets.demo import DemoSpec, class_table
     spec = DemoSpec(num_classes=12, num_superclasses=4, seed=1)
     table = class_table(spec)
     assert sorted(t["superclass"] for t in table) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]

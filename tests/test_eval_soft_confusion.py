@@ -3,7 +3,7 @@ the hard counts, on a real (tiny) SSAL model."""
 import torch
 
 import ssal_models
-from pipeline import engine
+from pipeline.train import engine
 from ssal_models.grouping import random_grouping
 
 C = 6

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import REPO_ROOT
+from pipeline.train.config import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import REPO_ROOT
+from pipeline.train.config import REPO_ROOT
 from tests import step_checks
 from tests.test_train import _wait_for_line, env, tiny_overrides, train_cmd
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.gpu
 # ----------------------------------------------------------------------------- loader
 def _grey_levels(images: torch.Tensor) -> np.ndarray:
     """Normalised float images back to 0..255 grey levels, NCHW, float64, on the host."""
-    from datasets.loader import IMAGENET_MEAN, IMAGENET_STD
+    from ssal_datasets.loader import IMAGENET_MEAN, IMAGENET_STD
 
     x = images.detach().double().cpu().numpy()
     return x * IMAGENET_STD.reshape(1, 3, 1, 1) + IMAGENET_MEAN.reshape(1, 3, 1, 1)
@@ -42,7 +42,7 @@ def _epoch(loader, epoch: int) -> tuple[list, list]:
 
 
 def _make_loader(tiny_demo, split: str, device, channels_last: bool, os_cache: bool):
-    from datasets.loader import create_train_loader, create_val_loader
+    from ssal_datasets.loader import create_train_loader, create_val_loader
 
     common = dict(batch_size=32, num_workers=2, device=device, distributed=False, channels_last=channels_last)
     if split == "train":  # 24 px crops of the 32 px images: a real resize, seeded crops and flips

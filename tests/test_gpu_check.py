@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from bench import gpu_check
-from pipeline.config import REPO_ROOT
+from pipeline.train.config import REPO_ROOT
 
 
 def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import REPO_ROOT, ConfigError, config_from_dict
-from pipeline.train import Relabelled, label_space
+from pipeline.train.config import REPO_ROOT, ConfigError, config_from_dict
+from pipeline.train.factory import Relabelled, label_space
 
 MANIFEST = {"num_classes": 4, "classes": [
     {"index": 0, "name": "disk-a", "superclass": 1, "superclass_name": "disk"},

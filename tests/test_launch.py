@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import launch, submitit_launch
-from pipeline.util import preemption
+from pipeline.launch import cli as launch
+from pipeline.launch import slurm
+from pipeline.launch import task as submitit_launch
+from pipeline.train import preemption
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, str(REPO / "pipeline" / "launch.py")]
@@ -200,7 +202,7 @@ def test_local_runs_the_entry_in_process(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, minutes", [("30", 30), ("00:30:00", 30), ("1:00:01", 61), ("2-00", 2880),
                                            ("1-01:30:00", 1530), ("10:30", 11)])
 def test_time_to_minutes(text, minutes):
-    assert launch.time_to_minutes(text) == minutes
+    assert slurm.time_to_minutes(text) == minutes
 
 
 # ----------------------------------------------------------------------------- preemption protocol
@@ -235,7 +237,7 @@ def test_term_is_killed_without_requeue(clean_preemption):
 
 
 def test_second_term_ends_the_process():
-    code = ("import os, signal, time\nfrom pipeline.util import preemption\npreemption.install_handlers()\n"
+    code = ("import os, signal, time\nfrom pipeline.train import preemption\npreemption.install_handlers()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\nassert preemption.requested()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(5)\nprint('survived')\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=60)
@@ -342,17 +344,11 @@ def test_task_failure_raises(task_env, monkeypatch):
         make_task()()
 
 
-def test_run_id_file_name_matches_the_engine():
-    from pipeline import train
-
-    assert launch.RUN_ID_FILE == train.RUN_ID_FILE
-
-
 def test_mlflow_run_is_created_at_submission(tmp_path):
     """The launcher's MLflow run (SCHEDULED, id in the run dir) is the one the engine will resume."""
     import mlflow
 
-    from pipeline.config import load_config
+    from pipeline.train.config import load_config
 
     cfg = load_config(None, [f"runs_root={tmp_path / 'runs'}", "tracking.experiment=launch-test"])
     uri = launch.default_tracking_uri(cfg)
@@ -366,7 +362,7 @@ def test_mlflow_run_is_created_at_submission(tmp_path):
 
 
 def test_unreachable_tracking_server_does_not_block_submission(tmp_path):
-    from pipeline.config import load_config
+    from pipeline.train.config import load_config
 
     cfg = load_config(None, ["tracking.uri=http://127.0.0.1:9", f"runs_root={tmp_path}"])
     rid, link = launch.create_mlflow_run(cfg, tmp_path / "run", cfg.tracking.uri)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import ssal_models
-from pipeline.config import REPO_ROOT, OptimConfig
-from pipeline.optim import build_optimizer
+from pipeline.train.config import REPO_ROOT, OptimConfig
+from pipeline.train.optim import build_optimizer
 from ssal_models import maxl as mx
 
 CONFIG = "configs/demo_maxl.yaml"
@@ -31,7 +31,7 @@ def tiny_model(**options):
 
 
 def make_training(model):
-    from pipeline.maxl_training import MaxlTraining
+    from pipeline.train.maxl_training import MaxlTraining
 
     MaxlTraining.prepare_model(model)
     optimizer = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=5e-4), 256)
@@ -344,8 +344,8 @@ def test_two_process_gloo_maxl_run_logs_metrics_and_resumes_exactly(tiny_demo, t
 
 
 def test_psi_from_a_hierarchy_file(tmp_path):
-    from pipeline.config import ConfigError, load_config
-    from pipeline.train import build_model, method_options
+    from pipeline.train.config import ConfigError, load_config
+    from pipeline.train.factory import build_model, method_options
 
     hierarchy = tmp_path / "psi.yaml"
     hierarchy.write_text("psi: [2, 3, 1, 4]\n")

@@ -1,9 +1,9 @@
-"""pipeline.util.metrics_journal against a real MLflow SQLite store: a key logged again by a later
+"""pipeline.train.metrics_journal against a real MLflow SQLite store: a key logged again by a later
 process of the same run (resume, re-evaluation) stays one metric per step."""
 from mlflow import MlflowClient
 
-from pipeline.tracking import Tracker, default_tracking_uri
-from pipeline.util.metrics_journal import JOURNAL, MetricsJournal
+from pipeline.tracking.tracker import Tracker, default_tracking_uri
+from pipeline.train.metrics_journal import JOURNAL, MetricsJournal
 
 
 def _history(uri, run_id, key):

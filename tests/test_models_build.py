@@ -1,6 +1,5 @@
 """build_model: output keys and shapes for every arch x method, options, validation, meta builds,
 parameter counts."""
-import numpy as np
 import pytest
 import torch
 from torch import nn

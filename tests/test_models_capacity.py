@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 
 import ssal_models
-from pipeline.config import ConfigError, load_config
+from pipeline.train.config import ConfigError, load_config
 from ssal_models.backbones import ScaledResNet, backbone_info
 from ssal_models.grouping import random_grouping
 
@@ -155,7 +155,7 @@ def test_bad_capacity_options_raise(options, match, method):
 
 
 def test_config_keys_reach_the_model():
-    from pipeline.train import build_model
+    from pipeline.train.factory import build_model
 
     cfg = load_config(None, ["method.name=baseline", "model.width_multiplier=1.5", "model.stem_convs=1",
                              "model.stem_conv_width=32"])
@@ -169,7 +169,7 @@ def test_config_keys_reach_the_model():
 
 
 def test_arch_tag_names_the_capacity_options():
-    from pipeline.train import arch_label
+    from pipeline.train.factory import arch_label
 
     assert arch_label(load_config(None, ["model.arch=resnet34"]).model) == "resnet34"
     assert arch_label(load_config(None, ["model.width_multiplier=1.5"]).model) == "resnet18-w1.5"

@@ -1,5 +1,4 @@
 """Losses and prediction rules of SSAL, DKS, DS against naive float64 implementations; +LC."""
-import math
 
 import numpy as np
 import pytest

@@ -2,8 +2,8 @@
 import pytest
 from torch import nn
 
-from pipeline.config import OptimConfig, ScheduleConfig
-from pipeline.optim import build_optimizer, lr_factor, parameter_groups, scaled_lr
+from pipeline.train.config import OptimConfig, ScheduleConfig
+from pipeline.train.optim import build_optimizer, lr_factor, parameter_groups, scaled_lr
 
 ITERS = 10  # iterations per epoch
 

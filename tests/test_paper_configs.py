@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import engine
-from pipeline.config import REPO_ROOT, load_config
-from pipeline.optim import lr_factor
-from pipeline.train import Trainer
-from pipeline.util import dist as dist_util
+from pipeline.train import engine
+from pipeline.train.config import REPO_ROOT, load_config
+from pipeline.train.optim import lr_factor
+from pipeline.train.trainer import Trainer
+from pipeline.train import dist as dist_util
 
 PAPER = sorted((REPO_ROOT / "configs" / "imagenet" / "paper").rglob("*.yaml"))
 # ResNet-152 and the 100 M-parameter ResNet-50 DKS / DS models take minutes on a loaded 2-core box

@@ -1,4 +1,4 @@
-"""pipeline.plots: figures render headless to PNGs of sensible size with the right content."""
+"""pipeline.tracking.plots: figures render headless to PNGs of sensible size with the right content."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from pipeline.plots import MAX_TICK_LABELS, accuracy_curves, confusion_heatmap
+from pipeline.tracking.plots import MAX_TICK_LABELS, accuracy_curves, confusion_heatmap
 
 
 def _png(fig, path):

@@ -1,8 +1,7 @@
 """pipeline/report.py on runs logged straight into a SQLite store (no training)."""
-import pytest
 
-from pipeline import report
-from pipeline.tracking import Tracker, default_tracking_uri
+from pipeline.stages import report
+from pipeline.tracking.tracker import Tracker, default_tracking_uri
 
 
 def log_run(uri, tmp_path, stage, method, metrics, history=None, study="rep"):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import REPO_ROOT
-from pipeline.tracking import REJECTED_FILE, Tracker
-from pipeline.tracking import main as tracking_main
-from pipeline.util import preemption
+from pipeline.train.config import REPO_ROOT
+from pipeline.tracking.tracker import REJECTED_FILE, Tracker
+from pipeline.tracking.sync import main as tracking_main
+from pipeline.train import preemption
 from tests.test_train import tiny_overrides
 
 LAUNCH = [sys.executable, str(REPO_ROOT / "pipeline" / "launch.py")]
@@ -245,7 +245,7 @@ def preempted_entry(argv: list[str]) -> int:
     ({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3"}, False),  # max_requeues reached
 ])
 def test_only_a_slurm_task_that_can_requeue_leaves_a_preempted_run_open(monkeypatch, slurm_env, expected):
-    from pipeline.submitit_launch import TrainTask
+    from pipeline.launch.task import TrainTask
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP)}
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
@@ -310,8 +310,8 @@ def test_a_dataset_name_other_than_the_manifests_is_refused(tiny_demo, tmp_path)
 
 
 def test_quick_check_reads_old_manifests_and_verify_keeps_the_full_hash(tiny_demo, other_seed_demo, tmp_path):
-    from datasets.manifest import quick_check, read_manifest
-    from datasets.writer import verify
+    from ssal_datasets.manifest import quick_check, read_manifest
+    from ssal_datasets.writer import verify
 
     manifest = read_manifest(tiny_demo)
     assert quick_check(tiny_demo, manifest) == []

@@ -39,8 +39,8 @@ pytestmark = pytest.mark.slow
 def crash_rank1_midway(argv: list[str]) -> int:
     """Worker entry for the crash test: the real engine, but rank 1 raises in its 3rd training iteration
     (from the per-iteration stop check, while rank 0 is inside the DDP collectives)."""
-    from pipeline import train
-    from pipeline.util import preemption
+    from pipeline.train import entry as train
+    from pipeline.train import preemption
 
     if os.environ.get("SLURM_PROCID") == "1":
         calls = []

@@ -193,7 +193,7 @@ def test_study_runs_as_afterok_chain_on_slurm(slurm_cluster, tiny_demo, tmp_path
     # MLflow: one FINISHED run per stage, tagged for the comparison; the groupings on disk and in MLflow
     import mlflow
 
-    from pipeline import runs
+    from pipeline.tracking import runs
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs_root / 'mlflow.db'}")
     tagged = runs.study_runs(client, STUDY_ID)

@@ -2,15 +2,11 @@
 (a recording executor: job shapes; the real cluster: tests/test_slurm_study.py), and the demo study end
 to end on CPU (real FFCV, real MLflow SQLite store): grouping recovers the planted super-classes, the report has a row per stage, a re-run skips all."""
 import json
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
-from pipeline import study as study_lib
-from pipeline.config import REPO_ROOT
+from pipeline.launch import study as study_lib
+from pipeline.train.config import REPO_ROOT
 
 
 def write(tmp_path, text, name="s.yaml"):
@@ -60,7 +56,7 @@ def test_groups_stage_variant_and_confusion_keys(tmp_path):
                          "groups: {kind: groups, from: baseline, k: [4], variant: authors, confusion: hard}")
     argv = study_lib.load_study(write(tmp_path, text), [f"runs_root={tmp_path / 'runs'}"]).stages["groups"].argv
     assert argv[argv.index("--matrix") + 1] == "hard" and argv[argv.index("--variant") + 1] == "authors"
-    from pipeline import groups as groups_cli
+    from pipeline.stages import groups as groups_cli
 
     parsed = groups_cli.build_parser().parse_args(argv)  # the stage's command line is one groups.py accepts
     assert (parsed.variant, parsed.matrix) == ("authors", "hard")
@@ -87,7 +83,7 @@ def test_bad_study_files_fail_with_one_line(tmp_path, text, message):
 
 
 def test_launch_study_cli_errors_exit_2(tmp_path, capsys):
-    from pipeline import launch
+    from pipeline.launch import cli as launch
 
     assert launch.main(["--study", str(tmp_path / "nope.yaml"), "--local"]) == 2
     assert "no such file" in capsys.readouterr().err
@@ -126,7 +122,7 @@ def test_slurm_chain_uses_afterok_dependencies(tmp_path):
     """Each stage's job settings without a cluster, in a second: the GPU shapes (2 nodes x 4 GPUs for training,
     one task for groups/report, one GPU for lc) that the CPU test cluster cannot show, and the dependency
     strings handed to sbatch. SLURM itself holding and honouring them: tests/test_slurm_study.py."""
-    from pipeline import launch
+    from pipeline.launch import cli as launch
 
     s = study_lib.load_study(write(tmp_path, BASIC), [f"runs_root={tmp_path / 'runs'}"])
     args = launch.build_parser().parse_args(["--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4"])
@@ -144,7 +140,7 @@ def test_slurm_chain_uses_afterok_dependencies(tmp_path):
     assert (jobs["ssal"][0]["nodes"], jobs["ssal"][0]["tasks_per_node"]) == (2, 4)
     assert (jobs["groups"][0]["nodes"], jobs["groups"][0]["gpus_per_node"]) == (1, 0)
     assert (jobs["lc"][0]["gpus_per_node"], jobs["lc"][0]["tasks_per_node"]) == (1, 1)
-    assert jobs["ssal"][1].entry == "pipeline.train:main" and jobs["groups"][1].entry == "pipeline.groups:main"
+    assert jobs["ssal"][1].entry == "pipeline.train.entry:main" and jobs["groups"][1].entry == "pipeline.stages.groups:main"
     assert "--resume" in jobs["ssal"][1].argv
 
 
@@ -173,7 +169,7 @@ def test_demo_study_end_to_end(demo_study):
     assert data["class_names"] == [c["name"] for c in manifest["classes"]]
     # every run carries the comparison tags; the report has a row per stage and the expected columns
     client = _client(demo_study)
-    from pipeline import runs
+    from pipeline.tracking import runs
 
     tagged = runs.study_runs(client, "ci")
     stages = {r.data.tags["stage"] for r in tagged}
@@ -205,7 +201,7 @@ def test_demo_study_end_to_end(demo_study):
 def test_demo_study_rerun_skips_finished_stages(demo_study):
     assert demo_study.rc == 0, demo_study.out[-4000:]
     client = _client(demo_study)
-    from pipeline import runs
+    from pipeline.tracking import runs
 
     before = len(runs.study_runs(client, "ci"))
     result = demo_study.run(timeout=300)
@@ -244,7 +240,7 @@ def test_paper_studies_run_the_paper_recipes_and_quote_the_paper(tmp_path, name)
         assert "configs/imagenet/paper/" in config, (stage.name, config)
     report = s.stages["report"].argv
     assert report[report.index("--paper") + 1] == str((REPO_ROOT / "studies" / f"{name}.yaml").resolve())
-    from pipeline.report import read_paper_figures
+    from pipeline.stages.report import read_paper_figures
 
     figures = read_paper_figures(REPO_ROOT / "studies" / f"{name}.yaml")
     if name == "paper_dks_imagenet":

@@ -1,4 +1,4 @@
-"""pipeline.tracking against real MLflow stores: SQLite default store, a real `mlflow server`
+"""pipeline.tracking.tracker against real MLflow stores: SQLite default store, a real `mlflow server`
 killed and restarted mid-run, a server that never answers (fallback store + sync), resume."""
 import json
 import os
@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.tracking import (BUFFER_FILE, FALLBACK_DB, NullTracker, Tracker,
-                               default_tracking_uri, main as tracking_main)
+from pipeline.tracking.sync import main as tracking_main
+from pipeline.tracking.tracker import BUFFER_FILE, FALLBACK_DB, NullTracker, Tracker, default_tracking_uri
 
 KEYS = ("val/top1/main", "val/top1/joint", "train/loss")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +135,7 @@ def test_two_processes_create_new_sqlite_store_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {REPO!r})
-        from pipeline.tracking import Tracker, default_tracking_uri
+        from pipeline.tracking.tracker import Tracker, default_tracking_uri
         while not os.path.exists({str(go)!r}):
             time.sleep(0.005)
         uri = default_tracking_uri({str(runs)!r})

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import REPO_ROOT
+from pipeline.train.config import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

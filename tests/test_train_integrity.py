@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import REPO_ROOT
-from pipeline.util.checkpoint import HOLD_SAVE_ENV, load_checkpoint
+from pipeline.train.config import REPO_ROOT
+from pipeline.train.checkpoint import HOLD_SAVE_ENV, load_checkpoint
 from tests.test_checkpoint import flip_byte_inside_a_tensor, mounted_tmpfs
 from tests.test_train import _wait_for_line, env, only_run, tiny_overrides, train_cmd
 
@@ -34,9 +34,9 @@ def every_key_once_per_step(client, run) -> dict[str, list[int]]:
 
 def evaluate_saved_model(run_dir: Path) -> dict[str, float]:
     """The run's last.pt evaluated again by this (single) process, as a resume would."""
-    from pipeline import config as config_lib
-    from pipeline import train
-    from pipeline.util.dist import DistInfo
+    from pipeline.train import config as config_lib
+    from pipeline.train import entry as train
+    from pipeline.train.dist import DistInfo
 
     cfg = config_lib.load_config(str(run_dir / "config.yaml"), ["tracking.enabled=false"])
     trainer = train.Trainer(cfg, DistInfo(), "auto")
@@ -67,7 +67,7 @@ def test_two_process_validation_metrics_are_those_of_the_saved_model(tiny_demo, 
 BN_RANKS = """
 import torch, torch.distributed as dist
 from torch import nn
-from pipeline.util.dist import average_bn_statistics
+from pipeline.train.dist import average_bn_statistics
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
@@ -210,7 +210,7 @@ def run_copy(finished_run, tmp_path):
 @pytest.fixture
 def in_process_main():
     """pipeline.train.main in this process, its process-wide settings put back afterwards."""
-    from pipeline import train
+    from pipeline.train import entry as train
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()

@@ -7,7 +7,7 @@
   written by the engine's Tracker) when it is reachable, else downloaded from its artifacts.
 * :func:`study_runs`: every run tagged ``study=<id>`` (optionally one ``stage``) in any experiment.
 * :func:`aux_tracker`: an MLflow run for a non-training stage, through the engine's outage-tolerant
-  :class:`pipeline.tracking.Tracker`.
+  :class:`pipeline.tracking.tracker.Tracker`.
 """
 from __future__ import annotations
 
@@ -17,9 +17,6 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-if __package__ in (None, ""):  # run as a file: the repo root first, not this folder
-    _root = str(Path(__file__).resolve().parents[1])
-    sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -43,8 +40,8 @@ def run_cli(build_parser, run, argv=None, usage_errors: tuple = (ToolError,)) ->
 
 
 def resolve_uri(uri: str | None = None, runs_root: str | None = None) -> str:
-    from pipeline import tracking
-    from pipeline.config import resolve_path
+    from pipeline.tracking import tracker as tracking
+    from pipeline.train.config import resolve_path
 
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
@@ -132,7 +129,7 @@ def _quote(text: str) -> str:
 def aux_tracker(uri: str, experiment: str, run_dir: str | Path, run_name: str,
                 params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None):
     """A started Tracker for a non-training stage (same outage tolerance as training runs)."""
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.tracker import Tracker
 
     tracker = Tracker(uri=uri, experiment=experiment, run_dir=str(run_dir))
     tracker.start(run_name=run_name, params=dict(params or {}), tags=dict(tags or {}))
@@ -147,12 +144,6 @@ def parse_tags(items) -> dict[str, str]:
             raise ToolError(f"--tag {item!r}: expected KEY=VALUE")
         tags[key.strip()] = value
     return tags
-
-
-def repo_root_on_path() -> None:
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
 
 
 # ----------------------------------------------------------------------------- trained models
@@ -192,7 +183,7 @@ def load_trained(mlflow_client, run, folder: Path | None, tmp: str | Path, weigh
     import torch
     import yaml
 
-    from pipeline import config as config_lib
+    from pipeline.train import config as config_lib
 
     def fetch(name: str) -> Path:
         if folder is not None and (folder / name).is_file():
@@ -217,16 +208,16 @@ def load_trained(mlflow_client, run, folder: Path | None, tmp: str | Path, weigh
     groupings = [state[k].numpy().astype(np.int64) for k in buffers] or None
     names, num_classes = None, None
     try:
-        from datasets.manifest import read_manifest
-        from pipeline.config import resolve_path
-        from pipeline.train import label_space
+        from ssal_datasets.manifest import read_manifest
+        from pipeline.train.config import resolve_path
+        from pipeline.train.factory import label_space
 
         manifest = read_manifest(resolve_path(cfg.data.root))
         num_classes, names, _ = label_space(cfg, manifest)  # data.labels=superclass: the super-classes
     except Exception:  # noqa: BLE001 (dataset not on this machine: sizes from the weights)
         num_classes = int(state["backbone.fc.weight"].shape[0])
         names = [str(i) for i in range(num_classes)]
-    from pipeline.train import build_model
+    from pipeline.train.factory import build_model
 
     try:
         model = build_model(cfg, num_classes, groupings)

@@ -144,7 +144,7 @@ __all__ = [
     "mark_requeue_pending", "allow_requeue", "will_requeue", "request", "reset", "restart_count",
 ]
 
-if __name__ == "__main__":  # pragma: no cover - manual check: python -m pipeline.util.preemption
+if __name__ == "__main__":  # pragma: no cover - manual check: python -m pipeline.train.preemption
     install_handlers()
     print(f"pid {os.getpid()}: send USR2 or TERM", file=sys.stderr)
     while not requested():

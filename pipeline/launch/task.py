@@ -3,12 +3,12 @@
 submitit pickles a ``TrainTask`` (argv for the worker entry + a few launch settings), ``sbatch``es a script
 that ``srun``s one Python process per task, and each process calls ``TrainTask()``. The task:
 
-1. installs our preemption handlers (``pipeline.util.preemption``), replacing the ones submitit installed
+1. installs our preemption handlers (``pipeline.train.preemption``), replacing the ones submitit installed
    (submitit's USR2 handler would requeue at once, before our checkpoint exists);
 2. exports the torch.distributed environment from SLURM's (submitit's ``TorchDistributedEnvironment``:
    MASTER_ADDR = first node of the job, MASTER_PORT from the job id, RANK, WORLD_SIZE, LOCAL_RANK,
-   LOCAL_WORLD_SIZE), which ``pipeline.util.dist.init_distributed_mode`` reads first;
-3. calls the worker entry (default ``pipeline.train:main``) with ``--resume auto`` so that a requeued job
+   LOCAL_WORLD_SIZE), which ``pipeline.train.dist.init_distributed_mode`` reads first;
+3. calls the worker entry (default ``pipeline.train.entry:main``) with ``--resume auto`` so that a requeued job
    continues from the last checkpoint in the same output dir, hence the same MLflow run;
 4. maps the entry's exit code:
    * 0 -> returns a small summary (submitit pickles it as the task's result);
@@ -34,9 +34,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.util import preemption
+from pipeline.train import preemption
 
-DEFAULT_ENTRY = "pipeline.train:main"
+DEFAULT_ENTRY = "pipeline.train.entry:main"
 
 
 def _log(msg: str) -> None:

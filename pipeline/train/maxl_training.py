@@ -75,8 +75,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.engine import StandardTraining, autocast_context
-from pipeline.util import dist as dist_util
+from pipeline.train.engine import StandardTraining, autocast_context
+from pipeline.train import dist as dist_util
 from ssal_models import maxl as mx
 from ssal_models import maxl_labels as mxl
 
@@ -389,7 +389,7 @@ def label_distribution_figure(info: dict, path: Path) -> None:
     """Heat-maps: rows = primary classes, columns = their auxiliary classes (slot 0..psi-1),
     value = fraction of the class's training samples whose generated label is that slot; the
     untrained generator (epoch 0) beside the last logged epoch."""
-    from pipeline import plots  # noqa: F401  (forces the Agg backend)
+    from pipeline.tracking import plots  # noqa: F401  (forces the Agg backend)
     import matplotlib.pyplot as plt
 
     history = info.get("epochs") or [{"epoch": None, "counts": info["counts"]}]

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from pipeline.util import dist as dist_util
+from pipeline.train import dist as dist_util
 
 
 class NonFiniteLoss(RuntimeError):

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ConfigError(ValueError):
@@ -431,7 +431,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from pipeline.util.checkpoint import atomic_write
+    from pipeline.train.checkpoint import atomic_write
 
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write(path, lambda handle: handle.write(text.encode()))

@@ -1,258 +1,37 @@
-"""Training entry point: `python -m pipeline.train --config FILE [--resume auto|PATH] [key=value ...]`.
-
-The same entry runs as one process, under torchrun (one process per GPU), and inside
-SLURM tasks started by submitit (pipeline/launch.py). It composes the config, the FFCV
-loaders (datasets.loader), the model + method (ssal_models) and the loops (pipeline.engine).
-"""
+"""TODO docstring."""
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import os
 import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: the repo root first, not this folder
-    _root = str(Path(__file__).resolve().parents[1])
-    sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline import config as config_lib
-from pipeline import engine
-from pipeline.config import Config, ConfigError, resolve_path
-from pipeline.optim import build_optimizer, lr_factor, scaled_lr
-from pipeline.util import checkpoint as ckpt
-from pipeline.util import data_access
-from pipeline.util import dist as dist_util
-from pipeline.util import preemption
-from pipeline.util.metrics_journal import MetricsJournal
-from pipeline.util import run_lock
-
-# methods that train differently from engine.StandardTraining (module:class, imported on use)
-TRAININGS = {"maxl": "pipeline.maxl_training:MaxlTraining"}
-
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 4
-RUN_ID_FILE = "mlflow_run_id"
-
-
-class AgreedConfigError(ConfigError):
-    """A ConfigError that every rank raises together (see :func:`raise_if_any_rank`); rank 0 alone prints it."""
-
-
-def raise_if_any_rank(info: dist_util.DistInfo, message: str | None) -> None:
-    """Each rank passes its own problem (or None); if any rank has one, every rank raises the first one.
-    A check that may fail on one rank only (its node's copy of the data, the lock rank 0 takes) thus ends
-    all ranks at once, with one line instead of one per rank or a rank left waiting in a collective."""
-    messages = [message]
-    if info.distributed:
-        messages = [None] * info.world_size
-        torch.distributed.all_gather_object(messages, message)
-    for rank, text in enumerate(messages):
-        if text:
-            raise AgreedConfigError(text if rank == 0 else f"rank {rank}: {text}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.train",
-        description="Train a ResNet with auxiliary branches (SSAL / DKS / DS / GapCat / MAXL) on FFCV betons. "
-                    "Runs as one process, under torchrun, or in SLURM tasks (see pipeline/launch.py).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides: section.key=value (value parsed as YAML), e.g. optim.lr=0.1 method.num_groups=[8,16]\n"
-               "keys and defaults:\n" + config_lib.describe_keys(),
-    )
-    parser.add_argument("--config", help="YAML recipe (default: the embedded demo job)")
-    parser.add_argument("--resume", default="", help="'auto': continue the run in the output dir if it has a "
-                                                     "checkpoint (same MLflow run); or a checkpoint path")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def ensure_dataset(cfg: Config, info: dist_util.DistInfo) -> Path:
-    """The dataset folder; the demo set is written on first use (rank 0, others wait)."""
-    root = resolve_path(cfg.data.root)
-    if not (root / "manifest.json").is_file():
-        if cfg.data.dataset != "demo" or not cfg.data.write_demo_if_missing:
-            raise ConfigError(f"data.root: {root} has no manifest.json; write it with "
-                              f"`python datasets/write_ffcv.py {cfg.data.dataset} --out {root} ...`")
-        if info.is_main:
-            print(f"demo dataset missing: writing it to {root}", flush=True)
-            writer = Path(__file__).resolve().parents[1] / "datasets" / "write_ffcv.py"
-            subprocess.run([sys.executable, str(writer), "demo", "--out", str(root)], check=True)
-        dist_util.barrier()
-    return root
-
-
-def data_problem(cfg: Config, data_root: Path, manifest: dict) -> str | None:
-    """Why the data in data.root must not train this config (None: it may). Cheap: see quick_check."""
-    from datasets.manifest import quick_check
-
-    if manifest["dataset"] != cfg.data.dataset:
-        return (f"data.dataset: '{cfg.data.dataset}', but {data_root / 'manifest.json'} holds '{manifest['dataset']}'; "
-                f"set data.dataset={manifest['dataset']} or point data.root at the {cfg.data.dataset} betons")
-    problems = quick_check(data_root, manifest)
-    return f"data.root: {problems[0]}" if problems else None
-
-
-def load_groupings(cfg: Config, num_classes: int, class_names: list[str]) -> list[np.ndarray]:
-    """SSAL/GapCat groupings: from the groups file, or seeded balanced random ones."""
-    from ssal_models import grouping
-
-    if cfg.method.groups_file:
-        path = resolve_path(cfg.method.groups_file)
-        try:
-            groupings, names = grouping.load_groupings(path)
-        except (ValueError, KeyError, json.JSONDecodeError) as err:
-            raise ConfigError(f"method.groups_file: {path} is not a groupings file ({err})") from None
-        for g in groupings:
-            if len(g) != num_classes:
-                raise ConfigError(f"method.groups_file: {path} groups {len(g)} classes but the dataset in "
-                                  f"data.root has {num_classes}; compute groups for this dataset")
-        return [np.asarray(g, dtype=np.int64) for g in groupings]
-    rng = np.random.default_rng(cfg.train.seed)
-    groupings = []
-    for k in cfg.method.num_groups:
-        if not 2 <= k <= num_classes // 2:
-            raise ConfigError(f"method.num_groups: {k} groups for {num_classes} classes; need 2 <= k <= C/2")
-        gamma = np.empty(num_classes, dtype=np.int64)
-        gamma[rng.permutation(num_classes)] = np.arange(num_classes) % k
-        groupings.append(gamma)
-    return groupings
-
-
-def holdout_split(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(train indices, held-out indices) of the train split; (None, None) when nothing is held out.
-    Seeded apart from the training seed's other uses, so changing it does not move other randomness."""
-    if fraction <= 0:
-        return None, None
-    order = np.random.default_rng([seed, 0x401D]).permutation(num_train)
-    cut = max(1, int(round(num_train * fraction)))
-    return np.sort(order[cut:]), np.sort(order[:cut])
-
-
-def method_options(cfg: Config, groupings: list[np.ndarray] | None) -> dict:
-    options = dict(cfg.method.options)
-    if groupings is not None:
-        options["groupings"] = [g.tolist() for g in groupings]
-    psi = options.get("psi")
-    if isinstance(psi, str) and psi.endswith((".json", ".yaml", ".yml")):
-        options["psi"] = read_hierarchy_file(psi)
-    return options
-
-
-def read_hierarchy_file(path_text: str) -> list[int]:
-    """MAXL's ψ from a file: a YAML/JSON list of per-class auxiliary-class counts, or a mapping
-    with key `psi` holding that list (ssal_models stays free of file I/O)."""
-    import yaml
-
-    path = resolve_path(path_text)
-    if not path.is_file():
-        raise ConfigError(f"method.options.psi: no such hierarchy file {path_text}")
-    data = yaml.safe_load(path.read_text())
-    counts = data.get("psi") if isinstance(data, dict) else data
-    if not (isinstance(counts, list) and counts and all(isinstance(c, int) and c >= 1 for c in counts)):
-        raise ConfigError(f"method.options.psi: {path_text} must hold a list of positive integers "
-                          f"(auxiliary classes per primary class), or {{psi: [...]}}")
-    return counts
-
-
-def label_space(cfg: Config, manifest: dict) -> tuple[int, list[str], torch.Tensor | None]:
-    """``(num_classes, class names, class -> label table or None)`` of the primary task (data.labels)."""
-    from datasets.manifest import class_names, superclasses
-
-    if cfg.data.labels == "class":
-        return int(manifest["num_classes"]), class_names(manifest), None
-    table = superclasses(manifest)
-    if table is None:
-        raise ConfigError(f"data.labels: superclass, but the manifest of {cfg.data.root} names no super-classes "
-                          f"(only the demo set has them); set data.labels=class")
-    names = {c["superclass"]: c.get("superclass_name", str(c["superclass"])) for c in manifest["classes"]}
-    return len(names), [names[i] for i in range(len(names))], torch.tensor(table, dtype=torch.int64)
-
-
-class Relabelled:
-    """A loader whose labels go through ``table`` (data.labels=superclass: class -> super-class);
-    everything else is the wrapped loader's."""
-
-    def __init__(self, loader, table: torch.Tensor):
-        self.loader, self.table = loader, table
-
-    def __iter__(self):
-        for images, labels, *rest in self.loader:
-            if self.table.device != labels.device:
-                self.table = self.table.to(labels.device)
-            yield (images, self.table[labels], *rest)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-
-def build_model(cfg: Config, num_classes: int, groupings) -> nn.Module:
-    import ssal_models
-
-    options = method_options(cfg, groupings)
-    try:
-        model = ssal_models.build_model(cfg.model.arch, cfg.method.name, num_classes,
-                                        blurpool=cfg.model.blurpool, zero_init_residual=cfg.model.zero_init_residual,
-                                        width_multiplier=cfg.model.width_multiplier, stem_convs=cfg.model.stem_convs,
-                                        stem_conv_width=cfg.model.stem_conv_width, **options)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"model/method: {err}") from None
-    set_bn_momentum(model, cfg.model.bn_momentum)
-    return model
-
-
-def set_bn_momentum(model: nn.Module, momentum: float) -> None:
-    """Every BatchNorm of the model, branches included (as the SSAL authors set theirs:
-    ``1 - 0.9 ** (batch / 32)``, 0.28 at their batch of 100)."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = momentum
-
-
-def training_class(method: str) -> type:
-    target = TRAININGS.get(method)
-    if target is None:
-        return engine.StandardTraining
-    module_name, _, class_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
-# ----------------------------------------------------------------------------- tracking
+from pipeline.train import config as config_lib
+from pipeline.train import engine
+from pipeline.train.config import Config, ConfigError, resolve_path
+from pipeline.train.optim import build_optimizer, lr_factor, scaled_lr
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import data_access
+from pipeline.train import dist as dist_util
+from pipeline.train import preemption
+from pipeline.train.factory import (Relabelled, arch_label, build_model, data_problem, ensure_dataset, holdout_split,
+                                     label_space, load_groupings, training_class)
+from pipeline.train.metrics_journal import MetricsJournal
+from pipeline.tracking.constants import RUN_ID_FILE
 
 
 def make_tracker(cfg: Config, info: dist_util.DistInfo, run_dir: Path):
-    from pipeline import tracking
+    from pipeline.tracking import tracker as tracking
 
     if not (cfg.tracking.enabled and info.is_main):
         return tracking.NullTracker()
     uri = cfg.tracking.uri or tracking.default_tracking_uri(str(resolve_path(cfg.runs_root)))
     return tracking.Tracker(uri=uri, experiment=cfg.tracking.experiment, run_dir=str(run_dir))
-
-
-def arch_label(model_cfg) -> str:
-    """The arch tag: the torchvision name, plus the capacity options when they are set
-    (``resnet18-w1.5``, ``resnet18-stem4x256``), so capacity baselines differ in the report."""
-    label = model_cfg.arch
-    if model_cfg.width_multiplier != 1.0:
-        label += f"-w{model_cfg.width_multiplier:g}"
-    if model_cfg.stem_convs:
-        label += f"-stem{model_cfg.stem_convs}x{model_cfg.stem_conv_width}"
-    return label
 
 
 def run_tags(cfg: Config, info: dist_util.DistInfo, groupings) -> dict[str, str]:
@@ -275,9 +54,6 @@ def _git_commit() -> str:
                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-# ----------------------------------------------------------------------------- main
 
 
 class Trainer:
@@ -304,8 +80,8 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
-        from datasets import loader as data_loader
-        from datasets.manifest import read_manifest
+        from ssal_datasets import loader as data_loader
+        from ssal_datasets.manifest import read_manifest
 
         data_root = ensure_dataset(cfg, info)
         try:
@@ -332,7 +108,7 @@ class Trainer:
                                                        cfg.eval.holdout_fraction, cfg.train.seed)
         if info.is_main:
             for line in data_access.access_warnings(train_beton, cfg.data.order, cfg.data.os_cache,
-                                                    data_access.node_memory_bytes(), _local_world_size()):
+                                                    data_access.node_memory_bytes(), dist_util.local_world_size()):
                 print(f"warning: {line}", file=sys.stderr, flush=True)
         try:  # a beton missing or damaged (truncated...): the loaders' message names the file
             self.train_loader = data_loader.create_train_loader(
@@ -362,7 +138,7 @@ class Trainer:
                 self.holdout_loader = Relabelled(self.holdout_loader, label_table)
         self.resolution_for_epoch = data_loader.resolution_for_epoch
         # FFCV sets torch's thread count to its worker count: reset it for CPU training
-        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, _local_world_size()))
+        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, dist_util.local_world_size()))
         torch.set_num_threads(threads)
 
         self.steps_per_epoch = len(self.train_loader)
@@ -619,7 +395,7 @@ class Trainer:
             self.tracker.log_artifact(str(path))
 
     def _log_final_artifacts(self) -> None:
-        from pipeline import plots
+        from pipeline.tracking import plots
 
         conf_path = self.run_dir / "confusion_main.npy"
         np.save(conf_path, self.confusion.numpy())
@@ -649,94 +425,18 @@ def metrics_rate(meter: engine.EpochMeter, info: dist_util.DistInfo) -> float:
     return meter.samples * info.world_size / max(meter.seconds, 1e-9)
 
 
-def _local_world_size() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+class AgreedConfigError(ConfigError):
+    """A ConfigError that every rank raises together (see :func:`raise_if_any_rank`); rank 0 alone prints it."""
 
 
-def configure_torch(cfg: Config) -> None:
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # key=v --resume auto key2=v2, as launch.py takes it
-    try:
-        cfg = config_lib.load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    preemption.install_handlers()
-    info = dist_util.init_distributed_mode(cfg.train.device)
-    configure_torch(cfg)
-    trainer = None
-    lock = None
-    status = "FAILED"
-    try:
-        busy = None
-        if info.is_main:  # before anything reads or writes the run folder
-            try:
-                lock = run_lock.acquire(cfg.run_dir)
-            except run_lock.RunFolderBusy as err:
-                busy = str(err)
-        raise_if_any_rank(info, busy)
-        trainer = Trainer(cfg, info, args.resume)
-        trainer.setup()
-        started = time.perf_counter()
-        metrics = trainer.fit()
-        status = "FINISHED"
-        if info.is_main:
-            trainer.log_wall_seconds(time.perf_counter() - started)
-            summary = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/top")}
-            print(f"done: {json.dumps(summary)}", flush=True)
-        return 0
-    except (ConfigError, ckpt.CheckpointError) as err:
-        if info.is_main or not isinstance(err, AgreedConfigError):
-            print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    except engine.Preempted as reason:
-        # the checkpoint holds every rank's share of the interrupted epoch's sums; after the
-        # resume rank 0 carries them on and the other ranks start from zero (no double count)
-        trainer.meter = trainer.meter.summed_over_ranks(info.device)
-        try:
-            trainer.save()
-        except ckpt.CheckpointError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_CONFIG
-        if preemption.will_requeue():
-            status = None  # the requeued job continues this MLflow run
-            if info.is_main:
-                print(f"preempted ({reason}); checkpoint saved, requeue pending", flush=True)
-        else:  # a plain stop, or a USR2 that nothing here will requeue (local run, torchrun)
-            status = "KILLED"
-            if info.is_main:
-                print(f"stopped ({reason}); checkpoint saved to {trainer.run_dir / ckpt.LAST}; continue with "
-                      f"--resume auto", flush=True)
-        return preemption.EXIT_PREEMPTED
-    except engine.NonFiniteLoss as err:
-        print(f"error: rank {info.rank}: {err}; training stopped, the last good checkpoint is kept "
-              f"({cfg.run_dir / ckpt.LAST})", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
-    except Exception as err:
-        if isinstance(err, OSError) and ckpt.is_disk_full(err):
-            print(f"error: {err.filename or cfg.run_dir}: not written, no space left on device; free space, then "
-                  f"continue with --resume auto", file=sys.stderr, flush=True)
-            return EXIT_CONFIG
-        print(f"error: rank {info.rank} of {info.world_size} failed:\n{traceback.format_exc()}", file=sys.stderr,
-              flush=True)
-        return 1
-    finally:
-        if trainer is not None and getattr(trainer, "tracker", None) is not None and status is not None:
-            trainer.tracker.end(status)
-        dist_util.cleanup()
-        if lock is not None:
-            lock.release()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def raise_if_any_rank(info: dist_util.DistInfo, message: str | None) -> None:
+    """Each rank passes its own problem (or None); if any rank has one, every rank raises the first one.
+    A check that may fail on one rank only (its node's copy of the data, the lock rank 0 takes) thus ends
+    all ranks at once, with one line instead of one per rank or a rank left waiting in a collective."""
+    messages = [message]
+    if info.distributed:
+        messages = [None] * info.world_size
+        torch.distributed.all_gather_object(messages, message)
+    for rank, text in enumerate(messages):
+        if text:
+            raise AgreedConfigError(text if rank == 0 else f"rank {rank}: {text}")

@@ -18,7 +18,7 @@ Design
 * If the server is still unreachable at :meth:`Tracker.end`, the whole run as seen by this process
   (params, tags, every metric, the unsent artifacts) is written to a local fallback store
   ``sqlite:///run_dir/mlflow_fallback.db`` with tag ``tracking.fallback=true``; the journal is kept
-  so ``python -m pipeline.tracking sync RUN_DIR`` can push the missing calls to the server later,
+  so ``python -m pipeline.tracking.tracker sync RUN_DIR`` can push the missing calls to the server later,
   and a warning says how to view and how to merge. A later :meth:`Tracker.start` in the same
   ``run_dir`` (``--resume auto``) also replays a leftover journal first.
 * The embedded default store is a SQLite file (:func:`default_tracking_uri`); its schema is created
@@ -27,7 +27,6 @@ Design
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -36,10 +35,9 @@ import math
 import os
 import re
 import shutil
-import sys
 import threading
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 from urllib.parse import unquote
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported anywhere here
@@ -49,7 +47,6 @@ __all__ = [
     "NullTracker",
     "default_tracking_uri",
     "ensure_sqlite_store",
-    "sync_run_dir",
     "BUFFER_FILE",
     "REJECTED_FILE",
     "FALLBACK_DB",
@@ -195,7 +192,7 @@ def _http_limits(timeout: float, retries: int):
                 os.environ[k] = v
 
 
-def _get_or_create_experiment(client, uri: str, name: str) -> str:
+def get_or_create_experiment(client, uri: str, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
@@ -213,7 +210,7 @@ def _get_or_create_experiment(client, uri: str, name: str) -> str:
         return exp.experiment_id
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
     ops = []
     try:
         with open(path) as f:
@@ -360,7 +357,7 @@ class Tracker:
                     self._tags["tracking.truncated_params"] = _clip(",".join(truncated), MAX_TAG_VAL_LENGTH)
                 if run_id:
                     self.run_id = run_id
-                leftovers = [op for op in _read_jsonl(self.buffer_path)
+                leftovers = [op for op in read_jsonl(self.buffer_path)
                              if op.get("op") not in ("start", "end")]
                 op = {"op": "start", "run_name": run_name, "params": self._params,
                       "tags": self._tags, "run_id": run_id, "created": False}
@@ -383,7 +380,7 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
         """Log metrics at `step`. A call repeated with the same `timestamp_ms` (and values) is
-        ignored by MLflow's store: pipeline.util.metrics_journal relies on that for exactly-once."""
+        ignored by MLflow's store: pipeline.train.metrics_journal relies on that for exactly-once."""
         with self._lock:
             try:
                 clean = {}
@@ -584,7 +581,7 @@ class Tracker:
             f.flush()
             os.fsync(f.fileno())
         self._save_state()
-        log.warning("tracking: %s call rejected by %s (%s); kept in %s: `python -m pipeline.tracking sync %s "
+        log.warning("tracking: %s call rejected by %s (%s); kept in %s: `python -m pipeline.tracking.tracker sync %s "
                     "[--uri URI]` sends it again", op["op"], self.uri, reason, path, self.run_dir)
 
     def _stage_copy(self, src: str) -> str:
@@ -673,7 +670,7 @@ class Tracker:
         from mlflow.entities import Param, RunTag
 
         if self.experiment_id is None:
-            self.experiment_id = _get_or_create_experiment(client, self.uri, self.experiment)
+            self.experiment_id = get_or_create_experiment(client, self.uri, self.experiment)
         rid = op.get("run_id")
         run = None
         if rid:
@@ -720,13 +717,13 @@ class Tracker:
 
     def _write_fallback(self) -> None:
         from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         db = os.path.join(self.run_dir, FALLBACK_DB)
         uri = "sqlite:///" + db
         ensure_sqlite_store(uri, os.path.join(self.run_dir, FALLBACK_ARTIFACTS))
         client = MlflowClient(tracking_uri=uri)
-        exp_id = _get_or_create_experiment(client, uri, self.experiment)
+        exp_id = get_or_create_experiment(client, uri, self.experiment)
         tags = dict(self._tags)
         tags.update({"tracking.fallback": "true", "tracking.intended_uri": self.uri,
                      "tracking.intended_run_id": self.run_id or "none (never created)",
@@ -756,62 +753,7 @@ class Tracker:
             "  The run was written to a local fallback store (run %s, tag tracking.fallback=true):\n"
             "    view : mlflow ui --backend-store-uri %s\n"
             "  The unsent calls are kept in %s; push them into %s later with:\n"
-            "    merge: python -m pipeline.tracking sync %s",
+            "    merge: python -m pipeline.tracking.tracker sync %s",
             self.uri, len(self._pending), fid, uri, self.buffer_path, self.uri, self.run_dir)
 
 
-# --------------------------------------------------------------------------------------------
-# sync CLI: push a run_dir's unsent calls to the tracking server
-# --------------------------------------------------------------------------------------------
-def sync_run_dir(run_dir: str, uri: str | None = None, **tracker_kwargs) -> str | None:
-    """Replay ``run_dir/tracking_buffer.jsonl`` into the run it belongs to (or a new run when it
-    was never created), then terminate it with the recorded status. Returns the run id, or
-    ``None`` if calls are still pending (server still unreachable)."""
-    with open(os.path.join(run_dir, STATE_FILE)) as f:
-        state = json.load(f)
-    rejected = os.path.join(run_dir, REJECTED_FILE)
-    if os.path.exists(rejected):  # refused before: queue them again (those refused again come back here)
-        ops = [{k: v for k, v in op.items() if k != "rejected"} for op in _read_jsonl(rejected)]
-        with open(os.path.join(run_dir, BUFFER_FILE), "a") as f:
-            f.write("".join(json.dumps(op) + "\n" for op in ops))
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(rejected)
-    target = uri or state["uri"]
-    same_store = target == state["uri"]
-    t = Tracker(target, state["experiment"], run_dir, **tracker_kwargs)
-    tags = dict(state.get("tags") or {})
-    tags["tracking.synced_from_buffer"] = "true"
-    t.start(state.get("run_name") or os.path.basename(run_dir), state.get("params") or {}, tags,
-            run_id=state.get("run_id") if same_store else None)
-    t.end(state.get("status") or "FINISHED")
-    return None if t._pending else t.run_id
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.tracking")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sync", help="send a run directory's buffered tracking calls to the server")
-    s.add_argument("run_dir")
-    s.add_argument("--uri", default=None, help="tracking URI (default: the one the run used)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.cmd == "sync":
-        if not any(os.path.exists(os.path.join(args.run_dir, f)) for f in (BUFFER_FILE, REJECTED_FILE)):
-            print(f"nothing to sync: no {BUFFER_FILE} or {REJECTED_FILE} in {args.run_dir}")
-            return 0
-        rid = sync_run_dir(args.run_dir, args.uri)
-        if rid is None:
-            print("tracking server still unreachable; nothing lost, try again later", file=sys.stderr)
-            return 1
-        still = len(_read_jsonl(os.path.join(args.run_dir, REJECTED_FILE)))
-        if still:
-            print(f"synced into run {rid}; {still} call(s) refused again, kept in "
-                  f"{os.path.join(args.run_dir, REJECTED_FILE)}", file=sys.stderr)
-            return 1
-        print(f"synced into run {rid}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import OptimConfig, ScheduleConfig
+from pipeline.train.config import OptimConfig, ScheduleConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:

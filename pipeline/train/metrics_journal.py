@@ -21,7 +21,7 @@ JOURNAL = "metrics_journal.jsonl"
 
 
 class MetricsJournal:
-    """Logs each key's metrics once through `tracker` (a pipeline.tracking Tracker or NullTracker).
+    """Logs each key's metrics once through `tracker` (a pipeline.tracking.tracker Tracker or NullTracker).
     Disabled (`enabled=False`, ranks other than 0): calls pass straight to the tracker."""
 
     def __init__(self, run_dir: str | Path, tracker, enabled: bool = True):

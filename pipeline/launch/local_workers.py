@@ -38,7 +38,7 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if _LIBC is not None:
         # SIGHUP, not SIGTERM: the kernel sends it once per exiting thread of the parent, and a second
-        # SIGTERM would stop a worker at once (pipeline.util.preemption), before its checkpoint
+        # SIGTERM would stop a worker at once (pipeline.train.preemption), before its checkpoint
         _LIBC.prctl(1, int(signal.SIGHUP))  # PR_SET_PDEATHSIG
 
 

@@ -16,7 +16,6 @@ draws the same order and resumes exactly. ``bench/loader_scale.py`` measures bot
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 # the page cache should hold the beton with room to spare for the processes themselves

@@ -1,0 +1,290 @@
+"""The paper-style table of a study, from MLflow.
+
+    python pipeline/report.py --study demo [--tracking-uri URI | --runs-root DIR] [--out DIR] [--paper STUDY.yaml]
+
+Rows: one per stage of the study (the newest FINISHED run tagged ``study=<id>``, ``stage=<name>``;
+an unfinished stage shows its newest run and its status). Columns: stage, run, method, arch,
+top-1 and top-5 (%) of every prediction rule any run logged (``val/top1/<rule>``: ``main`` = +TR,
+``joint`` = +JP, ``lc`` = +LC, DKS ``ensemble`` / ``dks.i`` ...; blank where a method has no such
+rule), parameters (millions; the model rebuilt from the run's config on the meta device when the
+run did not log ``model/params``), training images/s (median over epochs), wall time (min).
+
+With ``--paper STUDY.yaml`` (the study stage passes its own file), the figures a stage quotes
+from its paper (``paper: {rule: [top-1, top-5]}`` in the study file, e.g. ``{main: [76.4, 93.3],
+joint: [76.9, 93.7]}``; one number = top-1 only) appear beside ours, as ``paper top1 <rule>``
+columns next to ``top1 <rule>``.
+
+The table is printed as Markdown, saved as ``report.md`` (and ``report.csv``) with a bar chart
+``report.png`` (top-1 of every rule per run) in ``--out``, and logged as artifacts of a summary
+run (tags ``study``, ``stage``, ``method=report``) in the study's experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+
+from pipeline.tracking.runs import ToolError, run_cli
+
+RULE_ORDER = ["main", "joint", "lc", "ensemble"]
+FIXED = ["stage", "run", "method", "arch", "status"]
+TAIL = ["params (M)", "img/s", "wall (min)"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python pipeline/report.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Print (and save, and log to MLflow) the comparison table of a study.",
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--study", required=True, help="study id (the `study` tag of its runs)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<runs-root>/mlflow.db")
+    p.add_argument("--runs-root", default="runs")
+    p.add_argument("--experiment", help="experiment of the summary run (default: that of the study's runs)")
+    p.add_argument("--out", help="folder for report.md / .csv / .png (default: <runs-root>/studies/<id>/report)")
+    p.add_argument("--run-name", default="report", help="name of the summary run (default: %(default)s)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra tag of the summary run")
+    p.add_argument("--no-mlflow", action="store_true", help="print and save only")
+    p.add_argument("--paper", metavar="STUDY.yaml", help="study file whose stages quote paper figures "
+                   "(`paper: {rule: [top1, top5]}`): shown beside ours")
+    return p
+
+
+def parse_paper(value, what: str) -> dict[str, tuple]:
+    """A stage's ``paper`` key: ``{rule: top1 | [top1, top5]}`` -> ``{rule: (top1, top5 | None)}``
+    (percentages); ValueError naming ``what`` otherwise."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 100
+
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{what}: expected a mapping rule -> top-1 or [top-1, top-5] in %, "
+                         f"e.g. {{main: [76.4, 93.3]}}, got {value!r}")
+    figures = {}
+    for rule, item in value.items():
+        pair = item if isinstance(item, list) else [item]
+        if not 1 <= len(pair) <= 2 or not all(number(x) for x in pair):
+            raise ValueError(f"{what}.{rule}: expected top-1 or [top-1, top-5], percentages in [0, 100], "
+                             f"got {item!r}")
+        figures[str(rule)] = (float(pair[0]), float(pair[1]) if len(pair) == 2 else None)
+    return figures
+
+
+def read_paper_figures(path) -> dict[str, dict[str, tuple]]:
+    """``{stage: {rule: (top1, top5)}}`` from a study file's ``paper`` keys."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ToolError(f"--paper: cannot read {path} ({err})") from None
+    stages = data.get("stages") if isinstance(data, dict) else None
+    figures = {}
+    for name, spec in (stages or {}).items():
+        if isinstance(spec, dict) and "paper" in spec:
+            try:
+                figures[str(name)] = parse_paper(spec["paper"], f"{path}: stages.{name}.paper")
+            except ValueError as err:
+                raise ToolError(str(err)) from None
+    return figures
+
+
+def add_paper_columns(rows: list[dict], columns: list[str], figures: dict) -> list[str]:
+    """Put each stage's paper figures in its row (a stage with no run yet gets a row of its own);
+    ``paper topK <rule>`` right after ``topK <rule>``."""
+    have = {row["stage"] for row in rows}
+    rows.extend({"stage": name, "run": "", "status": "not run", "run_id": ""} for name in figures if name not in have)
+    shown = set()
+    for row in rows:
+        for rule, (top1, top5) in figures.get(row["stage"], {}).items():
+            for k, value in ((1, top1), (5, top5)):
+                if value is not None:
+                    row[f"paper top{k} {rule}"] = value
+                    shown.add((k, rule))
+    out = []
+    for column in columns:
+        out.append(column)
+        k, _, rule = column.partition(" ")
+        if k in ("top1", "top5") and (int(k[3]), rule) in shown:
+            out.append(f"paper {column}")
+    # a rule the paper quotes but no run logged yet still gets its column
+    for k, rule in sorted(shown, key=lambda kr: (_rule_key(kr[1]), kr[0])):
+        if f"paper top{k} {rule}" not in out:
+            out.insert(len(out) - len(TAIL), f"paper top{k} {rule}")
+    return out
+
+
+def _rule_key(rule: str) -> tuple:
+    return (RULE_ORDER.index(rule), "") if rule in RULE_ORDER else (len(RULE_ORDER), rule)
+
+
+def pick_runs(all_runs) -> list:
+    """Newest FINISHED run per stage (else the newest), in start order; summary runs left out."""
+    by_stage: dict[str, list] = {}
+    for run in all_runs:
+        if run.data.tags.get("method") == "report":
+            continue
+        by_stage.setdefault(run.data.tags.get("stage") or run.info.run_name or run.info.run_id, []).append(run)
+    chosen = []
+    for stage, items in by_stage.items():
+        finished = [r for r in items if r.info.status == "FINISHED"]
+        chosen.append(max(finished or items, key=lambda r: r.info.start_time or 0))
+    return sorted(chosen, key=lambda r: r.info.start_time or 0)
+
+
+def count_params(client, run, tmp: str) -> float | None:
+    """Parameters of a training run's model, rebuilt on the meta device from its config + weights' shapes."""
+    if "model/params" in run.data.metrics:
+        return run.data.metrics["model/params"]
+    if "model.arch" not in run.data.params:
+        return None
+    try:
+        from pipeline.tracking import runs
+
+        _, model, _, _ = runs.load_trained(client, run, runs.run_dir_of(run), tmp)
+        import ssal_models
+
+        return float(ssal_models.count_parameters(model)["total"])
+    except Exception:  # noqa: BLE001 (weights not reachable: leave the cell blank)
+        return None
+
+
+def collect(client, study: str, tmp: str) -> tuple[list[dict], list[str]]:
+    from pipeline.tracking import runs
+
+    chosen = pick_runs(runs.study_runs(client, study))
+    if not chosen:
+        raise ToolError(f"no runs tagged study={study!r} in {client.tracking_uri}; run the study first "
+                        f"(python pipeline/launch.py --study FILE --local) or pass the right --tracking-uri")
+    rules = sorted({k.split("/", 2)[2] for r in chosen for k in r.data.metrics if k.startswith("val/top1/")},
+                   key=_rule_key)
+    rows = []
+    for run in chosen:
+        m, tags = run.data.metrics, run.data.tags
+        row = {"stage": tags.get("stage", ""), "run": run.info.run_name or run.info.run_id[:8],
+               "method": tags.get("method", ""), "arch": tags.get("arch", ""), "status": run.info.status,
+               "run_id": run.info.run_id}
+        for rule in rules:
+            for k in (1, 5):
+                value = m.get(f"val/top{k}/{rule}")
+                row[f"top{k} {rule}"] = None if value is None else 100 * value
+        if tags.get("method") == "groups":
+            row["note"] = ", ".join(f"{key.split('/')[-1]} ARI {value:.3f}" for key, value in sorted(m.items())
+                                    if key.startswith("groups/ari/"))
+        params = count_params(client, run, tmp) if tags.get("method") not in ("groups",) else None
+        row["params (M)"] = None if params is None else params / 1e6
+        history = [x.value for x in client.get_metric_history(run.info.run_id, "train/images_per_second")] \
+            if "train/images_per_second" in m else []
+        row["img/s"] = statistics.median(history) if history else None
+        wall = m.get("run/wall_seconds")
+        if wall is None and run.info.end_time and run.info.start_time:
+            wall = (run.info.end_time - run.info.start_time) / 1000
+        row["wall (min)"] = None if wall is None else wall / 60
+        rows.append(row)
+    columns = FIXED + [f"top{k} {rule}" for rule in rules for k in (1, 5)] + TAIL
+    return rows, columns
+
+
+def fmt(value, column: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if column.startswith("top") or column.startswith("paper top"):
+        return f"{value:.2f}"
+    if column == "params (M)":
+        return f"{value:.2f}"
+    if column == "img/s":
+        return f"{value:.0f}"
+    if column == "wall (min)":
+        return f"{value:.1f}"
+    return str(value)
+
+
+def markdown(rows: list[dict], columns: list[str], study: str) -> str:
+    lines = [f"# Study `{study}`", "", "Top-1 / top-5 in % on the val split; `main` = +TR, `joint` = +JP, `lc` = +LC"
+             + ("; `paper ...`: the figure the paper reports for that row." if any(c.startswith("paper ")
+                                                                                   for c in columns) else "."),
+             "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" if c in FIXED else "---:" for c in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c), c) for c in columns) + " |")
+    notes = [f"- {row['stage']}: {row['note']}" for row in rows if row.get("note")]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict], columns: list[str], study: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rules = [c for c in columns if c.startswith("top1 ")]
+    shown = [r for r in rows if any(r.get(c) is not None for c in rules)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * max(1, len(shown)) + 2), 4.2), dpi=110)
+    width = 0.8 / max(1, len(rules))
+    x = np.arange(len(shown))
+    for i, col in enumerate(rules):
+        values = [r.get(col) if r.get(col) is not None else 0 for r in shown]
+        bars = ax.bar(x + (i - (len(rules) - 1) / 2) * width, values, width, label=col.replace("top1 ", ""))
+        for bar, r in zip(bars, shown):
+            if r.get(col) is not None:
+                ax.annotate(f"{r[col]:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["stage"] or r["run"] for r in shown], rotation=20, ha="right")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(f"study {study}: top-1 per prediction rule")
+    ax.legend(title="rule", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def run(args) -> dict:
+    from pipeline.tracking import runs
+    from pipeline.train.config import resolve_path
+
+    uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
+    client = runs.client(uri)
+    tmp = tempfile.mkdtemp(prefix="report-")
+    rows, columns = collect(client, args.study, tmp)
+    if args.paper:
+        columns = add_paper_columns(rows, columns, read_paper_figures(args.paper))
+    text = markdown(rows, columns, args.study)
+    out = Path(args.out) if args.out else resolve_path(args.runs_root) / "studies" / args.study / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    with open(out / "report.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns + ["run_id"])
+        for row in rows:
+            writer.writerow([fmt(row.get(c), c) for c in columns] + [row["run_id"]])
+    fig = bar_chart(rows, columns, args.study)
+    fig.savefig(out / "report.png")
+    print(text)
+    print(f"saved {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
+    result = {"rows": rows, "columns": columns, "markdown": text, "out": str(out), "run_id": None}
+    if not args.no_mlflow:
+        experiment = args.experiment
+        if not experiment:
+            first = client.get_run(rows[0]["run_id"])
+            experiment = client.get_experiment(first.info.experiment_id).name
+        tags = {"study": args.study, "stage": "report", "method": "report", **runs.parse_tags(args.tag)}
+        tracker = runs.aux_tracker(uri, experiment, out / ".tracking", args.run_name, {"study": args.study}, tags)
+        for name in ("report.md", "report.csv", "report.png"):
+            tracker.log_artifact(str(out / name))
+        tracker.end("FINISHED")
+        result["run_id"] = tracker.run_id
+        print(f"MLflow: summary run {tracker.run_id} in experiment '{experiment}' ({uri})")
+    return result
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
