@@ -8,19 +8,21 @@ texts leave open.  Pure PyTorch: no file I/O, no distributed code, no loop.
 Pieces
 ------
 * hierarchy ``psi`` (``ssal_models.hierarchies``): primary class ``y`` owns the
-  auxiliary classes ``offset[y] .. offset[y] + psi[y] - 1``; :func:`hierarchy_mask`
-  gives the ``(C, sum(psi))`` boolean mask ``M``.
-* :func:`mask_log_softmax` -- the generator's mask softmax in log space.
-* :func:`focal_loss` (hard labels) and :func:`soft_focal_loss` (soft labels), both
-  from log-probabilities, gamma = 2; :func:`entropy_term` ``H = sum_k pbar_k log pbar_k``
-  (the batch form); ``ssal_models.maxl_labels``: the collapse regulariser's three
-  estimates (:class:`~ssal_models.maxl_labels.CollapseRegulariser`, ``method.collapse``)
-  and the label statistics behind the pipeline's ``train/label_*`` metrics.
-* :class:`MultiTaskNet` (backbone + primary head ``fc`` + auxiliary head ``aux_fc``),
-  :class:`LabelGenerator` (backbone + MLP head -> ``sum(psi)`` logits),
-  :class:`MaxlMethod` (losses, prediction rules, metrics, the meta step; owns the
-  generator), :class:`MaxlModel` (standalone ``net`` + ``method``, any backbone builder)
-  and :func:`build_maxl_method` (the models library's ``maxl`` method builder).
+  auxiliary classes ``offset[y] .. offset[y] + psi[y] - 1``; ``hierarchy_mask`` gives the
+  ``(C, sum(psi))`` boolean mask ``M``.
+* ``ssal_models.maxl_losses``: the math -- ``hierarchy_mask``, ``mask_log_softmax`` (the
+  generator's mask softmax in log space), ``focal_loss`` (hard labels) and ``soft_focal_loss``
+  (soft labels), both from log-probabilities, gamma = 2; ``entropy_term``
+  ``H = sum_k pbar_k log pbar_k`` (the batch form), ``label_counts``, ``used_label_fraction``.
+* ``ssal_models.maxl_labels``: the collapse regulariser's three estimates
+  (:class:`~ssal_models.maxl_labels.CollapseRegulariser`, ``method.collapse``) and the label
+  statistics behind the pipeline's ``train/label_*`` metrics.
+* ``ssal_models.maxl_nets``: ``MultiTaskNet`` (backbone + primary head ``fc`` + auxiliary head
+  ``aux_fc``), ``LabelGenerator`` (backbone + MLP head -> ``sum(psi)`` logits), ``AuxHead``.
+* ``ssal_models.maxl_meta``: the meta step (``MetaStep``, mixed into :class:`MaxlMethod`).
+* here: :class:`MaxlMethod` (losses, prediction rules, metrics; owns the generator),
+  :class:`MaxlModel` (standalone ``net`` + ``method``, any backbone builder) and
+  :func:`build_maxl_method` (the models library's ``maxl`` method builder).
 
 Forward / loss contract
 -----------------------
@@ -130,189 +132,30 @@ on inf/NaN.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from .hierarchies import PsiSpec, make_psi
-from .maxl_labels import ENTROPY_ESTIMATES, CollapseRegulariser, Gather
+from .maxl_labels import ENTROPY_ESTIMATES, CollapseRegulariser
+from .maxl_losses import (at_least_float32, aux_owner, entropy_term, focal_loss, hierarchy_mask, label_counts,
+                          mask_log_softmax, soft_focal_loss, used_label_fraction)
+from .maxl_meta import META_ORDERS, MetaStep
+from .maxl_nets import (AuxHead, BackboneBuilder, LabelGenerator, MultiTaskNet, default_generator_arch,
+                        torchvision_backbone, unwrap)
 
 __all__ = [
-    "hierarchy_mask", "aux_owner", "mask_log_softmax", "focal_loss", "soft_focal_loss",
-    "entropy_term", "label_counts", "used_label_fraction", "MultiTaskNet", "LabelGenerator",
-    "MaxlMethod", "MaxlModel", "torchvision_backbone", "build_maxl_model", "META_ORDERS",
+    "MaxlMethod", "MaxlModel", "build_maxl_model", "build_maxl_method", "register", "resolve_psi",
+    "generator_parameters", "multitask_parameters", "ddp_ignore_generator", "training_options",
+    "TRAINING_OPTIONS", "SCHEDULES", "MAXL_OPTIONS",
+    # the pipeline's label statistics read these through this module
+    "entropy_term", "mask_log_softmax", "used_label_fraction",
 ]
 
-META_ORDERS = ("second", "first")
 
-
-# --------------------------------------------------------------------------------------
-# hierarchy tensors
-# --------------------------------------------------------------------------------------
-def aux_owner(psi: Sequence[int]) -> torch.Tensor:
-    """(A,) long: the primary class owning each auxiliary class (contiguous blocks)."""
-    return torch.tensor([y for y, k in enumerate(psi) for _ in range(int(k))], dtype=torch.long)
-
-
-def hierarchy_mask(psi: Sequence[int]) -> torch.Tensor:
-    """(C, A) bool mask ``M[y, k] = k is one of y's auxiliary classes``."""
-    owner = aux_owner(psi)
-    return owner.unsqueeze(0) == torch.arange(len(psi)).unsqueeze(1)
-
-
-# --------------------------------------------------------------------------------------
-# numerics (all in float32 or wider, autocast off)
-# --------------------------------------------------------------------------------------
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def mask_log_softmax(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Log of the mask softmax ``p_k = exp(s_k) M[y,k] / sum_j exp(s_j) M[y,j]``.
-
-    ``logits`` (N, A) any float dtype, ``targets`` (N,) primary labels, ``mask`` (C, A)
-    bool.  Masked logits are set to -inf and a float32 (float64 if given) log-softmax
-    is taken, so raw logits are never exponentiated: finite for logits ~1e4 in fp16.
-    Returns (N, A) log-probabilities, -inf outside ``y``'s auxiliary set.
-    """
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        m = mask.to(logits.device)[targets]
-        return torch.log_softmax(_wide(logits).masked_fill(~m, float("-inf")), dim=-1)
-
-
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"unknown reduction {reduction!r}")
-
-
-def focal_loss(log_probs: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
-               reduction: str = "mean") -> torch.Tensor:
-    """Focal loss with hard labels: ``-(1 - p_y)^gamma log p_y`` from (N, C) log-probabilities."""
-    with torch.autocast(device_type=log_probs.device.type, enabled=False):
-        lp = _wide(log_probs).gather(1, targets.long().unsqueeze(1)).squeeze(1)
-        loss = -(1.0 - lp.exp()).clamp_min(0.0).pow(gamma) * lp
-        return _reduce(loss, reduction)
-
-
-def soft_focal_loss(log_probs: torch.Tensor, target_probs: torch.Tensor, gamma: float = 2.0,
-                    reduction: str = "mean") -> torch.Tensor:
-    """Focal loss against soft labels: ``-sum_k t_k (1 - q_k)^gamma log q_k`` (the authors'
-    ``model_fit(pri=False)``), ``log_probs`` = log q (N, A), ``target_probs`` = t (N, A)."""
-    with torch.autocast(device_type=log_probs.device.type, enabled=False):
-        lq = _wide(log_probs)
-        lq = lq.clamp_min(torch.finfo(lq.dtype).min)          # 0 * -inf guard
-        t = target_probs.to(lq.dtype)
-        loss = -(t * (1.0 - lq.exp()).clamp_min(0.0).pow(gamma) * lq).sum(-1)
-        return _reduce(loss, reduction)
-
-
-def entropy_term(gen_log_probs: torch.Tensor) -> torch.Tensor:
-    """``H = sum_k pbar_k log pbar_k`` of the batch-mean generated distribution (<= 0;
-    *adding* ``lambda * H`` to the generator's loss pushes it towards using every class)."""
-    with torch.autocast(device_type=gen_log_probs.device.type, enabled=False):
-        pbar = _wide(gen_log_probs).exp().mean(0)
-        tiny = torch.finfo(pbar.dtype).tiny
-        return (pbar * pbar.clamp_min(tiny).log()).sum()
-
-
-def label_counts(gen_log_probs: torch.Tensor) -> torch.Tensor:
-    """(A,) long histogram of the generated labels' argmax."""
-    a = gen_log_probs.shape[-1]
-    return torch.bincount(gen_log_probs.argmax(-1), minlength=a)
-
-
-def used_label_fraction(counts: torch.Tensor) -> float:
-    """Fraction of auxiliary classes assigned to at least once (the supplementary's "Label %")."""
-    return float((counts > 0).float().mean())
-
-
-# --------------------------------------------------------------------------------------
-# networks
-# --------------------------------------------------------------------------------------
-BackboneBuilder = Callable[[str], Tuple[nn.Module, int]]
-
-
-def torchvision_backbone(arch: str) -> Tuple[nn.Module, int]:
-    """Randomly initialised torchvision ResNet without its ``fc``: ``(module, feature_dim)``.
-
-    ``resnet10`` = BasicBlock ``[1, 1, 1, 1]`` (the default generator of the ResNet family).
-    Stand-in until the models library's backbone builder is wired in (``backbone_builder=``).
-    """
-    import torchvision.models as tvm
-    if arch == "resnet10":
-        m = tvm.resnet.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1])
-    elif arch.startswith("resnet") or arch.startswith("wide_resnet") or arch.startswith("resnext"):
-        m = getattr(tvm, arch)(weights=None)
-    else:
-        raise ValueError(f"torchvision_backbone: unsupported arch {arch!r}")
-    dim = m.fc.in_features
-    m.fc = nn.Identity()
-    return m, dim
-
-
-def default_generator_arch(arch: str) -> str:
-    """Small copy of the backbone family: ``resnet10`` for any ``resnet*``, else ``arch``."""
-    return "resnet10" if arch.startswith("resnet") else arch
-
-
-class MultiTaskNet(nn.Module):
-    """backbone (x -> (N, D) features) + primary head ``fc`` (C) + auxiliary head ``aux_fc`` (A)."""
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, num_aux: int):
-        super().__init__()
-        self.backbone = backbone
-        self.fc = nn.Linear(feature_dim, num_classes)
-        self.aux_fc = nn.Linear(feature_dim, num_aux)
-
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        f = self.backbone(x).flatten(1)
-        return OrderedDict(main=self.fc(f), aux=self.aux_fc(f))
-
-
-class LabelGenerator(nn.Module):
-    """backbone + head (``Linear-ReLU-Linear`` as in the authors' code, or one ``Linear``
-    with ``hidden=0``) -> (N, A) raw logits; :meth:`log_probs` applies the mask softmax."""
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, psi: Sequence[int], hidden: Optional[int] = None):
-        super().__init__()
-        self.psi = tuple(int(k) for k in psi)
-        a = sum(self.psi)
-        hidden = feature_dim if hidden is None else int(hidden)
-        self.backbone = backbone
-        self.head = (nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, a))
-                     if hidden > 0 else nn.Linear(feature_dim, a))
-        self.register_buffer("mask", hierarchy_mask(self.psi), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x).flatten(1))
-
-    def log_probs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return mask_log_softmax(self(x), targets, self.mask)
-
-
-# --------------------------------------------------------------------------------------
-# the method
-# --------------------------------------------------------------------------------------
-def _set_train(module: nn.Module, mode: bool) -> Dict[nn.Module, bool]:
-    old = {m: m.training for m in module.modules()}
-    module.train(mode)
-    return old
-
-
-def _restore_train(old: Dict[nn.Module, bool]) -> None:
-    for m, t in old.items():
-        m.training = t
-
-
-class MaxlMethod(nn.Module):
+class MaxlMethod(MetaStep, nn.Module):
     """Losses, prediction rules, metrics and the meta step of MAXL.
 
     Holds the label generator (a submodule, so ``state_dict`` has it); the multi-task
@@ -363,8 +206,8 @@ class MaxlMethod(nn.Module):
     def multitask_loss(self, out: Dict[str, torch.Tensor], targets: torch.Tensor,
                        aux_targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(primary focal loss, auxiliary soft focal loss against ``aux_targets`` probabilities)."""
-        pri = focal_loss(F.log_softmax(_wide(out["main"]), -1), targets, self.gamma)
-        aux = soft_focal_loss(F.log_softmax(_wide(out[self.aux_key]), -1), aux_targets, self.gamma)
+        pri = focal_loss(F.log_softmax(at_least_float32(out["main"]), -1), targets, self.gamma)
+        aux = soft_focal_loss(F.log_softmax(at_least_float32(out[self.aux_key]), -1), aux_targets, self.gamma)
         return pri, aux
 
     def loss(self, out: Dict[str, torch.Tensor], targets: torch.Tensor):
@@ -376,10 +219,10 @@ class MaxlMethod(nn.Module):
     def predict(self, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``main``: primary head; ``aux_sum`` (*our choice*, extra rule): auxiliary head's
         probabilities summed over each primary class's auxiliary set."""
-        lq = F.log_softmax(_wide(out[self.aux_key]), -1)
+        lq = F.log_softmax(at_least_float32(out[self.aux_key]), -1)
         summed = torch.zeros(lq.shape[0], self.num_classes, dtype=lq.dtype, device=lq.device)
         summed.index_add_(1, self.owner, lq.exp())
-        return {"main": F.log_softmax(_wide(out["main"]), -1), "aux_sum": summed.clamp_min(1e-30).log()}
+        return {"main": F.log_softmax(at_least_float32(out["main"]), -1), "aux_sum": summed.clamp_min(1e-30).log()}
 
     def extra_metrics(self, out: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Per sample: ``aux_acc`` (aux head's argmax == generated label's argmax) and
@@ -394,166 +237,6 @@ class MaxlMethod(nn.Module):
         over an epoch and apply :func:`used_label_fraction` for "Label %"."""
         g = self.generated_log_probs(out, targets)
         return {"entropy_term": entropy_term(g), "label_counts": label_counts(g)}
-
-    # ---- meta step ---------------------------------------------------------------------
-    def _inner_hparams(self, net: nn.Module, lr: Optional[float], optimizer: Optional[torch.optim.Optimizer]):
-        """name -> (lr, weight_decay, momentum * buffer or None) for the virtual SGD step, for
-        every trainable parameter of ``net`` that is not the generator's."""
-        by_param = {}
-        if optimizer is not None:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    mom = group.get("momentum", 0.0) or 0.0
-                    buf = optimizer.state.get(p, {}).get("momentum_buffer") if mom else None
-                    by_param[p] = (float(group["lr"]) if lr is None else float(lr),
-                                   float(group.get("weight_decay", 0.0) or 0.0),
-                                   None if buf is None else (mom * buf).detach())
-        elif lr is None:
-            raise ValueError("generator_step needs lr= or net_optimizer=")
-        hp = {}
-        gen_ids = {id(p) for p in self.generator.parameters()}
-        for n, p in net.named_parameters():
-            if p.requires_grad and id(p) not in gen_ids:
-                hp[n] = by_param.get(p, (float(lr) if lr is not None else 0.0, 0.0, None))
-        return hp
-
-    @staticmethod
-    def _step(theta: torch.Tensor, grad: Optional[torch.Tensor], hp) -> torch.Tensor:
-        lr, wd, mbuf = hp
-        d = torch.zeros_like(theta) if grad is None else grad
-        if wd:
-            d = d + wd * theta
-        if mbuf is not None:
-            d = d + mbuf
-        return theta - lr * d
-
-    def _fwd(self, net: nn.Module, params: Dict[str, torch.Tensor], buffers: Dict[str, torch.Tensor], x):
-        self._in_meta = True
-        try:
-            return functional_call(net, (params, buffers), (x,), strict=False)
-        finally:
-            self._in_meta = False
-
-    def meta_objective(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: Optional[float] = None,
-                       net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0,
-                       gather: Optional[Gather] = None, update: bool = True):
-        """Second order: ``(L_pri(theta+), H)`` as differentiable functions of the generator's
-        parameters (``theta+`` built with ``create_graph=True``).  ``net`` is put in train
-        mode for the call (BN batch statistics) and its buffers are not modified.  ``H`` is the
-        configured collapse estimate (``gather``: see :class:`CollapseRegulariser`)."""
-        return self._second_order(net, x, y, lr, net_optimizer, grad_scale, gather, update)[:2]
-
-    def _second_order(self, net, x, y, lr, net_optimizer, grad_scale, gather, update=True):
-        """(meta loss, H, generated log-probs, (L_pri, L_aux) at theta)."""
-        hp = self._inner_hparams(net, lr, net_optimizer)
-        params = {n: p for n, p in net.named_parameters() if n in hp}
-        old = _set_train(net, True)
-        try:
-            buffers = {n: b.clone() for n, b in net.named_buffers()}
-            gen_lp = self.generator.log_probs(x, y)
-            out = self._fwd(net, params, buffers, x)
-            pri, aux = self.multitask_loss(out, y, gen_lp.exp())
-            names = list(params)
-            grads = torch.autograd.grad((pri + aux) * grad_scale, [params[n] for n in names],
-                                        create_graph=True, allow_unused=True)
-            fast = {n: self._step(params[n], None if g is None else g / grad_scale, hp[n])
-                    for n, g in zip(names, grads)}
-            out2 = self._fwd(net, fast, buffers, x)
-            meta = focal_loss(F.log_softmax(_wide(out2["main"]), -1), y, self.gamma)
-        finally:
-            _restore_train(old)
-        return meta, self.collapse(gen_lp, gather, update), gen_lp, (pri, aux)
-
-    def _first_order(self, net, x, y, lr, net_optimizer, grad_scale, gather=None):
-        """Finite-difference meta-gradient; returns (meta loss, H, surrogate, generated
-        log-probs, (L_pri, L_aux) at theta) where ``grad_phi surrogate`` is the meta-gradient."""
-        hp = self._inner_hparams(net, lr, net_optimizer)
-        names = [n for n, p in net.named_parameters() if n in hp]
-        theta = {n: p.detach() for n, p in net.named_parameters() if n in hp}
-        old = _set_train(net, True)
-        try:
-            buffers = {n: b.clone() for n, b in net.named_buffers()}
-            gen_lp = self.generator.log_probs(x, y)
-            p = gen_lp.exp()
-            pt = p.detach()
-
-            def grads_wrt(params, target, wrt, parts=None):
-                out = self._fwd(net, params, buffers, x)
-                pri, aux = self.multitask_loss(out, y, target)
-                if parts is not None:
-                    parts.extend([pri.detach(), aux.detach()])
-                g = torch.autograd.grad((pri + aux) * grad_scale, wrt, allow_unused=True)
-                return [None if t is None else t / grad_scale for t in g]
-
-            # virtual step theta+ (no graph)
-            th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-            parts: list = []
-            g = grads_wrt(th, pt, [th[n] for n in names], parts)
-            with torch.no_grad():
-                fast = {n: self._step(theta[n], gi, hp[n]).requires_grad_(True) for n, gi in zip(names, g)}
-            out2 = self._fwd(net, fast, buffers, x)
-            meta = focal_loss(F.log_softmax(_wide(out2["main"]), -1), y, self.gamma)
-            d = torch.autograd.grad(meta * grad_scale, [fast[n] for n in names], allow_unused=True)
-            # u = lr * dL_pri/dtheta+  (per parameter lr); d theta+/d p = -lr * d^2 L / dtheta dp
-            u = {n: (torch.zeros_like(theta[n]) if di is None else di / grad_scale) * hp[n][0]
-                 for n, di in zip(names, d)}
-            norm = torch.sqrt(sum((v.double() ** 2).sum() for v in u.values()))
-            if float(norm) > 0 and torch.isfinite(norm):
-                eps = self.fd_eps / float(norm)
-                gp = []
-                for sign in (1.0, -1.0):
-                    with torch.no_grad():
-                        th = {n: theta[n] + sign * eps * u[n] for n in names}
-                    leaf = pt.clone().requires_grad_(True)
-                    gp.append(grads_wrt(th, leaf, [leaf])[0])
-                v = -(gp[0] - gp[1]) / (2.0 * eps)
-            elif torch.isfinite(norm):
-                v = torch.zeros_like(pt)
-            else:  # dL_pri/dtheta+ overflowed (fp16): the meta-gradient is unknown, not zero
-                v = torch.full_like(pt, float("nan"))
-        finally:
-            _restore_train(old)
-        h = self.collapse(gen_lp, gather)
-        surrogate = (p * v.detach()).sum() + self.entropy_weight * h
-        return meta.detach(), h, surrogate, gen_lp, tuple(parts)
-
-    def generator_step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: Optional[float] = None,
-                       net_optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0,
-                       accumulate: bool = True, gather: Optional[Gather] = None) -> Dict[str, torch.Tensor]:
-        """Meta-gradient of ``L_pri(theta+) + lambda * H`` w.r.t. the generator, added to
-        (``accumulate``) or written into the generator parameters' ``.grad``.
-
-        Does not step any optimiser and leaves ``net`` (parameters, ``.grad``, BN buffers)
-        untouched; advances the collapse estimate's running state (``ema``).  ``gather``: the
-        all-gather of a multi-process run (``global`` / ``ema``; see the module docstring).
-        Returns detached tensors: ``meta_loss``, ``entropy_term`` (the estimate's ``H``),
-        ``finite``, ``gen_log_probs`` (the labels of this batch before the step) and
-        ``focal/main``, ``focal/aux`` (the multi-task losses at the current ``theta``).
-        """
-        net = _unwrap(net)
-        gparams = [p for p in self.generator.parameters() if p.requires_grad]
-        if self.meta_order == "second":
-            # the double backward multiplies the inner (create_graph) and the outer gradient's
-            # scales: sqrt(s) each keeps the product at s, the scale the GradScaler found safe for
-            # the net's own backward (s each gives s^2: inf in fp16 at any usual scale)
-            grad_scale = grad_scale ** 0.5
-            meta, h, gen_lp, parts = self._second_order(net, x, y, lr, net_optimizer, grad_scale, gather)
-            total = meta + self.entropy_weight * h
-        else:
-            meta, h, total, gen_lp, parts = self._first_order(net, x, y, lr, net_optimizer, grad_scale, gather)
-        grads = torch.autograd.grad(total * grad_scale, gparams, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g / grad_scale for p, g in zip(gparams, grads)]
-        # a non-finite meta loss counts too: the first-order path then drops its meta part (v = 0)
-        # and would step on the entropy term alone
-        finite = torch.stack([torch.isfinite(g).all() for g in grads] + [torch.isfinite(meta).all()]).all()
-        if bool(finite):
-            for p, g in zip(gparams, grads):
-                if accumulate and p.grad is not None:
-                    p.grad.add_(g)
-                else:
-                    p.grad = g.detach().clone()
-        return {"meta_loss": meta.detach(), "entropy_term": h.detach(), "finite": finite,
-                "gen_log_probs": gen_lp.detach(), "focal/main": parts[0].detach(), "focal/aux": parts[1].detach()}
 
 
 class MaxlModel(nn.Module):
@@ -580,20 +263,15 @@ class MaxlModel(nn.Module):
         return self.method.generator_step(self.net, x, y, **kw)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)          # DDP
-    return getattr(model, "_orig_mod", model)        # torch.compile
-
-
 def generator_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The label generator's parameters (its own optimiser)."""
-    return list(_unwrap(model).method.generator.parameters())
+    return list(unwrap(model).method.generator.parameters())
 
 
 def multitask_parameters(model: nn.Module) -> List[nn.Parameter]:
     """Every parameter of ``model`` except the generator's (the multi-task optimiser)."""
     gen = {id(p) for p in generator_parameters(model)}
-    return [p for p in _unwrap(model).parameters() if id(p) not in gen]
+    return [p for p in unwrap(model).parameters() if id(p) not in gen]
 
 
 def ddp_ignore_generator(model: nn.Module) -> List[str]:
@@ -602,7 +280,7 @@ def ddp_ignore_generator(model: nn.Module) -> List[str]:
     which the multi-task backward never produces), and the collapse estimate's running state
     (identical on every rank by construction).  Call before wrapping in DDP; the engine
     all-reduces the generator's gradients itself after :meth:`MaxlMethod.generator_step`."""
-    method = _unwrap(model).method
+    method = unwrap(model).method
     gen = method.generator
     ids = {id(t) for t in gen.parameters()} | {id(t) for t in gen.buffers()}
     ids |= {id(t) for t in method.collapse.buffers()}
@@ -696,17 +374,6 @@ def training_options(options: Dict) -> Dict:
     if not out["generator_lr"] > 0:
         raise ValueError(f"maxl: option 'generator_lr' must be > 0, got {out['generator_lr']!r}")
     return out
-
-
-class AuxHead(nn.Module):
-    """Auxiliary head on a (N, D, H, W) feature map: global average pool + Linear(D, A)."""
-
-    def __init__(self, feature_dim: int, num_aux: int):
-        super().__init__()
-        self.fc = nn.Linear(feature_dim, num_aux)
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1))
 
 
 def build_maxl_method(info, num_classes: int, options: Dict):

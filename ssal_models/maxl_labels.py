@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .maxl_losses import at_least_float32, aux_owner, xlogx
+
 __all__ = ["ENTROPY_ESTIMATES", "Gather", "CollapseRegulariser", "label_sums", "label_metrics", "LABEL_SUM_KEYS"]
 
 ENTROPY_ESTIMATES = ("batch", "global", "ema")
@@ -21,19 +23,6 @@ ENTROPY_ESTIMATES = ("batch", "global", "ema")
 #: ``gather(t)`` -> ``(world, *t.shape)``: every rank's ``t`` stacked in rank order (no gradient
 #: needed; one process: ``t[None]``). The pipeline builds it from ``torch.distributed.all_gather``.
 Gather = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _owner(psi: Sequence[int]) -> torch.Tensor:
-    return torch.tensor([y for y, k in enumerate(psi) for _ in range(int(k))], dtype=torch.long)
-
-
-def _xlogx(t: torch.Tensor) -> torch.Tensor:
-    """``t log t`` with ``0 log 0 = 0``."""
-    return t * t.clamp_min(torch.finfo(t.dtype).tiny).log()
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 class CollapseRegulariser(nn.Module):
@@ -53,7 +42,7 @@ class CollapseRegulariser(nn.Module):
             raise ValueError(f"entropy_ema_decay must be in [0, 1), got {ema_decay!r}")
         self.estimate, self.ema_decay = estimate, float(ema_decay)
         self.num_classes, self.num_aux = len(psi), int(sum(psi))
-        self.register_buffer("owner", _owner(psi), persistent=False)
+        self.register_buffer("owner", aux_owner(psi), persistent=False)
         # ema: decayed sums of the generated distributions (per auxiliary class) and of the
         # sample counts (per primary class); their ratio is the running per-class mean
         self.register_buffer("ema_label_sum", torch.zeros(self.num_aux))
@@ -67,7 +56,7 @@ class CollapseRegulariser(nn.Module):
     def forward(self, gen_log_probs: torch.Tensor, gather: Optional[Gather] = None,
                 update: bool = True) -> torch.Tensor:
         with torch.autocast(device_type=gen_log_probs.device.type, enabled=False):
-            p = _wide(gen_log_probs).exp()
+            p = at_least_float32(gen_log_probs).exp()
             local = torch.cat([p.sum(0), p.new_tensor([float(p.shape[0])])])
             world = 1
             total = local
@@ -78,7 +67,7 @@ class CollapseRegulariser(nn.Module):
             label_sum, samples = total[:-1], total[-1].detach().clamp_min(1.0)
             pbar = label_sum / samples
             if self.estimate != "ema":
-                h = _xlogx(pbar).sum()
+                h = xlogx(pbar).sum()
             else:
                 h = self._ema_term(label_sum, samples, update)
         if world > 1:  # averaging the ranks' generator gradients then gives d H / d phi
@@ -95,7 +84,7 @@ class CollapseRegulariser(nn.Module):
         present = counts > 0
         mean = run_sum / run_count[self.owner].clamp_min(1e-30)  # m~: the estimate including this batch
         weight = counts / samples  # w_c: the batch's class frequencies
-        value = (weight[self.owner] * _xlogx(mean) * present[self.owner]).sum() + _xlogx(weight).sum()
+        value = (weight[self.owner] * xlogx(mean) * present[self.owner]).sum() + xlogx(weight).sum()
         # gradient: dH/dm~ = log m~ + 1 applied to the batch's own per-class mean (see maxl.py)
         slope = (mean.clamp_min(torch.finfo(mean.dtype).tiny).log() + 1.0) * present[self.owner]
         pbar = label_sum / samples
@@ -123,7 +112,7 @@ def label_sums(gen_log_probs: torch.Tensor, targets: torch.Tensor, psi: Sequence
     sum of ``entropy / log psi[y]`` over the samples whose class has ``psi[y] > 1`` (a class
     with one auxiliary class has nothing to choose), counted in ``frac_samples``; ``max_prob``
     sum of ``max_k p_k``."""
-    lp = _wide(gen_log_probs).double()
+    lp = at_least_float32(gen_log_probs).double()
     p = lp.exp()
     a = lp.shape[-1]
     psi_t = torch.as_tensor(list(psi), dtype=torch.float64, device=lp.device)[targets]
@@ -151,7 +140,7 @@ def label_metrics(sums: Dict[str, torch.Tensor], psi: Sequence[int]) -> Dict[str
     counts = sums["counts"].double().cpu()
     soft = sums["soft_counts"].double().cpu()
     samples = max(float(sums["samples"]), 1.0)
-    owner = _owner(psi)
+    owner = aux_owner(psi)
     per_class_n = torch.zeros(len(psi), dtype=torch.float64).index_add_(0, owner, counts)
     marginal, marginal_frac = [], []
     offset = 0
@@ -161,7 +150,7 @@ def label_metrics(sums: Dict[str, torch.Tensor], psi: Sequence[int]) -> Dict[str
             marginal.append(None)
         else:
             mean = soft[offset:offset + k] / n
-            h = float(-_xlogx(mean).sum())
+            h = float(-xlogx(mean).sum())
             marginal.append(h)
             if k > 1:
                 marginal_frac.append(h / math.log(k))

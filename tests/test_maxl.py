@@ -1,6 +1,6 @@
-"""MAXL model side (ssal_models.maxl, ssal_models.hierarchies): numerics, meta-gradients, a tiny
-alternation, the entropy term's effect on label usage, and the models-library integration.
-All CPU, tiny networks (the whole file runs in well under a minute)."""
+"""MAXL model side (ssal_models.maxl with its maxl_losses, maxl_nets, maxl_meta; ssal_models.hierarchies):
+numerics, meta-gradients, a tiny alternation, the entropy term's effect on label usage, and the
+models-library integration.  All CPU, tiny networks (the whole file runs in well under a minute)."""
 import copy
 
 import pytest
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ssal_models import hierarchies as hz
 from ssal_models import maxl as mx
+from ssal_models import maxl_losses, maxl_nets
 
 PSI = (2, 3, 1)  # deliberately uneven
 
@@ -19,9 +20,9 @@ def tiny_model(psi=PSI, in_dim=4, width=5, gen_width=3, meta_order="second", ent
     """Multi-task MLP (with BatchNorm, to check batch-stat mode) + linear-head generator (with BN)."""
     torch.manual_seed(seed)
     c, a = len(psi), sum(psi)
-    net = mx.MultiTaskNet(nn.Sequential(nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.Tanh()), width, c, a)
-    gen = mx.LabelGenerator(nn.Sequential(nn.Linear(in_dim, gen_width), nn.BatchNorm1d(gen_width), nn.Tanh()),
-                            gen_width, psi, hidden=0)
+    net = maxl_nets.MultiTaskNet(nn.Sequential(nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.Tanh()), width, c, a)
+    gen = maxl_nets.LabelGenerator(nn.Sequential(nn.Linear(in_dim, gen_width), nn.BatchNorm1d(gen_width), nn.Tanh()),
+                                   gen_width, psi, hidden=0)
     model = mx.MaxlModel(net, mx.MaxlMethod(gen, psi, entropy_weight=entropy_weight, meta_order=meta_order))
     return model.to(dtype)
 
@@ -86,10 +87,10 @@ def test_psi_helpers_and_mask():
     assert mx.resolve_psi(20, "cifar100:20-100") == [5] * 20
     with pytest.raises(ValueError):
         mx.resolve_psi(10, "cifar100:20-100")
-    mask = mx.hierarchy_mask(PSI)
+    mask = maxl_losses.hierarchy_mask(PSI)
     assert mask.shape == (3, 6) and mask.dtype == torch.bool
     assert mask.sum(1).tolist() == list(PSI) and mask.sum(0).tolist() == [1] * 6
-    assert mx.aux_owner(PSI).tolist() == [0, 0, 1, 1, 1, 2]
+    assert maxl_losses.aux_owner(PSI).tolist() == [0, 0, 1, 1, 1, 2]
     assert mask[1].nonzero().flatten().tolist() == [2, 3, 4]  # contiguous blocks
 
 
@@ -98,10 +99,10 @@ def test_psi_helpers_and_mask():
 
 def test_mask_softmax_zero_outside_sums_to_one_and_matches_formula():
     torch.manual_seed(0)
-    mask = mx.hierarchy_mask(PSI)
+    mask = maxl_losses.hierarchy_mask(PSI)
     logits = torch.randn(32, 6, dtype=torch.float64) * 3
     y = torch.randint(0, 3, (32,))
-    p = mx.mask_log_softmax(logits, y, mask).exp()
+    p = maxl_losses.mask_log_softmax(logits, y, mask).exp()
     assert torch.all(p[~mask[y]] == 0)
     assert torch.allclose(p.sum(1), torch.ones(32, dtype=torch.float64), atol=1e-12)
     m = mask[y].double()  # the paper's formula (exact M, no epsilon)
@@ -111,17 +112,17 @@ def test_mask_softmax_zero_outside_sums_to_one_and_matches_formula():
 
 def test_mask_softmax_finite_under_fp16():
     torch.manual_seed(0)
-    mask = mx.hierarchy_mask([5] * 4)
+    mask = maxl_losses.hierarchy_mask([5] * 4)
     y = torch.randint(0, 4, (64,))
     logits = (torch.randn(64, 20) * 1e4).half().requires_grad_(True)
     assert torch.isinf(logits.detach().exp()).any()  # the naive formula would overflow
-    lp = mx.mask_log_softmax(logits, y, mask)
+    lp = maxl_losses.mask_log_softmax(logits, y, mask)
     assert lp.dtype == torch.float32
     assert torch.isfinite(lp[mask[y]]).all() and torch.all(lp[~mask[y]] == float("-inf"))
     p = lp.exp()
     assert torch.isfinite(p).all() and torch.all(p[~mask[y]] == 0)
     assert torch.allclose(p.sum(1), torch.ones(64), atol=1e-6)
-    (mx.entropy_term(lp) + mx.soft_focal_loss(torch.log_softmax(logits.float(), 1), p)).backward()
+    (maxl_losses.entropy_term(lp) + maxl_losses.soft_focal_loss(torch.log_softmax(logits.float(), 1), p)).backward()
     assert torch.isfinite(logits.grad).all()
     # and under CPU autocast (fp16): a linear layer producing ~1e4 logits
     lin = nn.Linear(8, 20)
@@ -129,7 +130,7 @@ def test_mask_softmax_finite_under_fp16():
         lin.weight.mul_(3e4)
     with torch.autocast("cpu", dtype=torch.float16):
         out = lin(torch.randn(64, 8))
-        lp = mx.mask_log_softmax(out, y, mask)
+        lp = maxl_losses.mask_log_softmax(out, y, mask)
     assert out.dtype == torch.float16 and out.abs().max() > 1e3
     assert torch.isfinite(lp.exp()).all() and torch.allclose(lp.exp().sum(1), torch.ones(64), atol=1e-6)
 
@@ -145,30 +146,30 @@ def test_focal_losses_equal_naive_float64():
     naive_hard = (-(1 - q.gather(1, y[:, None])) ** 2 * q.gather(1, y[:, None]).log()).mean()
     naive_soft = (-(t.double() * (1 - q) ** 2 * q.log()).sum(1)).mean()
     lp = torch.log_softmax(logits, 1)
-    assert torch.allclose(mx.focal_loss(lp, y).double(), naive_hard, rtol=1e-5)
-    assert torch.allclose(mx.soft_focal_loss(lp, t).double(), naive_soft, rtol=1e-5)
+    assert torch.allclose(maxl_losses.focal_loss(lp, y).double(), naive_hard, rtol=1e-5)
+    assert torch.allclose(maxl_losses.soft_focal_loss(lp, t).double(), naive_soft, rtol=1e-5)
     # float64 in, float64 out, exact to rounding; gamma=0 is cross-entropy
-    assert torch.allclose(mx.focal_loss(lp.double(), y), naive_hard, rtol=1e-6)
-    assert torch.allclose(mx.focal_loss(lp, y, gamma=0.0), F.cross_entropy(logits, y), rtol=1e-6)
+    assert torch.allclose(maxl_losses.focal_loss(lp.double(), y), naive_hard, rtol=1e-6)
+    assert torch.allclose(maxl_losses.focal_loss(lp, y, gamma=0.0), F.cross_entropy(logits, y), rtol=1e-6)
     one_hot = F.one_hot(y, 7).float()
-    assert torch.allclose(mx.soft_focal_loss(lp, one_hot), mx.focal_loss(lp, y), rtol=1e-6)
+    assert torch.allclose(maxl_losses.soft_focal_loss(lp, one_hot), maxl_losses.focal_loss(lp, y), rtol=1e-6)
 
 
 def test_entropy_term_and_label_statistics():
     torch.manual_seed(0)
-    mask = mx.hierarchy_mask(PSI)
+    mask = maxl_losses.hierarchy_mask(PSI)
     y = torch.tensor([0, 0, 1, 0])  # class 2's auxiliary class gets no mass in this batch
     logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    lp = mx.mask_log_softmax(logits, y, mask)
-    h = mx.entropy_term(lp)
+    lp = maxl_losses.mask_log_softmax(logits, y, mask)
+    h = maxl_losses.entropy_term(lp)
     pbar = lp.exp().mean(0)
     nz = pbar > 0
     assert torch.allclose(h, (pbar[nz] * pbar[nz].log()).sum())
     h.backward()
     assert torch.isfinite(logits.grad).all()
-    counts = mx.label_counts(lp)
+    counts = maxl_losses.label_counts(lp)
     assert counts.sum() == 4 and counts.shape == (6,) and counts[5] == 0
-    assert mx.used_label_fraction(torch.tensor([3, 0, 1, 0])) == 0.5
+    assert maxl_losses.used_label_fraction(torch.tensor([3, 0, 1, 0])) == 0.5
 
 
 # ------------------------------------------------------------------------------ meta step
@@ -213,7 +214,7 @@ def test_meta_objective_is_a_virtual_sgd_step_and_leaves_the_net_untouched():
     before = copy.deepcopy(model.net.state_dict())
     meta, _ = model.method.meta_objective(model.net, x, y, net_optimizer=opt)
     with torch.no_grad():  # the generator runs in the caller's mode (here eval)
-        p = mx.mask_log_softmax(model.method.generator(x), y, model.method.mask).exp()
+        p = maxl_losses.mask_log_softmax(model.method.generator(x), y, model.method.mask).exp()
     model.train()
     # naive: copy the net, take one real SGD step (same momentum/wd) on L_pri + L_aux, evaluate L_pri
     net2 = copy.deepcopy(model.net).train()
@@ -222,7 +223,7 @@ def test_meta_objective_is_a_virtual_sgd_step_and_leaves_the_net_untouched():
     pri, aux = model.method.multitask_loss(net2(x), y, p)
     (pri + aux).backward()
     opt2.step()
-    ref = mx.focal_loss(torch.log_softmax(net2(x)["main"], 1), y)
+    ref = maxl_losses.focal_loss(torch.log_softmax(net2(x)["main"], 1), y)
     assert torch.allclose(meta, ref, rtol=1e-10)
     # generator_step: net parameters, BN running stats, .grad and train/eval flags untouched
     model.eval()
@@ -283,8 +284,8 @@ def clustered_problem(seed, n=256, c=4, d=8):
 def mlp_maxl(psi, d=8, width=32, entropy_weight=0.2, meta_order="second", seed=0):
     torch.manual_seed(seed)
     body = lambda: nn.Sequential(nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU())  # noqa: E731
-    net = mx.MultiTaskNet(body(), width, len(psi), sum(psi))
-    gen = mx.LabelGenerator(body(), width, psi, hidden=width)
+    net = maxl_nets.MultiTaskNet(body(), width, len(psi), sum(psi))
+    gen = maxl_nets.LabelGenerator(body(), width, psi, hidden=width)
     return mx.MaxlModel(net, mx.MaxlMethod(gen, psi, entropy_weight=entropy_weight, meta_order=meta_order))
 
 
@@ -328,7 +329,7 @@ def used_fraction(model, x, y):
     model.eval()
     with torch.no_grad():
         out = model(x)
-        return mx.used_label_fraction(model.method.statistics(out, y)["label_counts"])
+        return maxl_losses.used_label_fraction(model.method.statistics(out, y)["label_counts"])
 
 
 def test_entropy_term_increases_used_label_fraction():

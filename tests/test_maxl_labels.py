@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ssal_models import maxl as mx
+from ssal_models import maxl_losses
 from ssal_models.maxl_labels import CollapseRegulariser, label_metrics, label_sums
 
 PSI = (3, 3, 3, 3)  # four primary classes, three auxiliary classes each
@@ -34,7 +34,7 @@ def diverse(step):
 
 
 def term_and_grad(reg, logits, targets=TARGETS, gather=None):
-    h = reg(mx.mask_log_softmax(logits, targets, mx.hierarchy_mask(PSI)), gather)
+    h = reg(maxl_losses.mask_log_softmax(logits, targets, maxl_losses.hierarchy_mask(PSI)), gather)
     (grad,) = torch.autograd.grad(h, logits)
     return h.detach(), grad
 
@@ -50,8 +50,8 @@ def test_batch_form_is_the_authors_entropy_term():
     torch.manual_seed(0)
     logits = torch.randn(16, 12, dtype=torch.float64)
     y = torch.randint(0, 4, (16,))
-    lp = mx.mask_log_softmax(logits, y, mx.hierarchy_mask(PSI))
-    assert torch.allclose(CollapseRegulariser(PSI, "batch")(lp), mx.entropy_term(lp), atol=1e-12)
+    lp = maxl_losses.mask_log_softmax(logits, y, maxl_losses.hierarchy_mask(PSI))
+    assert torch.allclose(CollapseRegulariser(PSI, "batch")(lp), maxl_losses.entropy_term(lp), atol=1e-12)
 
 
 def test_one_sample_per_class_ema_distinguishes_collapsed_from_diverse_batch_does_not():
@@ -91,7 +91,7 @@ def test_ema_with_zero_decay_equals_the_batch_form_value_and_gradient():
 
 def test_ema_state_is_a_decayed_per_class_mean_and_skips_non_finite_batches():
     reg = CollapseRegulariser(PSI, "ema", ema_decay=0.5).double()
-    lp = mx.mask_log_softmax(labels_logits([0, 1, 2, 0]), TARGETS, mx.hierarchy_mask(PSI)).detach()
+    lp = maxl_losses.mask_log_softmax(labels_logits([0, 1, 2, 0]), TARGETS, maxl_losses.hierarchy_mask(PSI)).detach()
     reg(lp)
     reg(lp)
     assert torch.allclose(reg.ema_sample_count, torch.full((4,), 1.5, dtype=torch.float64))
@@ -190,7 +190,7 @@ def test_global_estimate_over_two_gloo_ranks(tmp_path):
 
 def test_label_statistics_on_known_inputs():
     psi = (2, 3, 1)
-    mask = mx.hierarchy_mask(psi)
+    mask = maxl_losses.hierarchy_mask(psi)
     # class 0: uniform; class 1: one-hot on its 2nd label, then 1/2-1/2 on its 1st and 3rd;
     # class 2: one auxiliary class (no choice)
     probs = torch.tensor([[0.5, 0.5, 0, 0, 0, 0],
