@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         print("error: --epochs must be >= 1 and --seeds non-empty", file=sys.stderr)
         return 2
     from pipeline.tracking import runs
-    from pipeline.launch import study as study_lib
+    from pipeline.launch import study as study_lib, study_jobs
     from pipeline.train.config import resolve_path
 
     root = resolve_path(args.runs_root)
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         except study_lib.StudyError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        rc = study_lib.run_local(study)
+        rc = study_jobs.run_local(study)
         client = runs.client(runs.resolve_uri(study.uri))
         for run in runs.study_runs(client, study.id, status="FINISHED"):
             stage = run.data.tags.get("stage")

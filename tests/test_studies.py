@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from pipeline.launch import slurm, study_jobs
 from pipeline.launch import study as study_lib
 from pipeline.train.config import REPO_ROOT
 
@@ -127,7 +128,7 @@ def test_slurm_chain_uses_afterok_dependencies(tmp_path):
     s = study_lib.load_study(write(tmp_path, BASIC), [f"runs_root={tmp_path / 'runs'}"])
     args = launch.build_parser().parse_args(["--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4"])
     RecordingExecutor.submitted = []
-    ids = study_lib.submit_slurm(s, launch.slurm_settings(args), make_executor=RecordingExecutor)
+    ids = study_jobs.submit_slurm(s, slurm.slurm_settings(args), make_executor=RecordingExecutor)
     jobs = {name.split("-", 1)[1]: (settings, task, job_id) for name, settings, task, job_id in RecordingExecutor.submitted}
     assert list(jobs) == ["baseline", "groups", "ssal", "lc", "dks", "report"] and set(ids) == set(jobs)
     dep = lambda stage: jobs[stage][0]["sbatch"].get("dependency")  # noqa: E731

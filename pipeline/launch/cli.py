@@ -304,9 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     if args.study:
-        from pipeline.launch import study
+        from pipeline.launch import study_jobs
 
-        return study.launch_study(args)
+        return study_jobs.launch_study(args)
     try:
         if args.local:
             slurm_only = [f for f in ("partition", "nodes", "gpus_per_node", "cluster", "array", "wait")

@@ -1,0 +1,296 @@
+"""Running a study: its plan and state (``python pipeline/study.py STUDY.yaml``), every stage here in
+order (``--local``), or one SLURM job per unfinished stage chained by ``afterok`` dependencies.
+The study file itself (schema, stages, argv) is :mod:`pipeline.launch.study`."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+from pipeline.launch import slurm
+from pipeline.launch.slurm import LIVE_STATES
+from pipeline.launch.study import EXIT_USAGE, Stage, Study, StudyError, load_study
+from pipeline.train.config import REPO_ROOT
+
+
+def stage_status(study: Study) -> dict[str, str]:
+    """stage -> 'finished' | 'unfinished' | 'new' from MLflow runs tagged study/stage (and outputs)."""
+    from pipeline.tracking import runs
+
+    try:
+        client = runs.client(runs.resolve_uri(study.uri))
+        tagged = runs.study_runs(client, study.id)
+    except Exception as err:  # noqa: BLE001
+        raise StudyError(f"cannot read the tracking store {study.uri} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''}); is the server up?") from None
+    status = {}
+    for name, stage in study.stages.items():
+        mine = [r for r in tagged if r.data.tags.get("stage") == name]
+        if any(r.info.status == "FINISHED" for r in mine) and (stage.kind != "groups" or stage.output.is_file()):
+            status[name] = "finished"
+        elif mine:
+            status[name] = "unfinished"
+        else:
+            status[name] = "new"
+    return status
+
+
+def describe(study: Study, status: dict[str, str] | None = None) -> str:
+    lines = [f"study '{study.id}' ({study.path}): {len(study.stages)} stages; MLflow experiment "
+             f"'{study.experiment}' at {study.uri}; outputs in {study.dir}"]
+    for stage in study.stages.values():
+        state = f" [{status[stage.name]}]" if status else ""
+        deps = f" after {', '.join(stage.deps)}" if stage.deps else ""
+        lines.append(f"  {stage.name:<14} {stage.kind:<8}{deps}{state}")
+    return "\n".join(lines)
+
+
+def stage_command(stage: Stage) -> list[str]:
+    return [sys.executable, "-m", stage.module, *stage.argv]
+
+
+def run_local(study: Study, dry_run: bool = False, env: dict | None = None) -> int:
+    """Run the unfinished stages one after the other (file order, dependencies first). A failed stage
+    blocks what depends on it; independent stages still run. Exit 0 iff every stage is finished."""
+    status = stage_status(study)
+    print(describe(study, status), flush=True)
+    outcome: dict[str, str] = {}
+    ran_any = False
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    for stage in study.stages.values():
+        blocked = [d for d in stage.deps if outcome.get(d) not in ("done", "skipped")]
+        if blocked:
+            outcome[stage.name] = "blocked"
+            print(f"[study] {stage.name}: not run (dependency {', '.join(blocked)} did not finish)", flush=True)
+            continue
+        if status[stage.name] == "finished" and not (stage.kind == "report" and ran_any):
+            outcome[stage.name] = "skipped"
+            print(f"[study] {stage.name}: finished earlier, skipped", flush=True)
+            continue
+        cmd = stage_command(stage)
+        print(f"[study] {stage.name} ({stage.kind}): {shlex.join(cmd)}", flush=True)
+        if dry_run:
+            outcome[stage.name] = "done"
+            continue
+        started = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=str(REPO_ROOT), env=env)
+        ran_any = True
+        outcome[stage.name] = "done" if rc == 0 else "failed"
+        print(f"[study] {stage.name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+    failed = [n for n, o in outcome.items() if o in ("failed", "blocked")]
+    print("[study] summary: " + ", ".join(f"{n} {o}" for n, o in outcome.items()), flush=True)
+    if failed:
+        print(f"[study] {len(failed)} stage(s) not finished; fix the cause and re-run the same command "
+              f"(finished stages are skipped)", file=sys.stderr, flush=True)
+        return 1
+    print(f"[study] table: python pipeline/report.py --study {study.id} --tracking-uri {study.uri}", flush=True)
+    return 0
+
+
+def stage_settings(study: Study, stage: Stage, base: dict) -> dict:
+    """The launcher settings of one stage's job: the CLI/profile ones, narrowed for the light stages."""
+
+    s = copy.deepcopy(base)
+    if stage.kind in ("groups", "report"):
+        s.update(nodes=1, gpus_per_node=0, tasks_per_node=1)
+    elif stage.kind in ("lc", "explain"):
+        gpus = 1 if base.get("gpus_per_node") else 0
+        s.update(nodes=1, gpus_per_node=gpus, tasks_per_node=1)
+    unknown = [k for k in stage.slurm if k not in slurm.PROFILE_KEYS]
+    if unknown:
+        raise StudyError(f"{study.path}: stages.{stage.name}.slurm: unknown key(s) {', '.join(unknown)} "
+                         f"(valid: {', '.join(slurm.PROFILE_KEYS)})")
+    for key, value in stage.slurm.items():
+        s[key] = {**s[key], **value} if isinstance(s.get(key), dict) and isinstance(value, dict) else value
+    if s["gpus_per_node"]:
+        s["tasks_per_node"] = s["gpus_per_node"]
+    s["sbatch"] = dict(s.get("sbatch") or {})
+    return s
+
+
+def live_jobs(study: Study) -> dict[str, tuple[str, str]]:
+    """stage -> (id, state) of a job this study submitted for it earlier that is still queued or running.
+
+    The ids are the job folders under ``<study dir>/slurm/<stage>/`` (submitit's ``%j``); squeue says which of
+    them are alive (by job name, so that long-gone ids are no error). Without SLURM's clients, or without
+    earlier submissions, nothing is alive."""
+    recorded = {name: {p.name for p in (study.dir / "slurm" / name).glob("*") if p.is_dir() and p.name.isdigit()}
+                for name in study.stages}
+    if not any(recorded.values()):
+        return {}
+    names = ",".join(f"{study.id}-{name}" for name, ids in recorded.items() if ids)
+    try:
+        proc = subprocess.run(["squeue", "-h", "-o", "%i|%T|%j", f"--name={names}"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        print(f"[study] warning: cannot ask squeue which earlier jobs are still queued ({err}); submitting "
+              f"every unfinished stage", file=sys.stderr, flush=True)
+        return {}
+    if proc.returncode != 0:
+        print(f"[study] warning: squeue failed ({proc.stderr.strip()[:200]}); submitting every unfinished stage",
+              file=sys.stderr, flush=True)
+        return {}
+    live: dict[str, tuple[str, str]] = {}
+    for line in proc.stdout.splitlines():
+        job, _, rest = line.strip().partition("|")
+        state, _, name = rest.partition("|")
+        stage = name[len(study.id) + 1:]
+        if state in LIVE_STATES and job in recorded.get(stage, ()) and int(job) >= int(live.get(stage, ("0",))[0]):
+            live[stage] = (job, state)  # the newest one
+    return live
+
+
+def _scancel(job_ids: Sequence[str]) -> bool:
+    try:
+        return subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def submit_slurm(study: Study, settings: dict, dry_run: bool = False, make_executor=None) -> dict[str, str]:
+    """Submit one job per unfinished stage with afterok dependencies. Returns stage -> job id.
+
+    A stage whose earlier job is still queued or running (``live_jobs``) is not submitted again: stages
+    submitted now depend on that job. The report is the exception when something new is submitted: a new
+    report job follows everything, the old one is cancelled if it is still waiting (or, if it is running
+    already, the new one starts after it). If a submission fails, the jobs submitted before it are cancelled
+    and a StudyError names the stage and sbatch's message."""
+    from pipeline.launch.task import TrainTask
+
+    if make_executor is None:
+        make_executor = slurm.make_executor
+    status = stage_status(study)
+    print(describe(study, status), flush=True)
+    live = live_jobs(study)
+    job_ids: dict[str, str] = {}  # stage -> the job it waits for: submitted now, or one still in the queue
+    submitted: list[str] = []
+    for stage in study.stages.values():
+        if status[stage.name] == "finished" and not (stage.kind == "report" and submitted):
+            print(f"[study] {stage.name}: finished earlier, skipped", flush=True)
+            continue
+        superseded = live.get(stage.name) if stage.kind == "report" and submitted else None
+        if stage.name in live and not superseded:
+            job_ids[stage.name] = live[stage.name][0]
+            print(f"[study] {stage.name}: job {live[stage.name][0]} is still in the queue, not submitted again",
+                  flush=True)
+            continue
+        s = stage_settings(study, stage, settings)
+        deps = [job_ids[d] for d in stage.deps if d in job_ids]
+        if deps:
+            s["sbatch"]["dependency"] = "afterok:" + ":".join(deps)
+            s["sbatch"]["kill-on-invalid-dep"] = "yes"
+        if superseded:  # never two reports at once in the same folder (a cancelled one satisfies afterany)
+            s["sbatch"]["dependency"] = ",".join(filter(None, [s["sbatch"].get("dependency"),
+                                                               f"afterany:{superseded[0]}"]))
+        folder = study.dir / "slurm" / stage.name
+        task = TrainTask(argv=list(stage.argv), entry=stage.entry, max_requeues=s["max_requeues"],
+                         env={str(k): str(v) for k, v in s["env"].items()})
+        if dry_run:
+            job_ids[stage.name] = f"<{stage.name}>"
+            submitted.append(job_ids[stage.name])
+            print(f"[study] would submit {stage.name} ({stage.kind}): {s['nodes']} node(s) x {s['tasks_per_node']} "
+                  f"task(s){', ' + str(s['gpus_per_node']) + ' GPU/node' if s['gpus_per_node'] else ''}"
+                  f"{', dependency ' + s['sbatch']['dependency'] if deps else ''}\n    {stage.entry} "
+                  f"{shlex.join(stage.argv)}", flush=True)
+            continue
+        try:
+            executor = make_executor(folder, s, f"{study.id}-{stage.name}")
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's refusal: it is in err
+                job = executor.submit(task)
+        except Exception as err:  # noqa: BLE001 - sbatch's refusal (submitit's FailedJobError) and the like
+            message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
+            if submitted:  # a half-submitted chain is worse than none
+                message += (f"; cancelled the job(s) submitted before it ({', '.join(submitted)})" if
+                            _scancel(submitted) else f"; could NOT cancel the jobs submitted before it: "
+                            f"scancel {' '.join(submitted)}")
+            raise StudyError(f"submitting stage {stage.name} failed: {type(err).__name__}: {message}") from None
+        job_ids[stage.name] = str(job.job_id)
+        submitted.append(str(job.job_id))
+        print(f"[study] submitted {stage.name} ({stage.kind}) as job {job.job_id}"
+              f"{' after ' + ','.join(deps) if deps else ''}; logs in {folder}", flush=True)
+        if superseded and superseded[1] == "PENDING" and _scancel([superseded[0]]):
+            print(f"[study] {stage.name}: cancelled its earlier job {superseded[0]}, which was still waiting "
+                  f"(job {job.job_id} follows the new stages)", flush=True)
+    if not job_ids:
+        print("[study] every stage is finished; nothing submitted", flush=True)
+    elif not submitted:
+        print("[study] every unfinished stage is still in the queue; nothing submitted", flush=True)
+    else:
+        print(f"[study] follow: squeue -u $USER; re-run the same command after a failure (finished stages are "
+              f"skipped); table: python pipeline/report.py --study {study.id} --tracking-uri {study.uri}", flush=True)
+    return {name: job_ids[name] for name in job_ids if job_ids[name] in submitted}
+
+
+def launch_study(args: argparse.Namespace) -> int:
+    """Called by ``pipeline/launch.py --study``: --local runs here, otherwise SLURM jobs."""
+
+    try:
+        if args.config or args.array:
+            raise StudyError("--study takes its recipes from the study file: drop --config / --array "
+                             "(key=value overrides apply to every training stage)")
+        unused = [f for f in ("output_dir", "resume", "wait") if getattr(args, f, None)]
+        if unused:
+            raise StudyError(f"--study does not take {', '.join('--' + f.replace('_', '-') for f in unused)} "
+                             f"(stage folders come from the study; finished stages are skipped, the others resume)")
+        if args.local:
+            slurm_only = [f for f in ("partition", "nodes", "gpus_per_node", "cluster") if getattr(args, f, None)]
+            if slurm_only:
+                raise StudyError(f"--local does not take SLURM options "
+                                 f"({', '.join('--' + f.replace('_', '-') for f in slurm_only)})")
+        study = load_study(args.study, args.overrides)
+        if args.local:
+            return run_local(study, dry_run=getattr(args, "dry_run", False))
+        settings = slurm.slurm_settings(args)
+        if not args.dry_run:
+            slurm.require_slurm()
+        submit_slurm(study, settings, dry_run=args.dry_run)
+        return 0
+    except (StudyError, slurm.LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python pipeline/study.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show or run a study (a graph of training / groups / lc / explain / report stages). SLURM "
+                    "submission: python pipeline/launch.py --study FILE [--cluster ...].",
+        epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("study", help="study YAML (studies/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training stage")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--status", action="store_true", help="print the plan and each stage's state (default)")
+    mode.add_argument("--local", action="store_true", help="run the unfinished stages here, one after the other")
+    mode.add_argument("--dry-run", action="store_true", help="print each stage's command, run nothing")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        study = load_study(args.study, args.overrides)
+        if args.local or args.dry_run:
+            return run_local(study, dry_run=args.dry_run)
+        status = stage_status(study)
+        for name, (job, _) in live_jobs(study).items():
+            if status[name] != "finished":
+                status[name] += f", SLURM job {job} in the queue"
+        print(describe(study, status))
+        return 0
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
