@@ -139,7 +139,8 @@ def test_no_import_cycle_among_the_projects_modules():
     for group in strongly_connected(GRAPH):
         members = set(group)
         edges = [f"{rel(MODULES[name])}:{line} imports {target}"
-                 for name in group for target, line in GRAPH[name] if target in members]
+                 for name in group for target, line in sorted(GRAPH[name], key=lambda edge: edge[1])
+                 if target in members]
         problems.append("import cycle among " + ", ".join(group) + ":\n    " + "\n    ".join(edges))
     assert not problems, "\n".join(problems)
 
