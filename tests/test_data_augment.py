@@ -1,4 +1,4 @@
-"""The papers' augmentations in datasets/loader.py: seeded colour jitter (against torchvision's own
+"""The papers' augmentations in datasets/decoders.py: seeded colour jitter (against torchvision's own
 adjust_* functions), the random-resized-crop scale, and the squash256 evaluation geometry
 (against torchvision's Resize((256, 256)) + CenterCrop(224)). Real FFCV writer and loader, CPU."""
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from ssal_datasets import decoders
 from ssal_datasets import loader as L
 from ssal_datasets.resample import adjust_colors
 from tests.test_data_loader import betons, collect, stored_images  # noqa: F401  (betons: a fixture)
@@ -29,7 +30,7 @@ def torchvision_jitter(image_hwc: np.ndarray, factors, order) -> np.ndarray:
 
 def test_jitter_parameters_are_seeded_and_bounded():
     strength = 0.4
-    draws = [L.jitter_params(7, 2, k, strength) for k in range(3000)]
+    draws = [decoders.jitter_params(7, 2, k, strength) for k in range(3000)]
     factors = np.array([f for f, _ in draws])
     assert factors.min() >= 1 - strength and factors.max() <= 1 + strength
     # uniform over the whole range, independently per adjustment
@@ -37,12 +38,12 @@ def test_jitter_parameters_are_seeded_and_bounded():
     assert abs(float(np.corrcoef(factors[:, 0], factors[:, 1])[0, 1])) < 0.1
     orders = {tuple(o.tolist()) for _, o in draws}
     assert orders == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)}
-    again, order = L.jitter_params(7, 2, 11, strength)
+    again, order = decoders.jitter_params(7, 2, 11, strength)
     assert np.array_equal(again, draws[11][0]) and np.array_equal(order, draws[11][1])  # a pure function
-    assert not np.array_equal(L.jitter_params(7, 3, 11, strength)[0], again)  # a new draw each epoch
-    assert not np.array_equal(L.jitter_params(8, 2, 11, strength)[0], again)  # and per seed
-    assert np.array_equal(L.jitter_params(7, 2, 11, 0.0)[0], np.ones(3, np.float32))
-    assert L.jitter_params(7, 2, 11, 0.9)[0].min() >= 0.1 - 1e-7
+    assert not np.array_equal(decoders.jitter_params(7, 3, 11, strength)[0], again)  # a new draw each epoch
+    assert not np.array_equal(decoders.jitter_params(8, 2, 11, strength)[0], again)  # and per seed
+    assert np.array_equal(decoders.jitter_params(7, 2, 11, 0.0)[0], np.ones(3, np.float32))
+    assert decoders.jitter_params(7, 2, 11, 0.9)[0].min() >= 0.1 - 1e-7
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
@@ -74,10 +75,10 @@ def test_train_loader_jitters_the_seeded_crop_with_torchvision_s_math(betons):  
     for got, k in zip(x.permute(0, 2, 3, 1).numpy(), idx.tolist()):
         image = images[k]
         h, w = image.shape[:2]
-        crop = L._seeded_random_crop(h, w, np.array(scale), np.log(np.array([3 / 4, 4 / 3])),
-                                     np.uint64(L._sample_key(seed, epoch, k, 1)))
-        flip = L._flip_drawn(seed, epoch, k, 0.5)
-        factors, order = L.jitter_params(seed, epoch, k, strength)
+        crop = decoders._seeded_random_crop(h, w, np.array(scale), np.log(np.array([3 / 4, 4 / 3])),
+                                            np.uint64(decoders._sample_key(seed, epoch, k, 1)))
+        flip = decoders._flip_drawn(seed, epoch, k, 0.5)
+        factors, order = decoders.jitter_params(seed, epoch, k, strength)
         resized = reference(image, *crop, res, res, False)
         expected = torchvision_jitter(resized, factors, order)
         expected = expected[:, ::-1] if flip else expected
@@ -87,8 +88,8 @@ def test_train_loader_jitters_the_seeded_crop_with_torchvision_s_math(betons):  
     from ssal_datasets.resample import LAYOUT_HWC_U8
     from tests.test_data_loader import uint8_batches
 
-    decoder = L.SeededRandomResizedCropDecoder((res, res), np.array([seed, epoch], dtype=np.int64), scale=scale,
-                                               layout=LAYOUT_HWC_U8, color_jitter=strength)
+    decoder = decoders.SeededRandomResizedCropDecoder((res, res), np.array([seed, epoch], dtype=np.int64),
+                                                      scale=scale, layout=LAYOUT_HWC_U8, color_jitter=strength)
     x_u8, idx_u8 = uint8_batches(beton, decoder)
     by_index = dict(zip(idx.tolist(), x.permute(0, 2, 3, 1).numpy() * L.IMAGENET_STD + L.IMAGENET_MEAN))
     for got, k in zip(x_u8.numpy(), idx_u8.tolist()):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssal_datasets import decoders
 from ssal_datasets import loader as L
 from ssal_datasets.layouts import scan_imagenet
 from ssal_datasets.synth import make_imagenet_tree
@@ -178,7 +179,7 @@ def test_resolution_for_epoch():
 
 def test_loader_process_uses_openmp_layer_and_exits_cleanly(betons):
     """numba would pick TBB when a libtbb is installed; FFCV's thread-only use of it made finished
-    processes abort at exit now and then. The loader selects OpenMP (see datasets/loader.py)."""
+    processes abort at exit now and then. The loader selects OpenMP (see datasets/decoders.py)."""
     import os
     import subprocess
     import sys
@@ -250,8 +251,8 @@ def test_images_are_the_seeded_crop_flip_and_normalisation_of_the_stored_ones(be
     for variant in ("nchw", "channels_last", "uint8"):
         if variant == "uint8":
             cell = np.array([seed, epoch], dtype=np.int64)
-            decoder = (L.SeededRandomResizedCropDecoder((res, res), cell, layout=LAYOUT_HWC_U8) if split == "train"
-                       else L.CenterCropDecoder((res, res), layout=LAYOUT_HWC_U8))
+            decoder = (decoders.SeededRandomResizedCropDecoder((res, res), cell, layout=LAYOUT_HWC_U8)
+                       if split == "train" else decoders.CenterCropDecoder((res, res), layout=LAYOUT_HWC_U8))
             x, idx = uint8_batches(beton, decoder)
         else:
             channels_last = variant == "channels_last"
@@ -266,12 +267,12 @@ def test_images_are_the_seeded_crop_flip_and_normalisation_of_the_stored_ones(be
             image = images[k]
             h, w = image.shape[:2]
             if split == "train":
-                top, left, ch, cw = L._seeded_random_crop(h, w, np.array([0.08, 1.0]),
-                                                          np.log(np.array([3 / 4, 4 / 3])),
-                                                          np.uint64(L._sample_key(seed, epoch, k, 1)))
-                flip = L._flip_drawn(seed, epoch, k, 0.5)
+                top, left, ch, cw = decoders._seeded_random_crop(h, w, np.array([0.08, 1.0]),
+                                                                 np.log(np.array([3 / 4, 4 / 3])),
+                                                                 np.uint64(decoders._sample_key(seed, epoch, k, 1)))
+                flip = decoders._flip_drawn(seed, epoch, k, 0.5)
             else:
-                top, left, ch, cw = L._center_crop(h, w, L.DEFAULT_CROP_RATIO)
+                top, left, ch, cw = decoders._center_crop(h, w, L.DEFAULT_CROP_RATIO)
                 flip = False
             flips.append(flip)
             expected = reference(image, top, left, ch, cw, res, res, flip)
