@@ -110,24 +110,30 @@ class StandardTraining:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step; returns the loss (no host sync here) and its named parts."""
-        optimizer = self.optimizers["net"]
         with autocast_context(self.device, self.amp):
             outputs = self.train_model(images)
             loss, parts = self.model.method.loss(outputs, labels)
+        self.backward_and_step(loss, self.optimizers["net"], self.model.parameters())
+        return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                          params: Iterable[torch.Tensor]) -> None:
+        """Gradients of ``loss`` from zero, their norm over ``params`` clipped (optim.grad_clip_norm > 0),
+        one step of ``optimizer``. fp16: through the GradScaler, which unscales before clipping and
+        skips the step when a gradient is inf/NaN."""
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if self.grad_clip_norm > 0:
                 self.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+                nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             loss.backward()
             if self.grad_clip_norm > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+                nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
             optimizer.step()
-        return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
     def begin_epoch(self, epoch: int) -> None:
         """Called at the start (or mid-epoch resume) of every training epoch (default: nothing)."""

@@ -200,26 +200,13 @@ class MaxlTraining(StandardTraining):
             dist_util.broadcast_([b for b in self.generator.buffers() if b.is_floating_point()])
             return parts["focal/main"] + parts["focal/aux"], parts
         method = self.model.method
-        optimizer = self.optimizers["net"]
         with autocast_context(self.device, self.amp):
             outputs = self.train_model(images)
             loss, parts = method.loss(outputs, labels)
         with torch.no_grad():
             self._add_label_statistics(method.generated_log_probs(outputs, labels), labels,
                                        method.extra_metrics(outputs, labels)["aux_acc"])
-        optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.grad_clip_norm > 0:
-                self.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(self.net_params, self.grad_clip_norm)
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.grad_clip_norm > 0:
-                nn.utils.clip_grad_norm_(self.net_params, self.grad_clip_norm)
-            optimizer.step()
+        self.backward_and_step(loss, self.optimizers["net"], self.net_params)
         self.iteration += 1
         if not self.alternate and self.every > 0 and self.iteration % self.every == 0:
             self.generator_step(images, labels)
