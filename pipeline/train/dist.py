@@ -37,9 +37,9 @@ def _slurm_master_addr() -> str:
     if not nodelist:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
-        return out[0]
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()
+        return hosts[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0]  # a single node, or scontrol missing: best effort
 

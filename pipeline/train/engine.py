@@ -24,7 +24,7 @@ class Preempted(Exception):
 
 
 def autocast_context(device: torch.device, amp: str):
-    """Autocast on the model's device (pipeline/train.py sets amp "none" for CPU runs; the
+    """Autocast on the model's device (the trainer sets amp "none" for CPU runs; the
     tests run the same code under CPU autocast, tests/step_checks.py)."""
     if amp == "none":
         return contextlib.nullcontext()
@@ -80,7 +80,7 @@ class StandardTraining:
     The default (every method but MAXL): one SGD optimiser; forward, the method's loss,
     backward, optional clipping, step; fp16 through a GradScaler. A method that trains
     differently (MAXL: two networks updated in alternation) subclasses this and is
-    registered in pipeline/train.py's TRAININGS; the loops below stay the same.
+    registered in ``pipeline.train.factory.METHOD_TRAININGS``; the loops below stay the same.
     """
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -163,7 +163,7 @@ class StandardTraining:
 
 
 def train_one_epoch(
-    training: StandardTraining,
+    method_training: StandardTraining,
     loader: Iterable,
     *,
     epoch: int,
@@ -181,9 +181,9 @@ def train_one_epoch(
     Returns the global step reached. Raises NonFiniteLoss (every rank, together) on a
     NaN/Inf loss and Preempted (every rank, together) when a stop was requested.
     """
-    training.train_model.train()
-    training.begin_epoch(epoch)
-    device = training.device
+    method_training.train_model.train()
+    method_training.begin_epoch(epoch)
+    device = method_training.device
     iterator = iter(loader)
     started = time.perf_counter()
     try:
@@ -192,10 +192,10 @@ def train_one_epoch(
                 break
             if step < start_step:
                 continue  # replay the epoch's order up to where the interrupted run stopped
-            training.set_lr_factor(lr_factor_at(global_step))
-            if training.channels_last:
+            method_training.set_lr_factor(lr_factor_at(global_step))
+            if method_training.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            loss, parts = training.step(images, labels)
+            loss, parts = method_training.step(images, labels)
             # one small all-reduce per step agrees across ranks on "stop" and "non-finite",
             # so that every rank leaves the loop at the same iteration (no hang in a collective)
             flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop_requested() else 0.0],
@@ -210,7 +210,7 @@ def train_one_epoch(
             if on_step_end is not None:
                 on_step_end()
             if progress is not None:
-                progress.update(step, loss.item(), training.lr)
+                progress.update(step, loss.item(), method_training.lr)
             if flags[1] > 0:
                 meter.seconds += time.perf_counter() - started
                 raise Preempted(f"stop requested at epoch {epoch + 1} step {step + 1}")  # 1-based, as progress
