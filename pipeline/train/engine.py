@@ -63,14 +63,11 @@ class EpochMeter:
                           parts_sum={n: values[2 + i] for i, n in enumerate(names)}, seconds=self.seconds)
 
     def reduced(self, device: torch.device) -> dict[str, float]:
-        """Means over every rank's samples (sums all-reduced, then divided once)."""
-        names = sorted(self.parts_sum)
-        sums = torch.tensor([self.samples, self.loss_sum] + [self.parts_sum[n] for n in names],
-                            dtype=torch.float64, device=device)
-        dist_util.all_reduce_sum(sums)
-        samples = max(sums[0].item(), 1.0)
-        metrics = {"train/loss": sums[1].item() / samples}
-        metrics.update({f"train/{n}": sums[2 + i].item() / samples for i, n in enumerate(names)})
+        """Means over every rank's samples (sums all-reduced, then divided once). Collective."""
+        total = self.summed_over_ranks(device)
+        samples = max(total.samples, 1)
+        metrics = {"train/loss": total.loss_sum / samples}
+        metrics.update({f"train/{name}": value / samples for name, value in total.parts_sum.items()})
         return metrics
 
 
@@ -215,11 +212,16 @@ def train_one_epoch(
                 meter.seconds += time.perf_counter() - started
                 raise Preempted(f"stop requested at epoch {epoch + 1} step {step + 1}")  # 1-based, as progress
     finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:  # an FFCV iterator abandoned mid-epoch must be closed (its threads)
-            close()
+        close_iterator(iterator)
     meter.seconds += time.perf_counter() - started
     return global_step
+
+
+def close_iterator(iterator) -> None:
+    """An FFCV iterator abandoned before its end must be closed (its threads); others need nothing."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 def _merge_flip(outputs: dict, flipped: dict) -> dict:

@@ -76,7 +76,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.train.engine import StandardTraining, autocast_context
+from pipeline.train.engine import StandardTraining, autocast_context, close_iterator
 from pipeline.train import dist as dist_util
 from ssal_models import maxl, maxl_labels
 
@@ -282,9 +282,7 @@ class MaxlTraining(StandardTraining):
                     gen_log_probs = maxl.mask_log_softmax(logits, labels, method.mask)
                     sums += _pack_label_sums(maxl_labels.label_sums(gen_log_probs, labels, self.psi))
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            close_iterator(iterator)
             generator.load_state_dict(saved)
             generator.train(was_training)
         dist_util.all_reduce_sum(sums)
