@@ -91,8 +91,9 @@ def _distributed() -> bool:
 _SCALAR_SUMS = [k for k in maxl_labels.LABEL_SUM_KEYS if k not in ("counts", "soft_counts")]
 
 
-# MaxlTraining.sums, the epoch's sums beside the label statistics: the first three are added (summed over
-# ranks) at every step, the others by the generator steps (meta loss and H: means over ranks)
+# indices into MaxlTraining.sums, the epoch's sums beside the label statistics: batch-form H x samples, aux
+# hits, samples with an aux prediction (added at every step, summed over ranks); meta loss, generator steps,
+# skipped generator steps, the configured H (added by the generator steps; meta loss and H as means over ranks)
 (_ENTROPY_TERM, _AUX_HITS, _AUX_SAMPLES, _META_LOSS, _GENERATOR_STEPS, _GENERATOR_SKIPPED,
  _ENTROPY_ESTIMATE) = range(7)
 
@@ -169,8 +170,6 @@ class MaxlTraining(StandardTraining):
 
     def _reset_epoch(self) -> None:
         self.label_sums = torch.zeros(_label_sums_size(self.num_aux), dtype=torch.float64, device=self.device)
-        # batch-form H * samples, aux hits, samples with an aux prediction, meta loss sum, generator steps,
-        # skipped generator steps, estimate H sum (indices _ENTROPY_TERM ... _ENTROPY_ESTIMATE)
         self.sums = torch.zeros(7, dtype=torch.float64, device=self.device)
 
     def _add_label_statistics(self, gen_log_probs: torch.Tensor, labels: torch.Tensor,
