@@ -27,7 +27,7 @@ import torch
 
 import ssal_models
 from pipeline.train.config import OptimConfig
-from pipeline.train.factory import training_class
+from pipeline.train.factory import method_training_class
 from pipeline.train.optim import build_optimizer
 from ssal_models.grouping import random_grouping
 
@@ -54,7 +54,7 @@ def measure_step(arch: str, method: str, *, batch: int, resolution: int, amp: st
     model = ssal_models.build_model(arch, method, NUM_CLASSES, **method_options(method, options)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cls = training_class(method)
+    cls = method_training_class(method)
     cls.prepare_model(model)
     training = cls(model, model, build_optimizer(model, OptimConfig(), global_batch=batch), 0.1, device=device,
                    amp=amp, channels_last=channels_last)

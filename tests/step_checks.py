@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 import ssal_models
 from pipeline.train.config import OptimConfig
 from pipeline.train.optim import build_optimizer
-from pipeline.train.factory import training_class
+from pipeline.train.factory import method_training_class
 from ssal_models.grouping import random_grouping
 
 NUM_CLASSES = 10
@@ -78,14 +78,14 @@ def missing_reason(case: str) -> str | None:
 
 def build_training(case: str, device: torch.device, amp: str, channels_last: bool, *, arch: str = "resnet18",
                    blurpool: bool = True, grad_clip_norm: float = 5.0):
-    """The model of ``case`` on ``device`` and the engine's training object for it (the class
-    pipeline/train/factory.py's training_class picks for the method: StandardTraining, MaxlTraining)."""
+    """The model of ``case`` on ``device`` and the engine's method training for it (the class
+    the trainer picks for the method: StandardTraining, MaxlTraining)."""
     method, options = case_options(case)
     torch.manual_seed(0)
     model = ssal_models.build_model(arch, method, NUM_CLASSES, blurpool=blurpool, **options).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cls = training_class(method)
+    cls = method_training_class(method)
     cls.prepare_model(model)
     optimizer = build_optimizer(model, OptimConfig(), global_batch=256)
     return model, cls(model, model, optimizer, 0.1, device=device, amp=amp, grad_clip_norm=grad_clip_norm,

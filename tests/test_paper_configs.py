@@ -54,7 +54,7 @@ def check_and_train(recipe, cfg, paper):
     model = trainer.model_without_ddp
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(m.momentum == paper.model.bn_momentum for m in norms)
-    optimizer = trainer.training.optimizers["net"]
+    optimizer = trainer.method_training.optimizers["net"]
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 1e-4 for p in g["params"]}
     assert decayed == {id(p) for p in model.parameters()}  # BN weights and biases too
     if recipe.parent.name == "ssal":
@@ -73,7 +73,7 @@ def check_and_train(recipe, cfg, paper):
     trainer.train_loader.set_resolution(64)
     trainer.train_loader.set_epoch(0)
     meter = engine.EpochMeter()
-    engine.train_one_epoch(trainer.training, trainer.train_loader, epoch=0, steps=2, start_step=0, meter=meter,
+    engine.train_one_epoch(trainer.method_training, trainer.train_loader, epoch=0, steps=2, start_step=0, meter=meter,
                            global_step=0, stop_requested=lambda: False,
                            lr_factor_at=lambda it: lr_factor(cfg.schedule, it, trainer.steps_per_epoch))
     trainer.train_loader.close()

@@ -37,9 +37,9 @@ def _slurm_master_addr() -> str:
     if not nodelist:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
-        return out[0]
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               check=True, timeout=30).stdout.split()
+        return hosts[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0]  # a single node, or scontrol missing: best effort
 
@@ -145,23 +145,9 @@ def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
             offset += n
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
-
-
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
 
 
 def local_world_size() -> int:

@@ -24,7 +24,7 @@ class Preempted(Exception):
 
 
 def autocast_context(device: torch.device, amp: str):
-    """Autocast on the model's device (pipeline/train.py sets amp "none" for CPU runs; the
+    """Autocast on the model's device (the trainer sets amp "none" for CPU runs; the
     tests run the same code under CPU autocast, tests/step_checks.py)."""
     if amp == "none":
         return contextlib.nullcontext()
@@ -63,14 +63,11 @@ class EpochMeter:
                           parts_sum={n: values[2 + i] for i, n in enumerate(names)}, seconds=self.seconds)
 
     def reduced(self, device: torch.device) -> dict[str, float]:
-        """Means over every rank's samples (sums all-reduced, then divided once)."""
-        names = sorted(self.parts_sum)
-        sums = torch.tensor([self.samples, self.loss_sum] + [self.parts_sum[n] for n in names],
-                            dtype=torch.float64, device=device)
-        dist_util.all_reduce_sum(sums)
-        samples = max(sums[0].item(), 1.0)
-        metrics = {"train/loss": sums[1].item() / samples}
-        metrics.update({f"train/{n}": sums[2 + i].item() / samples for i, n in enumerate(names)})
+        """Means over every rank's samples (sums all-reduced, then divided once). Collective."""
+        total = self.summed_over_ranks(device)
+        samples = max(total.samples, 1)
+        metrics = {"train/loss": total.loss_sum / samples}
+        metrics.update({f"train/{name}": value / samples for name, value in total.parts_sum.items()})
         return metrics
 
 
@@ -80,7 +77,7 @@ class StandardTraining:
     The default (every method but MAXL): one SGD optimiser; forward, the method's loss,
     backward, optional clipping, step; fp16 through a GradScaler. A method that trains
     differently (MAXL: two networks updated in alternation) subclasses this and is
-    registered in pipeline/train.py's TRAININGS; the loops below stay the same.
+    registered in ``pipeline.train.factory.METHOD_TRAININGS``; the loops below stay the same.
     """
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -110,24 +107,30 @@ class StandardTraining:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step; returns the loss (no host sync here) and its named parts."""
-        optimizer = self.optimizers["net"]
         with autocast_context(self.device, self.amp):
             outputs = self.train_model(images)
             loss, parts = self.model.method.loss(outputs, labels)
+        self.backward_and_step(loss, self.optimizers["net"], self.model.parameters())
+        return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                          params: Iterable[torch.Tensor]) -> None:
+        """Gradients of ``loss`` from zero, their norm over ``params`` clipped (optim.grad_clip_norm > 0),
+        one step of ``optimizer``. fp16: through the GradScaler, which unscales before clipping and
+        skips the step when a gradient is inf/NaN."""
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if self.grad_clip_norm > 0:
                 self.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+                nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             loss.backward()
             if self.grad_clip_norm > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+                nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
             optimizer.step()
-        return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
     def begin_epoch(self, epoch: int) -> None:
         """Called at the start (or mid-epoch resume) of every training epoch (default: nothing)."""
@@ -157,7 +160,7 @@ class StandardTraining:
 
 
 def train_one_epoch(
-    training: StandardTraining,
+    method_training: StandardTraining,
     loader: Iterable,
     *,
     epoch: int,
@@ -175,9 +178,9 @@ def train_one_epoch(
     Returns the global step reached. Raises NonFiniteLoss (every rank, together) on a
     NaN/Inf loss and Preempted (every rank, together) when a stop was requested.
     """
-    training.train_model.train()
-    training.begin_epoch(epoch)
-    device = training.device
+    method_training.train_model.train()
+    method_training.begin_epoch(epoch)
+    device = method_training.device
     iterator = iter(loader)
     started = time.perf_counter()
     try:
@@ -186,10 +189,10 @@ def train_one_epoch(
                 break
             if step < start_step:
                 continue  # replay the epoch's order up to where the interrupted run stopped
-            training.set_lr_factor(lr_factor_at(global_step))
-            if training.channels_last:
+            method_training.set_lr_factor(lr_factor_at(global_step))
+            if method_training.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            loss, parts = training.step(images, labels)
+            loss, parts = method_training.step(images, labels)
             # one small all-reduce per step agrees across ranks on "stop" and "non-finite",
             # so that every rank leaves the loop at the same iteration (no hang in a collective)
             flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop_requested() else 0.0],
@@ -204,16 +207,21 @@ def train_one_epoch(
             if on_step_end is not None:
                 on_step_end()
             if progress is not None:
-                progress.update(step, loss.item(), training.lr)
+                progress.update(step, loss.item(), method_training.lr)
             if flags[1] > 0:
                 meter.seconds += time.perf_counter() - started
                 raise Preempted(f"stop requested at epoch {epoch + 1} step {step + 1}")  # 1-based, as progress
     finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:  # an FFCV iterator abandoned mid-epoch must be closed (its threads)
-            close()
+        close_iterator(iterator)
     meter.seconds += time.perf_counter() - started
     return global_step
+
+
+def close_iterator(iterator) -> None:
+    """An FFCV iterator abandoned before its end must be closed (its threads); others need nothing."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
 
 
 def _merge_flip(outputs: dict, flipped: dict) -> dict:

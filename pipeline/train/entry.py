@@ -1,8 +1,11 @@
 """Training entry point: `python -m pipeline.train --config FILE [--resume auto|PATH] [key=value ...]`.
 
-The same entry runs as one process, under torchrun (one process per GPU), and inside
-SLURM tasks started by submitit (pipeline/launch.py). It composes the config, the FFCV
-loaders (datasets.loader), the model + method (ssal_models) and the loops (pipeline.train.engine).
+The same entry runs as one process, under torchrun (one process per GPU), and inside SLURM tasks
+started by submitit (``pipeline/launch/task.py``). It reads the arguments and the config, sets the
+process up (signal handlers, process group, torch flags, the run folder's lock), runs a
+:class:`pipeline.train.trainer.Trainer`, and turns the outcome into the exit code: 0 done, 2 bad
+input (one line), 3 stopped with a checkpoint (``preemption.EXIT_PREEMPTED``), 4 non-finite loss,
+1 anything else.
 """
 from __future__ import annotations
 
@@ -13,18 +16,14 @@ import sys
 import time
 import traceback
 
-
 import torch
 
-from pipeline.train import config as config_lib
-from pipeline.train import engine
-from pipeline.train.config import Config, ConfigError
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import config as config_lib
 from pipeline.train import dist as dist_util
-from pipeline.train import preemption
-from pipeline.train import run_lock
+from pipeline.train import engine, preemption, run_lock
+from pipeline.train.config import Config, ConfigError
 from pipeline.train.trainer import AgreedConfigError, Trainer, raise_if_any_rank
-
 
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 4
@@ -46,16 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------- data
-
-
-# ----------------------------------------------------------------------------- tracking
-
-
-# ----------------------------------------------------------------------------- main
-
-
 def configure_torch(cfg: Config) -> None:
+    """Process-wide torch settings of the run (deterministic algorithms or cuDNN autotuning; TF32)."""
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -67,6 +58,7 @@ def configure_torch(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One training run in this process (one rank of it); returns the exit code (see above)."""
     args = build_parser().parse_intermixed_args(argv)  # key=v --resume auto key2=v2, as launch.py takes it
     try:
         cfg = config_lib.load_config(args.config, args.overrides)

@@ -1,4 +1,22 @@
-"""TODO docstring."""
+"""What a run is built from, for the trainer and the post-hoc stages alike.
+
+The trainer builds a run from these, and so do the tools that look at a finished run again (``fit_lc``,
+``explain``, ``pipeline.tracking.runs``), which import this module rather than the worker entry:
+
+* the model with its method (``build_model``: ``model.*`` and ``method.*``, MAXL's psi file read by
+  ``method_options``, every BatchNorm's momentum);
+* the primary task's label space (``label_space``: classes, or super-classes with their table) and
+  ``Relabelled``, the loader wrapper that sends every label through that table;
+* the held-out part of the train split (``holdout_split``, seeded apart from the training seed's other uses);
+* the SSAL / GapCat groupings (``load_groupings``: from ``method.groups_file``, or seeded random ones);
+* the class that trains the method (``method_training_class``: ``engine.StandardTraining``, or the one
+  registered in ``METHOD_TRAININGS``) and the run's arch tag (``arch_label``);
+* the trainer's first look at the data (``ensure_dataset`` writes the demo set on first use,
+  ``data_problem`` says why data.root must not train this config).
+
+Each builder reads only the config, the data set's manifest and the groupings, so a stage that rebuilds a
+run from its ``config.yaml`` gets the model, labels and split the trainer had.
+"""
 from __future__ import annotations
 
 import importlib
@@ -7,18 +25,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
+from pipeline.train import dist as dist_util
 from pipeline.train import engine
 from pipeline.train.config import REPO_ROOT, Config, ConfigError, resolve_path
-from pipeline.train import dist as dist_util
-
+from ssal_datasets.manifest import class_names, quick_check, superclasses
 
 # methods that train differently from engine.StandardTraining (module:class, imported on use)
-TRAININGS = {"maxl": "pipeline.train.maxl_training:MaxlTraining"}
+METHOD_TRAININGS = {"maxl": "pipeline.train.maxl_training:MaxlTraining"}
 
 
 def ensure_dataset(cfg: Config, info: dist_util.DistInfo) -> Path:
@@ -38,8 +56,6 @@ def ensure_dataset(cfg: Config, info: dist_util.DistInfo) -> Path:
 
 def data_problem(cfg: Config, data_root: Path, manifest: dict) -> str | None:
     """Why the data in data.root must not train this config (None: it may). Cheap: see quick_check."""
-    from ssal_datasets.manifest import quick_check
-
     if manifest["dataset"] != cfg.data.dataset:
         return (f"data.dataset: '{cfg.data.dataset}', but {data_root / 'manifest.json'} holds '{manifest['dataset']}'; "
                 f"set data.dataset={manifest['dataset']} or point data.root at the {cfg.data.dataset} betons")
@@ -47,21 +63,21 @@ def data_problem(cfg: Config, data_root: Path, manifest: dict) -> str | None:
     return f"data.root: {problems[0]}" if problems else None
 
 
-def load_groupings(cfg: Config, num_classes: int, class_names: list[str]) -> list[np.ndarray]:
+def load_groupings(cfg: Config, num_classes: int) -> list[np.ndarray]:
     """SSAL/GapCat groupings: from the groups file, or seeded balanced random ones."""
     from ssal_models import grouping
 
     if cfg.method.groups_file:
         path = resolve_path(cfg.method.groups_file)
         try:
-            groupings, names = grouping.load_groupings(path)
+            groupings, _ = grouping.load_groupings(path)
         except (ValueError, KeyError, json.JSONDecodeError) as err:
             raise ConfigError(f"method.groups_file: {path} is not a groupings file ({err})") from None
-        for g in groupings:
-            if len(g) != num_classes:
-                raise ConfigError(f"method.groups_file: {path} groups {len(g)} classes but the dataset in "
+        for gamma in groupings:
+            if len(gamma) != num_classes:
+                raise ConfigError(f"method.groups_file: {path} groups {len(gamma)} classes but the dataset in "
                                   f"data.root has {num_classes}; compute groups for this dataset")
-        return [np.asarray(g, dtype=np.int64) for g in groupings]
+        return [np.asarray(gamma, dtype=np.int64) for gamma in groupings]
     rng = np.random.default_rng(cfg.train.seed)
     groupings = []
     for k in cfg.method.num_groups:
@@ -84,6 +100,8 @@ def holdout_split(num_train: int, fraction: float, seed: int) -> tuple[np.ndarra
 
 
 def method_options(cfg: Config, groupings: list[np.ndarray] | None) -> dict:
+    """The keyword options of ``ssal_models.build_model``: ``method.options`` with the groupings added
+    and MAXL's psi read from its file when it names one."""
     options = dict(cfg.method.options)
     if groupings is not None:
         options["groupings"] = [g.tolist() for g in groupings]
@@ -96,8 +114,6 @@ def method_options(cfg: Config, groupings: list[np.ndarray] | None) -> dict:
 def read_hierarchy_file(path_text: str) -> list[int]:
     """MAXL's ψ from a file: a YAML/JSON list of per-class auxiliary-class counts, or a mapping
     with key `psi` holding that list (ssal_models stays free of file I/O)."""
-    import yaml
-
     path = resolve_path(path_text)
     if not path.is_file():
         raise ConfigError(f"method.options.psi: no such hierarchy file {path_text}")
@@ -111,8 +127,6 @@ def read_hierarchy_file(path_text: str) -> list[int]:
 
 def label_space(cfg: Config, manifest: dict) -> tuple[int, list[str], torch.Tensor | None]:
     """``(num_classes, class names, class -> label table or None)`` of the primary task (data.labels)."""
-    from ssal_datasets.manifest import class_names, superclasses
-
     if cfg.data.labels == "class":
         return int(manifest["num_classes"]), class_names(manifest), None
     table = superclasses(manifest)
@@ -144,6 +158,7 @@ class Relabelled:
 
 
 def build_model(cfg: Config, num_classes: int, groupings) -> nn.Module:
+    """The model with its method as the config describes it (``model.*``, ``method.*``), on the CPU."""
     import ssal_models
 
     options = method_options(cfg, groupings)
@@ -166,8 +181,10 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> None:
             module.momentum = momentum
 
 
-def training_class(method: str) -> type:
-    target = TRAININGS.get(method)
+def method_training_class(method: str) -> type:
+    """The class that trains ``method`` (its optimisers and one step): ``engine.StandardTraining`` unless
+    the method is registered in ``METHOD_TRAININGS``."""
+    target = METHOD_TRAININGS.get(method)
     if target is None:
         return engine.StandardTraining
     module_name, _, class_name = target.partition(":")

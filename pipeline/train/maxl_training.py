@@ -1,7 +1,7 @@
 """MAXL training (METHODS.md section 3): a multi-task net and a label generator updated in
 alternation, each with its own SGD optimiser following the run's per-iteration schedule.
 
-Registered in ``pipeline/train.py``'s ``TRAININGS`` for ``method.name: maxl``; the model side is
+Registered in ``pipeline.train.factory.METHOD_TRAININGS`` for ``method.name: maxl``; the model side is
 ``ssal_models/maxl.py``.
 
 One iteration (``MaxlTraining.step``), ``schedule: interleave`` (default):
@@ -71,14 +71,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.train.engine import StandardTraining, autocast_context
+from pipeline.train.engine import StandardTraining, autocast_context, close_iterator
 from pipeline.train import dist as dist_util
-from ssal_models import maxl as mx
-from ssal_models import maxl_labels as mxl
+from ssal_models import maxl, maxl_labels
 
 LABELS_JSON = "maxl_label_distribution.json"
 LABELS_PNG = "maxl_label_distribution.png"
@@ -88,7 +88,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-_SCALAR_SUMS = [k for k in mxl.LABEL_SUM_KEYS if k not in ("counts", "soft_counts")]
+_SCALAR_SUMS = [k for k in maxl_labels.LABEL_SUM_KEYS if k not in ("counts", "soft_counts")]
+
+
+# indices into MaxlTraining.sums, the epoch's sums beside the label statistics: batch-form H x samples, aux
+# hits, samples with an aux prediction (added at every step, summed over ranks); meta loss, generator steps,
+# skipped generator steps, the configured H (added by the generator steps; meta loss and H as means over ranks)
+(_ENTROPY_TERM, _AUX_HITS, _AUX_SAMPLES, _META_LOSS, _GENERATOR_STEPS, _GENERATOR_SKIPPED,
+ _ENTROPY_ESTIMATE) = range(7)
 
 
 def _label_sums_size(num_aux: int) -> int:
@@ -119,7 +126,7 @@ class MaxlTraining(StandardTraining):
 
     @classmethod
     def prepare_model(cls, model: nn.Module) -> None:
-        mx.ddp_ignore_generator(model)
+        maxl.ddp_ignore_generator(model)
 
     def __init__(self, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
                  peak_lr: float, *, device: torch.device, amp: str, grad_clip_norm: float = 0.0,
@@ -127,12 +134,12 @@ class MaxlTraining(StandardTraining):
         super().__init__(model, train_model, optimizer, peak_lr, device=device, amp=amp,
                          grad_clip_norm=grad_clip_norm, channels_last=channels_last)
         method = model.method
-        opts = dict(mx.TRAINING_OPTIONS)
-        opts.update(getattr(method, "training_options", None) or {})
-        self.options = opts
+        options = dict(maxl.TRAINING_OPTIONS)
+        options.update(getattr(method, "training_options", None) or {})
+        self.options = options
         self.generator = method.generator
-        self.generator_params = mx.generator_parameters(model)
-        self.net_params = mx.multitask_parameters(model)
+        self.generator_params = maxl.generator_parameters(model)
+        self.net_params = maxl.multitask_parameters(model)
         gen_ids = {id(p) for p in self.generator_params}
         # the engine's optimiser, without the generator's parameters (same groups and settings)
         groups = []
@@ -141,13 +148,13 @@ class MaxlTraining(StandardTraining):
             if params:
                 groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
         net_optimizer = type(optimizer)(groups, **optimizer.defaults)
-        gen_optimizer = torch.optim.SGD(self.generator_params, lr=opts["generator_lr"],
-                                        momentum=opts["generator_momentum"],
-                                        weight_decay=opts["generator_weight_decay"])
+        gen_optimizer = torch.optim.SGD(self.generator_params, lr=options["generator_lr"],
+                                        momentum=options["generator_momentum"],
+                                        weight_decay=options["generator_weight_decay"])
         self.optimizers = {"net": net_optimizer, "generator": gen_optimizer}
-        self.peak_lrs = {"net": peak_lr, "generator": opts["generator_lr"]}
-        self.every = int(opts["generator_every"])
-        self.alternate = opts["schedule"] == "alternate_epochs"
+        self.peak_lrs = {"net": peak_lr, "generator": options["generator_lr"]}
+        self.generator_every = int(options["generator_every"])
+        self.alternate_epochs = options["schedule"] == "alternate_epochs"
         self.epoch = 0  # set by begin_epoch: decides which network alternate_epochs trains
         self.iteration = 0  # multi-task steps done (all epochs); drives the interleaving
         self.num_aux = int(method.num_aux)
@@ -163,8 +170,6 @@ class MaxlTraining(StandardTraining):
 
     def _reset_epoch(self) -> None:
         self.label_sums = torch.zeros(_label_sums_size(self.num_aux), dtype=torch.float64, device=self.device)
-        # batch-form H * samples, aux hits, samples with an aux prediction (all summed over ranks),
-        # meta loss sum (rank mean), generator steps, skipped generator steps, estimate H sum
         self.sums = torch.zeros(7, dtype=torch.float64, device=self.device)
 
     def _add_label_statistics(self, gen_log_probs: torch.Tensor, labels: torch.Tensor,
@@ -173,13 +178,13 @@ class MaxlTraining(StandardTraining):
         every rank, and a mid-epoch checkpoint written by rank 0, holds the epoch so far."""
         n = labels.shape[0]
         one = torch.ones((), dtype=torch.float64, device=self.device)
-        extra = torch.stack([mx.entropy_term(gen_log_probs).double() * n,
+        extra = torch.stack([maxl.entropy_term(gen_log_probs).double() * n,
                              hits.sum().double() if hits is not None else 0 * one,
                              one * n if hits is not None else 0 * one])
-        packed = torch.cat([_pack_label_sums(mxl.label_sums(gen_log_probs, labels, self.psi)), extra])
+        packed = torch.cat([_pack_label_sums(maxl_labels.label_sums(gen_log_probs, labels, self.psi)), extra])
         dist_util.all_reduce_sum(packed)
         self.label_sums += packed[:-3]
-        self.sums[:3] += packed[-3:]
+        self.sums[_ENTROPY_TERM:_AUX_SAMPLES + 1] += packed[-3:]
 
     # -- one iteration
 
@@ -189,7 +194,7 @@ class MaxlTraining(StandardTraining):
     @property
     def generator_epoch(self) -> bool:
         """alternate_epochs: odd epochs train the generator only."""
-        return self.alternate and self.epoch % 2 == 1
+        return self.alternate_epochs and self.epoch % 2 == 1
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.generator_epoch:
@@ -200,28 +205,15 @@ class MaxlTraining(StandardTraining):
             dist_util.broadcast_([b for b in self.generator.buffers() if b.is_floating_point()])
             return parts["focal/main"] + parts["focal/aux"], parts
         method = self.model.method
-        optimizer = self.optimizers["net"]
         with autocast_context(self.device, self.amp):
             outputs = self.train_model(images)
             loss, parts = method.loss(outputs, labels)
         with torch.no_grad():
             self._add_label_statistics(method.generated_log_probs(outputs, labels), labels,
                                        method.extra_metrics(outputs, labels)["aux_acc"])
-        optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.grad_clip_norm > 0:
-                self.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(self.net_params, self.grad_clip_norm)
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.grad_clip_norm > 0:
-                nn.utils.clip_grad_norm_(self.net_params, self.grad_clip_norm)
-            optimizer.step()
+        self.backward_and_step(loss, self.optimizers["net"], self.net_params)
         self.iteration += 1
-        if not self.alternate and self.every > 0 and self.iteration % self.every == 0:
+        if not self.alternate_epochs and self.generator_every > 0 and self.iteration % self.generator_every == 0:
             self.generator_step(images, labels)
         # BN running statistics of the generator: rank 0's everywhere (as DDP does for the net)
         dist_util.broadcast_([b for b in self.generator.buffers() if b.is_floating_point()])
@@ -236,25 +228,25 @@ class MaxlTraining(StandardTraining):
             stats = self.model.method.generator_step(self.model, images, labels,
                                                      net_optimizer=self.optimizers["net"], grad_scale=scale,
                                                      accumulate=False, gather=self.gather)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.generator_params]
+        grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self.generator_params]
         bad = 0.0 if bool(stats["finite"]) else 1.0
-        flat = torch.cat([g.reshape(-1).float() for g in grads]
+        flat = torch.cat([grad.reshape(-1).float() for grad in grads]
                          + [stats["meta_loss"].reshape(1).float(), stats["entropy_term"].reshape(1).float(),
                             torch.tensor([bad], device=self.device)])
         dist_util.all_reduce_sum(flat)
         world = dist.get_world_size() if _distributed() else 1
         if flat[-1].item() > 0:  # non-finite on some rank: every rank skips this step
-            self.sums[5] += 1
+            self.sums[_GENERATOR_SKIPPED] += 1
         else:
             offset = 0
-            for p, g in zip(self.generator_params, grads):
-                k = g.numel()
-                p.grad = (flat[offset:offset + k].view_as(p) / world).to(p.dtype)
-                offset += k
+            for param, grad in zip(self.generator_params, grads):
+                size = grad.numel()
+                param.grad = (flat[offset:offset + size].view_as(param) / world).to(param.dtype)
+                offset += size
             gen_optimizer.step()
-            self.sums[3] += flat[-3].double() / world  # mean over ranks
-            self.sums[4] += 1
-            self.sums[6] += flat[-2].double() / world
+            self.sums[_META_LOSS] += flat[-3].double() / world  # mean over ranks
+            self.sums[_GENERATOR_STEPS] += 1
+            self.sums[_ENTROPY_ESTIMATE] += flat[-2].double() / world
         gen_optimizer.zero_grad(set_to_none=True)  # no stale generator grads in the next net step
         return stats
 
@@ -263,7 +255,7 @@ class MaxlTraining(StandardTraining):
     def _label_metrics(self, label_sums: torch.Tensor, epoch: int) -> dict[str, float]:
         """``train/label_*`` from an epoch's summed label statistics; the histogram and the per-class
         marginal entropies go to :attr:`label_history` (the artifact)."""
-        found = mxl.label_metrics(_unpack_label_sums(label_sums.cpu(), self.num_aux), self.psi)
+        found = maxl_labels.label_metrics(_unpack_label_sums(label_sums.cpu(), self.num_aux), self.psi)
         self.label_history.append({"epoch": epoch, "counts": found.pop("counts"),
                                    "marginal_entropy": found.pop("marginal_entropy")})
         return {f"train/{k}": float(v) for k, v in found.items()}
@@ -286,12 +278,10 @@ class MaxlTraining(StandardTraining):
                         images = images.contiguous(memory_format=torch.channels_last)
                     with autocast_context(self.device, self.amp):
                         logits = generator(images)
-                    lp = mx.mask_log_softmax(logits, labels, method.mask)
-                    sums += _pack_label_sums(mxl.label_sums(lp, labels, self.psi))
+                    gen_log_probs = maxl.mask_log_softmax(logits, labels, method.mask)
+                    sums += _pack_label_sums(maxl_labels.label_sums(gen_log_probs, labels, self.psi))
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            close_iterator(iterator)
             generator.load_state_dict(saved)
             generator.train(was_training)
         dist_util.all_reduce_sum(sums)
@@ -300,18 +290,18 @@ class MaxlTraining(StandardTraining):
     def epoch_metrics(self) -> dict[str, float]:
         sums = self.sums  # already summed over ranks (see _add_label_statistics)
         samples = max(_unpack_label_sums(self.label_sums, self.num_aux)["samples"].item(), 1.0)
-        steps = sums[4].item()
+        steps = sums[_GENERATOR_STEPS].item()
         metrics = {
-            "train/entropy_term": sums[0].item() / samples,
+            "train/entropy_term": sums[_ENTROPY_TERM].item() / samples,
             "train/generator_steps": steps,
-            "train/generator_skipped": sums[5].item(),
+            "train/generator_skipped": sums[_GENERATOR_SKIPPED].item(),
             "train/generator_lr": self.optimizers["generator"].param_groups[0]["lr"],
         }
-        if sums[2].item() > 0:
-            metrics["train/aux_acc"] = sums[1].item() / sums[2].item()
+        if sums[_AUX_SAMPLES].item() > 0:
+            metrics["train/aux_acc"] = sums[_AUX_HITS].item() / sums[_AUX_SAMPLES].item()
         if steps > 0:
-            metrics["train/meta_loss"] = sums[3].item() / steps
-            metrics["train/entropy_estimate"] = sums[6].item() / steps
+            metrics["train/meta_loss"] = sums[_META_LOSS].item() / steps
+            metrics["train/entropy_estimate"] = sums[_ENTROPY_ESTIMATE].item() / steps
         metrics.update(self._label_metrics(self.label_sums, self.epoch + 1))
         self.last_epoch_metrics = dict(metrics)
         self._reset_epoch()
@@ -347,7 +337,7 @@ class MaxlTraining(StandardTraining):
             "num_aux": self.num_aux,
             "counts": counts,
             "per_class": per_class,
-            "label_fraction": mx.used_label_fraction(torch.tensor(counts)),
+            "label_fraction": maxl.used_label_fraction(torch.tensor(counts)),
             "entropy_weight": float(method.entropy_weight),
             "entropy_estimate": method.collapse.estimate,
             "meta_order": method.meta_order,
@@ -373,8 +363,6 @@ class MaxlTraining(StandardTraining):
 
 
 def _per_class_grid(counts: list[int], psi: list[int]):
-    import numpy as np
-
     grid = np.full((len(psi), max(psi) if psi else 1), np.nan)
     offset = 0
     for row, k in enumerate(psi):

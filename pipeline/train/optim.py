@@ -58,8 +58,3 @@ def lr_factor(cfg: ScheduleConfig, iteration: int, iters_per_epoch: int) -> floa
     if cfg.kind == "step":
         return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
     raise ValueError(f"schedule.kind: unknown '{cfg.kind}'")
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

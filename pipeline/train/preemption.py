@@ -1,6 +1,6 @@
 """Preemption / stop requests: a process-local flag set by signals, polled by the training loop.
 
-Protocol (shared by the engine and the SLURM launcher, ``pipeline/submitit_launch.py``):
+Protocol (shared by the engine and the SLURM task, ``pipeline/launch/task.py``):
 
 * ``install_handlers()`` — called at the start of a worker (the submitit task calls it *after* submitit
   installed its own handlers, so ours win; calling it again is harmless):
@@ -14,7 +14,7 @@ Protocol (shared by the engine and the SLURM launcher, ``pipeline/submitit_launc
   Both only set a flag (nothing heavy happens in the handler).
 * The engine polls ``requested()`` once per iteration, all-reduces it across ranks, and when set: rank 0
   writes an atomic, resumable checkpoint (mid-epoch, with the iteration), the process group is torn down,
-  and ``pipeline.train.main`` returns ``EXIT_PREEMPTED``.
+  and ``pipeline.train.entry.main`` returns ``EXIT_PREEMPTED``.
 * The engine marks the MLflow run KILLED unless ``will_requeue()`` (USR2 seen *and* a requeuer registered by
   ``allow_requeue()``: the SLURM task, below): then the run stays open/RUNNING-to-be-continued and the requeued
   job resumes it with ``--resume auto``. A USR2 outside such a task (a local run, torchrun) is a plain stop.
@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-EXIT_PREEMPTED = 3  # pipeline.train.main's return code after a checkpoint-and-stop
+EXIT_PREEMPTED = 3  # pipeline.train.entry.main's return code after a checkpoint-and-stop
 
 PREEMPT = "preempt"  # USR2: checkpoint, then requeue (same run continues)
 KILLED = "killed"  # TERM: checkpoint if there is time, no requeue (run marked KILLED)

@@ -1,7 +1,7 @@
 """One training per run folder: an exclusive ``flock`` on ``RUN_DIR/run.lock``.
 
 Rank 0 of a training holds it from before the first read of the folder to the end of the process
-(``pipeline.train.main``); ``launch.py --local`` probes it before it starts any worker. A second
+(``pipeline.train.entry.main``); ``launch.py --local`` probes it before it starts any worker. A second
 training of the same folder (the same command twice, ``--resume auto`` while one runs) fails at once
 naming the process that holds it. The kernel drops a ``flock`` when its holder dies, even by SIGKILL,
 so a killed run never leaves a stale lock behind; the PID written into the file is only for the message.

@@ -1,4 +1,16 @@
-"""TODO docstring."""
+"""The ``Trainer``: one training run, composed from the worker's parts.
+
+``Trainer(cfg, info, resume)`` decides where the run starts (a new run folder, or the checkpoint that
+``--resume`` names). ``setup()`` builds the run: the data set and its loaders (``ssal_datasets``), the label
+space, groupings, holdout split and model (``factory``), the DDP / ``torch.compile`` wrappers, the method's
+training (``Trainer.method_training``: ``engine.StandardTraining`` or ``maxl_training.MaxlTraining``, the
+optimisers and one step), the EMA copy, the tracker and the metrics journal; then it loads the checkpoint.
+``fit()`` runs the epochs through ``engine.train_one_epoch`` and ``engine.evaluate``, saves a checkpoint after
+each (``checkpoint``), logs the epoch once that is on disk (``metrics_journal``), and logs the final artifacts.
+
+It raises ``engine.Preempted`` (every rank, at the same step) and ``engine.NonFiniteLoss``; what follows
+(the mid-epoch save, the exit code, the MLflow run's status) is the entry's, :mod:`pipeline.train.entry`.
+"""
 from __future__ import annotations
 
 import os
@@ -6,32 +18,31 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline.train import config as config_lib
-from pipeline.train import engine
-from pipeline.train.config import Config, ConfigError, resolve_path
-from pipeline.train.optim import build_optimizer, lr_factor, scaled_lr
-from pipeline.train import checkpoint as ckpt
-from pipeline.train import data_access
-from pipeline.train import dist as dist_util
-from pipeline.train import preemption
-from pipeline.train.factory import (Relabelled, arch_label, build_model, data_problem, ensure_dataset, holdout_split,
-                                     label_space, load_groupings, training_class)
-from pipeline.train.metrics_journal import MetricsJournal
 from pipeline.tracking.constants import RUN_ID_FILE
+from pipeline.tracking.tracker import NullTracker, Tracker, default_tracking_uri
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import config as config_lib
+from pipeline.train import data_access, engine, preemption
+from pipeline.train import dist as dist_util
+from pipeline.train.config import Config, ConfigError, resolve_path
+from pipeline.train.factory import (Relabelled, arch_label, build_model, data_problem, ensure_dataset, holdout_split,
+                                     label_space, load_groupings, method_training_class)
+from pipeline.train.metrics_journal import MetricsJournal
+from pipeline.train.optim import build_optimizer, lr_factor, scaled_lr
+from ssal_datasets.manifest import read_manifest
 
 
 def make_tracker(cfg: Config, info: dist_util.DistInfo, run_dir: Path):
-    from pipeline.tracking import tracker as tracking
-
+    """Rank 0's MLflow tracker (a NullTracker on other ranks, or with tracking.enabled false)."""
     if not (cfg.tracking.enabled and info.is_main):
-        return tracking.NullTracker()
-    uri = cfg.tracking.uri or tracking.default_tracking_uri(str(resolve_path(cfg.runs_root)))
-    return tracking.Tracker(uri=uri, experiment=cfg.tracking.experiment, run_dir=str(run_dir))
+        return NullTracker()
+    uri = cfg.tracking.uri or default_tracking_uri(str(resolve_path(cfg.runs_root)))
+    return Tracker(uri=uri, experiment=cfg.tracking.experiment, run_dir=str(run_dir))
 
 
 def run_tags(cfg: Config, info: dist_util.DistInfo, groupings) -> dict[str, str]:
@@ -80,8 +91,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
-        from ssal_datasets import loader as data_loader
-        from ssal_datasets.manifest import read_manifest
+        from ssal_datasets import loader as data_loader  # FFCV and numba: loaded only for a run that trains
 
         data_root = ensure_dataset(cfg, info)
         try:
@@ -95,7 +105,7 @@ class Trainer:
         raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
         self.num_classes, self.class_names, label_table = label_space(cfg, manifest)
         needs_groups = cfg.method.name in ("ssal", "gapcat")
-        self.groupings = load_groupings(cfg, self.num_classes, self.class_names) if needs_groups else None
+        self.groupings = load_groupings(cfg, self.num_classes) if needs_groups else None
         ckpt.seed_everything(cfg.train.seed)
         model = build_model(cfg, self.num_classes, self.groupings)
 
@@ -154,10 +164,9 @@ class Trainer:
         self.model_without_ddp = model
         self.ema = None
         if cfg.train.ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
             self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
-        training_cls = training_class(cfg.method.name)
-        training_cls.prepare_model(model)  # before DDP wraps it (MAXL: the generator stays out of DDP)
+        training_class = method_training_class(cfg.method.name)
+        training_class.prepare_model(model)  # before DDP wraps it (MAXL: the generator stays out of DDP)
         train_model: nn.Module = model
         if info.distributed:
             # find_unused_parameters=True keeps DDP's first gradient buckets for the whole run. Otherwise DDP
@@ -173,9 +182,9 @@ class Trainer:
             train_model = torch.compile(train_model)
         self.global_batch = batch * info.world_size
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
-        self.training = training_cls(model, train_model, build_optimizer(model, cfg.optim, self.global_batch),
-                                     self.peak_lr, device=device, amp=self.amp,
-                                     grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=self.channels_last)
+        self.method_training = training_class(
+            model, train_model, build_optimizer(model, cfg.optim, self.global_batch), self.peak_lr, device=device,
+            amp=self.amp, grad_clip_norm=cfg.optim.grad_clip_norm, channels_last=self.channels_last)
         if cfg.optim.label_smoothing and hasattr(model.method, "label_smoothing"):
             model.method.label_smoothing = cfg.optim.label_smoothing
 
@@ -200,7 +209,7 @@ class Trainer:
         return {
             "model": self.model_without_ddp.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "training": self.training.state_dict(),
+            "training": self.method_training.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
@@ -233,7 +242,7 @@ class Trainer:
         self.model_without_ddp.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.training.load_state_dict(state["training"])
+        self.method_training.load_state_dict(state["training"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         # a mid-epoch checkpoint's sums are over all ranks already: rank 0 alone carries them on
@@ -279,9 +288,9 @@ class Trainer:
             self._log_initial_metrics()
         while self.epoch < epochs:
             epoch = self.epoch
-            res = self.resolution_for_epoch(epoch, min_res=cfg.data.min_res, max_res=cfg.data.max_res,
-                                            start_ramp=cfg.data.start_ramp, end_ramp=cfg.data.end_ramp)
-            self.train_loader.set_resolution(res)
+            resolution = self.resolution_for_epoch(epoch, min_res=cfg.data.min_res, max_res=cfg.data.max_res,
+                                                   start_ramp=cfg.data.start_ramp, end_ramp=cfg.data.end_ramp)
+            self.train_loader.set_resolution(resolution)
             self.train_loader.set_epoch(epoch)
             progress = engine.Progress(info.is_main, epoch, epochs, self.steps_per_epoch, self.step_in_epoch,
                                        self.global_batch, cfg.train.log_every)
@@ -297,18 +306,19 @@ class Trainer:
 
             try:
                 engine.train_one_epoch(
-                    self.training, self.train_loader, epoch=epoch, steps=self.steps_per_epoch, start_step=start_step,
-                    meter=self.meter, global_step=self.global_step, stop_requested=preemption.requested,
-                    lr_factor_at=lambda it: lr_factor(cfg.schedule, it, self.steps_per_epoch),
+                    self.method_training, self.train_loader, epoch=epoch, steps=self.steps_per_epoch,
+                    start_step=start_step, meter=self.meter, global_step=self.global_step,
+                    stop_requested=preemption.requested,
+                    lr_factor_at=lambda iteration: lr_factor(cfg.schedule, iteration, self.steps_per_epoch),
                     on_step_end=after_step, progress=progress)
             finally:
                 progress.close()
             metrics = self.meter.reduced(info.device)
             metrics["train/epoch_seconds"] = self.meter.seconds
-            metrics["train/images_per_second"] = metrics_rate(self.meter, info)
-            metrics["train/resolution"] = float(res)
-            metrics["train/lr"] = self.training.lr
-            metrics.update(self.training.epoch_metrics())
+            metrics["train/images_per_second"] = images_per_second(self.meter, info)
+            metrics["train/resolution"] = float(resolution)
+            metrics["train/lr"] = self.method_training.lr
+            metrics.update(self.method_training.epoch_metrics())
             if info.device.type == "cuda":
                 metrics["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             last_epoch = epoch + 1 == epochs
@@ -369,7 +379,7 @@ class Trainer:
             0, min_res=cfg.data.min_res, max_res=cfg.data.max_res, start_ramp=cfg.data.start_ramp,
             end_ramp=cfg.data.end_ramp))
         self.train_loader.set_epoch(0)
-        metrics = self.training.initial_metrics(self.train_loader, self.steps_per_epoch)
+        metrics = self.method_training.initial_metrics(self.train_loader, self.steps_per_epoch)
         if metrics:
             for name, value in metrics.items():
                 self.history.setdefault(name, []).append((0, value))
@@ -412,7 +422,7 @@ class Trainer:
         curves = {k: v for k, v in self.history.items() if k.startswith("val/top1/") or k.startswith("val_ema/top1/")}
         if curves:
             self.tracker.log_figure(plots.accuracy_curves(curves), "accuracy_curves.png")
-        for path in self.training.final_artifacts(self.run_dir):
+        for path in self.method_training.final_artifacts(self.run_dir):
             self.tracker.log_artifact(str(path))
         weights = self.run_dir / "final_weights.pt"
         ckpt.atomic_torch_save(self.model_without_ddp.state_dict(), weights)
@@ -420,7 +430,7 @@ class Trainer:
             self.tracker.log_artifact(str(weights))
 
 
-def metrics_rate(meter: engine.EpochMeter, info: dist_util.DistInfo) -> float:
+def images_per_second(meter: engine.EpochMeter, info: dist_util.DistInfo) -> float:
     """Images per second over all ranks (each rank trains its own share in the same time)."""
     return meter.samples * info.world_size / max(meter.seconds, 1e-9)
 
