@@ -305,7 +305,7 @@ def log_path(job, kind: str, rank: int = 0) -> Path:
     return Path(paths.stdout if kind == "out" else paths.stderr)
 
 
-def _task_failure(task) -> str | None:
+def task_failure(task) -> str | None:
     """The traceback that a task's function raised; None if it returned, or wrote no result at all (killed:
     its log says why)."""
     if not task.paths.result_pickle.is_file():  # exception() would wait up to 15 s for it
@@ -376,7 +376,7 @@ def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
     pump()
     print(f"[launch] job {job.job_id} ended: {state}", flush=True)
     failed = [(rank, trace) for rank in range(job.num_tasks)
-              if (trace := _task_failure(job.task(rank))) is not None]
+              if (trace := task_failure(job.task(rank))) is not None]
     for rank, trace in failed:
         lines = trace.splitlines()
         print(f"[launch] rank {rank} failed: {lines[-1] if lines else '?'}", file=sys.stderr)
