@@ -22,7 +22,7 @@ from typing import Sequence
 
 from pipeline.launch import study_jobs
 from pipeline.launch.arrays import expand_jobs, load_job_config
-from pipeline.launch.local_workers import run_workers
+from pipeline.launch.local_workers import child_env, run_workers
 from pipeline.launch.slurm import (EXIT_USAGE, PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, follow, log_path,
                                    make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
 from pipeline.launch.task import TrainTask, resolve_entry
@@ -132,11 +132,8 @@ def run_local(args: argparse.Namespace) -> int:
     module = args.entry.split(":")[0]
     if args.entry.split(":")[1] != "main":
         raise LaunchError("--local --nproc N > 1 runs `python -m MODULE`: --entry must be MODULE:main")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [path for path in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                            if path])
     print(f"+ {args.nproc} x python -m {module} {shlex.join(argv)}", flush=True)
-    return run_workers(module, argv, args.nproc, env, str(REPO_ROOT))
+    return run_workers(module, argv, args.nproc, child_env(os.environ), str(REPO_ROOT))
 
 
 # ----------------------------------------------------------------------------- SLURM

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from pipeline.launch import slurm
 from pipeline.launch import study as study_file
+from pipeline.launch.local_workers import child_env
 from pipeline.launch.study import EXIT_USAGE, Stage, Study, StudyError, load_study
 from pipeline.launch.task import TrainTask
 from pipeline.tracking import runs
@@ -61,8 +62,7 @@ def run_local(study: Study, dry_run: bool = False, env: dict | None = None) -> i
     print(describe(study, status), flush=True)
     outcome: dict[str, str] = {}
     ran_any = False
-    env = dict(env or os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = child_env(env or os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     for stage in study.stages.values():
         blocked = [d for d in stage.deps if outcome.get(d) not in ("done", "skipped")]
@@ -144,8 +144,9 @@ def live_jobs(study: Study) -> dict[str, tuple[str, str]]:
         job, _, rest = line.strip().partition("|")
         state, _, name = rest.partition("|")
         stage = name[len(study.id) + 1:]
-        if state in slurm.STILL_TO_RUN_STATES and job in recorded.get(stage, ()) and int(job) >= int(live.get(stage, ("0",))[0]):
-            live[stage] = (job, state)  # the newest one
+        newest = int(job) >= int(live.get(stage, ("0",))[0])
+        if state in slurm.STILL_TO_RUN_STATES and job in recorded.get(stage, ()) and newest:
+            live[stage] = (job, state)
     return live
 
 
