@@ -205,6 +205,7 @@ def test_refused_submission_is_one_line_and_leaves_no_scheduled_run(slurm_cluste
     from mlflow.entities import ViewType
 
     runs_root, name = tmp_path / "runs", f"refused-{tmp_path.name}"
+    client = mlflow_client(runs_root)  # the store exists already: MLflow's lines on creating it are not at stake
     proc = subprocess.run(LAUNCH + ["--cluster", "testcluster", "--partition", "nope", "--job-name", name,
                                     "--output-dir", str(tmp_path / "run"), *array, *tiny(tiny_demo, runs_root)],
                           env=slurm_cluster.env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
@@ -214,7 +215,6 @@ def test_refused_submission_is_one_line_and_leaves_no_scheduled_run(slurm_cluste
     assert "invalid partition" in errors[0].lower(), errors[0]
     assert "submitted job" not in proc.stdout
     assert slurm_cluster.cmd("squeue", "-h", "--states=all", "-n", name).strip() == ""
-    client = mlflow_client(runs_root)
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert experiments and client.search_runs(experiments) == []
     assert len(client.search_runs(experiments, run_view_type=ViewType.DELETED_ONLY)) == (2 if array else 1)
