@@ -263,13 +263,14 @@ def cancel_jobs(job_ids: Sequence[str]) -> bool:
 # ----------------------------------------------------------------------------- job states
 
 # SLURM job states (squeue's and sacct's names) of a job whose outcome is still to come: queued, running or
-# requeued. A study does not submit a stage again while its earlier job is in one of them.
+# requeued (our tasks requeue themselves with scontrol: REQUEUED, then PENDING). A study does not submit a stage
+# again while its earlier job is in one of them.
 STILL_TO_RUN_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "SIGNALING", "SUSPENDED", "RESIZING",
                                  "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
-# ... and the states of a job whose outcome is known but which is not over for someone following its logs:
-# SLURM still holds it (COMPLETING, STAGE_OUT: the last log lines may still land), or it was preempted and may
-# come back (PREEMPTED), or submitit does not know its state yet (READY: sacct has not seen it; UNKNOWN:
-# sacct did not answer). submitit's own ``job.done()`` counts CONFIGURING, SUSPENDED, REQUEUE_* as over.
+# Following a job to its end (--wait) waits longer: also while SLURM still holds a job whose tasks are done
+# (COMPLETING, STAGE_OUT: the last log lines may still land), after SLURM preempted it (PREEMPTED: it may be
+# requeued), and while submitit does not know its state (READY: sacct has not seen it yet; UNKNOWN: sacct did
+# not answer). submitit's own ``job.done()`` would count CONFIGURING, SUSPENDED and REQUEUE_* as over.
 NOT_OVER_STATES = STILL_TO_RUN_STATES | {"COMPLETING", "STAGE_OUT", "PREEMPTED", "READY", "UNKNOWN"}
 
 
