@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.launch import cli as launch
 from pipeline.launch import slurm
-from pipeline.launch import task as submitit_launch
+from pipeline.launch import task as slurm_task
 from pipeline.train import preemption
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +43,13 @@ def test_help_runs_as_a_file_from_anywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for flag in ("--local", "--nproc", "--partition", "--nodes", "--gpus-per-node", "--cpus-per-task", "--mem",
                  "--time", "--account", "--qos", "--constraint", "--job-name", "--output-dir", "--cluster", "--wait",
-                 "--array", "scancel --signal=USR2", "testcluster", "example_gpu"):
+                 "--array", "scancel --signal=USR2", "testcluster", "example_gpu", "--study"):
         assert flag in proc.stdout, flag
+    proc = subprocess.run([sys.executable, str(REPO / "pipeline" / "study.py"), "--help"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("--status", "--local", "--dry-run", "Study file (YAML)", "afterok"):  # the study file format too
+        assert text in proc.stdout, text
 
 
 def test_dry_run_testcluster_profile(tmp_path):
@@ -101,7 +106,7 @@ def test_profile_with_unknown_key_is_refused(tmp_path):
 
 def test_bad_config_is_refused_before_anything(tmp_path, monkeypatch, capsys):
     submitted = []
-    monkeypatch.setattr(launch, "make_executor", lambda *a, **k: submitted.append(a))
+    monkeypatch.setattr(launch, "make_executor", lambda *args, **kwargs: submitted.append(args))
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: -1\n")
     rc = launch.main(["--partition", "gpu", "--nodes", "2", "--config", str(bad), "--output-dir", str(tmp_path / "r")])
@@ -206,6 +211,35 @@ def test_time_to_minutes(text, minutes):
     assert slurm.time_to_minutes(text) == minutes
 
 
+@pytest.mark.parametrize("state, over", [("PENDING", False), ("CONFIGURING", False), ("RUNNING", False),
+                                         ("REQUEUED", False), ("COMPLETING", False), ("PREEMPTED", False),
+                                         ("READY", False), ("UNKNOWN", False), ("", False), ("COMPLETED", True),
+                                         ("FAILED", True), ("CANCELLED by 0", True), ("TIMEOUT", True)])
+def test_when_a_followed_job_is_over(state, over):
+    """--wait follows a job until SLURM lets it go: a job still holding its nodes (COMPLETING), preempted (it may
+    come back) or not yet known to sacct is not over; what a study counts as still to run is never over."""
+    assert slurm.is_over(state) == over
+    assert not slurm.STILL_TO_RUN_STATES & {"COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "READY", "UNKNOWN"}
+    assert not any(slurm.is_over(still) for still in slurm.STILL_TO_RUN_STATES)
+
+
+def test_task_failure_is_the_tasks_own_traceback(tmp_path):
+    """What --wait prints for a failed task comes from submitit's public Job API (job.task(i), .paths,
+    .exception()): the traceback the task raised, on real submitit jobs run on this machine; nothing for a task
+    that returned."""
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "%j"))
+    executor.update_parameters(timeout_min=2)
+    failing, passing = executor.submit(int, "not a number"), executor.submit(int, "3")
+    for job in (failing, passing):
+        job.wait()
+    trace = slurm.task_failure(failing.task(0))
+    assert trace.startswith("Traceback") and trace.splitlines()[-1].startswith("ValueError: invalid literal"), trace
+    assert slurm.task_failure(passing.task(0)) is None and passing.result() == 3
+    assert "invalid literal" in slurm.log_path(failing, "err").read_text()
+
+
 # ----------------------------------------------------------------------------- preemption protocol
 
 
@@ -249,7 +283,7 @@ def test_handlers_replace_submitits(clean_preemption):
     # what submitit's process_job does before calling our task ...
     import submitit
 
-    signal.signal(signal.SIGUSR2, lambda *a: pytest.fail("submitit's handler ran"))
+    signal.signal(signal.SIGUSR2, lambda *args: pytest.fail("submitit's handler ran"))
     # ... and what our task does first
     preemption.install_handlers()
     os.kill(os.getpid(), signal.SIGUSR2)
@@ -276,13 +310,13 @@ def task_env(monkeypatch, clean_preemption):
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # no TorchDistributedEnvironment outside SLURM
     requeued = []
-    monkeypatch.setattr(submitit_launch, "requeue_job", lambda job_id: requeued.append(job_id))
-    monkeypatch.setattr(submitit_launch.time, "sleep", lambda s: None)
+    monkeypatch.setattr(slurm_task, "requeue_job", lambda job_id: requeued.append(job_id))
+    monkeypatch.setattr(slurm_task.time, "sleep", lambda seconds: None)
     return requeued
 
 
 def make_task(**kw):
-    return submitit_launch.TrainTask(argv=["--config", "x.yaml", "--resume", "auto"],
+    return slurm_task.TrainTask(argv=["--config", "x.yaml", "--resume", "auto"],
                                      entry="tests.test_launch:fake_entry", **kw)
 
 

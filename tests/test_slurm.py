@@ -118,7 +118,9 @@ def scontrol_field(cluster, job_id: str, field: str) -> str:
 def mlflow_client(runs_root: Path):
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{runs_root / 'mlflow.db'}")
+    from pipeline.tracking.tracker import default_tracking_uri
+
+    return mlflow.MlflowClient(tracking_uri=default_tracking_uri(str(runs_root)))
 
 
 def only_run(runs_root: Path, run_dir: Path):
@@ -194,6 +196,29 @@ def test_bad_config_refused_before_submission(slurm_cluster, tmp_path):
                           env=slurm_cluster.env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "schedule.epochs" in proc.stderr
     assert slurm_cluster.cmd("squeue", "-h", "--states=all", "-n", name).strip() == ""
+
+
+@pytest.mark.parametrize("array", [[], ["--array", "train.seed=0,1"]], ids=["job", "array"])
+def test_refused_submission_is_one_line_and_leaves_no_scheduled_run(slurm_cluster, tiny_demo, tmp_path, array):
+    """sbatch refuses the job, or the job array (no such partition): one error line with sbatch's reason, exit 2,
+    nothing in the queue, and the MLflow runs the launcher created (SCHEDULED) for it are deleted again."""
+    from mlflow.entities import ViewType
+
+    runs_root, name = tmp_path / "runs", f"refused-{tmp_path.name}"
+    client = mlflow_client(runs_root)  # the store exists already: MLflow's lines on creating it are not at stake
+    proc = subprocess.run(LAUNCH + ["--cluster", "testcluster", "--partition", "nope", "--job-name", name,
+                                    "--output-dir", str(tmp_path / "run"), *array, *tiny(tiny_demo, runs_root)],
+                          env=slurm_cluster.env, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: submission failed: "), proc.stderr
+    assert "invalid partition" in errors[0].lower(), errors[0]
+    assert "submitted job" not in proc.stdout
+    assert slurm_cluster.cmd("squeue", "-h", "--states=all", "-n", name).strip() == ""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert experiments and client.search_runs(experiments) == []
+    assert len(client.search_runs(experiments, run_view_type=ViewType.DELETED_ONLY)) == (2 if array else 1)
+    assert not list(tmp_path.rglob("mlflow_run_id"))
 
 
 def test_crash_on_one_node_ends_the_job(slurm_cluster, tiny_demo, tmp_path):

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Job arrays (``--array KEY=V1,V2,...``): the cartesian product of the values, one validated training job
+(:class:`pipeline.launch.slurm.JobSpec`) per combination, each in its own run directory
+``OUTPUT_DIR/<index>-<values>``; and :func:`load_job_config`, the config loader with the launcher's one-line
+error. Imports ``pipeline.train.config`` and ``pipeline.launch.slurm``; used by :mod:`pipeline.launch.cli`.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +11,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-
-from pipeline.train.config import Config, ConfigError, load_config
 from pipeline.launch.slurm import JobSpec, LaunchError
+from pipeline.train.config import Config, ConfigError, load_config
 
 
 def parse_array(items: Sequence[str]) -> list[list[tuple[str, str]]]:
@@ -30,7 +33,8 @@ def _slug(pairs: Sequence[tuple[str, str]]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)[:80]
 
 
-def _load(config_path: str | None, overrides: Sequence[str], what: str) -> Config:
+def load_job_config(config_path: str | None, overrides: Sequence[str], what: str) -> Config:
+    """The validated config; a bad one is a LaunchError naming `what` (e.g. 'config', 'array element 2 (...)')."""
     try:
         return load_config(config_path, list(overrides))
     except ConfigError as err:
@@ -38,14 +42,12 @@ def _load(config_path: str | None, overrides: Sequence[str], what: str) -> Confi
 
 
 def expand_jobs(args: argparse.Namespace, output_dir: str | None) -> list[JobSpec]:
-    """The jobs of this launch, every config validated: one, or one per --array combination.
-
-    (The study issue plugs in here: a study file would expand into JobSpecs the same way.)
-    """
-    base_cfg = _load(args.config, args.overrides, "config")
+    """The jobs of this launch, every config validated: one in `output_dir` (default: the config's run dir), or
+    one per --array combination in its own folder under it."""
+    base_cfg = load_job_config(args.config, args.overrides, "config")
     if not args.array:
         run_dir = Path(output_dir).resolve() if output_dir else base_cfg.run_dir
-        return [JobSpec(args.config, list(args.overrides), base_cfg, run_dir)]
+        return [JobSpec(base_cfg, run_dir)]
     combos = parse_array(args.array)
     root = Path(output_dir).resolve() if output_dir else base_cfg.run_dir
     jobs = []
@@ -59,9 +61,9 @@ def expand_jobs(args: argparse.Namespace, output_dir: str | None) -> list[JobSpe
                 overrides.append(f"{key}={value}")
         label = _slug(combo)
         what = f"array element {index} ({', '.join(f'{k}={v}' for k, v in combo)})"
-        cfg = _load(config_path, overrides, what)
-        if not any(o.startswith("tracking.run_name=") for o in overrides):
+        cfg = load_job_config(config_path, overrides, what)
+        if not any(override.startswith("tracking.run_name=") for override in overrides):
             overrides.append(f"tracking.run_name={cfg.run_name}-{label}")
-            cfg = _load(config_path, overrides, what)
-        jobs.append(JobSpec(config_path, overrides, cfg, root / f"{index:03d}-{label}", label))
+            cfg = load_job_config(config_path, overrides, what)
+        jobs.append(JobSpec(cfg, root / f"{index:03d}-{label}", label))
     return jobs

@@ -13,19 +13,22 @@ about the training loop.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.launch.arrays import _load, expand_jobs
-from pipeline.launch.slurm import (EXIT_USAGE, PROFILE_DIR, PROFILE_KEYS, LaunchError, follow, log_path, make_executor,
-                                   missing_slurm_commands, require_slurm, slurm_settings)
+from pipeline.launch import study_jobs
+from pipeline.launch.arrays import expand_jobs, load_job_config
+from pipeline.launch.local_workers import child_env, run_workers
+from pipeline.launch.slurm import (EXIT_USAGE, PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, follow, log_path,
+                                   make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
+from pipeline.launch.task import TrainTask, resolve_entry
+from pipeline.tracking import tracker
 from pipeline.tracking.constants import RUN_ID_FILE
+from pipeline.train import run_lock
 from pipeline.train.config import REPO_ROOT, Config, resolve_path, save_config
 
 
@@ -33,8 +36,8 @@ from pipeline.train.config import REPO_ROOT, Config, resolve_path, save_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    profiles = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))) or "none"
-    p = argparse.ArgumentParser(
+    profiles = ", ".join(sorted(path.stem for path in PROFILE_DIR.glob("*.yaml"))) or "none"
+    parser = argparse.ArgumentParser(
         prog="python pipeline/launch.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
@@ -61,69 +64,61 @@ def build_parser() -> argparse.ArgumentParser:
             "  python pipeline/launch.py --cluster testcluster --nodes 2 --wait   # slurm/testcluster.sh up first\n"
             "  python pipeline/launch.py --cluster testcluster --array train.seed=0,1,2 --array-parallelism 2\n"),
     )
-    g = p.add_argument_group("what to run")
-    g.add_argument("--config", help="YAML recipe (default: the embedded demo job)")
-    g.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, section.key=value")
-    g.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="local: passed to the worker. SLURM: only 'auto' (continue the run in --output-dir); "
-                        "SLURM jobs always restart with --resume auto after a requeue")
-    g.add_argument("--entry", default="pipeline.train.entry:main", metavar="MODULE:FUNC",
-                   help="worker entry taking argv and returning an exit code (default: %(default)s; for tests)")
+    group = parser.add_argument_group("what to run")
+    group.add_argument("--config", help="YAML recipe (default: the embedded demo job)")
+    group.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, section.key=value")
+    group.add_argument("--resume", default=None, metavar="auto|PATH",
+                       help="local: passed to the worker. SLURM: only 'auto' (continue the run in --output-dir); "
+                            "SLURM jobs always restart with --resume auto after a requeue")
+    group.add_argument("--entry", default="pipeline.train.entry:main", metavar="MODULE:FUNC",
+                       help="worker entry taking argv and returning an exit code (default: %(default)s; for tests)")
 
-    g = p.add_argument_group("local")
-    g.add_argument("--local", action="store_true", help="run on this machine instead of submitting")
-    g.add_argument("--nproc", type=int, default=1,
-                   help="local processes: 1 = in this process; N > 1 = N worker processes (gloo on CPU), "
-                        "stopped together: SIGTERM / SIGUSR2 / Ctrl-C checkpoint and stop them (exit 3)")
+    group = parser.add_argument_group("local")
+    group.add_argument("--local", action="store_true", help="run on this machine instead of submitting")
+    group.add_argument("--nproc", type=int, default=1,
+                       help="local processes: 1 = in this process; N > 1 = N worker processes (gloo on CPU), "
+                            "stopped together: SIGTERM / SIGUSR2 / Ctrl-C checkpoint and stop them (exit 3)")
 
-    g = p.add_argument_group("SLURM (flags override the --cluster profile)")
-    g.add_argument("--cluster", metavar="NAME", help="profile slurm/NAME.yaml (or a path to a YAML file)")
-    g.add_argument("--partition")
-    g.add_argument("--nodes", type=int)
-    g.add_argument("--gpus-per-node", type=int, dest="gpus_per_node")
-    g.add_argument("--tasks-per-node", type=int, dest="tasks_per_node",
-                   help="only without GPUs (default 1); with GPUs it is gpus_per_node")
-    g.add_argument("--cpus-per-task", type=int, dest="cpus_per_task")
-    g.add_argument("--mem", help="memory per node (sbatch syntax: 64G, 500M, 0 = all)")
-    g.add_argument("--time", help="time limit: HH:MM:SS, D-HH:MM:SS or minutes")
-    g.add_argument("--account")
-    g.add_argument("--qos")
-    g.add_argument("--constraint")
-    g.add_argument("--job-name", dest="job_name", help="default: the run name")
-    g.add_argument("--signal-delay", type=int, dest="signal_delay_s", metavar="S",
-                   help="seconds between SIGUSR2 and the time limit (default from the profile, else 120)")
-    g.add_argument("--max-requeues", type=int, dest="max_requeues")
-    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra sbatch option (repeatable), e.g. --sbatch exclusive=true --sbatch reservation=x")
-    g.add_argument("--output-dir", dest="output_dir",
-                   help="run directory (checkpoints, MLflow run id, logs under slurm/); default: the config's")
-    g.add_argument("--wait", action="store_true", help="follow rank 0's log until the job ends")
-    g.add_argument("--array", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="submit a job array over these values (repeatable: cartesian product)")
-    g.add_argument("--array-parallelism", type=int, dest="array_parallelism", metavar="N")
-    g.add_argument("--dry-run", action="store_true", help="print the sbatch script(s), submit nothing")
-    g = p.add_argument_group("studies (pipeline/study.py)")
-    g.add_argument("--study", metavar="STUDY.yaml",
-                   help="run a multi-stage study (studies/*.yaml): --local runs its unfinished stages here one after "
-                        "the other; otherwise one SLURM job per stage with afterok dependencies (the SLURM flags "
-                        "above apply to training stages); key=value overrides apply to every training stage")
-    return p
-
-
-# ----------------------------------------------------------------------------- profiles
-
-
-# ----------------------------------------------------------------------------- jobs
+    group = parser.add_argument_group("SLURM (flags override the --cluster profile)")
+    group.add_argument("--cluster", metavar="NAME", help="profile slurm/NAME.yaml (or a path to a YAML file)")
+    group.add_argument("--partition")
+    group.add_argument("--nodes", type=int)
+    group.add_argument("--gpus-per-node", type=int, dest="gpus_per_node")
+    group.add_argument("--tasks-per-node", type=int, dest="tasks_per_node",
+                       help="only without GPUs (default 1); with GPUs it is gpus_per_node")
+    group.add_argument("--cpus-per-task", type=int, dest="cpus_per_task")
+    group.add_argument("--mem", help="memory per node (sbatch syntax: 64G, 500M, 0 = all)")
+    group.add_argument("--time", help="time limit: HH:MM:SS, D-HH:MM:SS or minutes")
+    group.add_argument("--account")
+    group.add_argument("--qos")
+    group.add_argument("--constraint")
+    group.add_argument("--job-name", dest="job_name", help="default: the run name")
+    group.add_argument("--signal-delay", type=int, dest="signal_delay_s", metavar="S",
+                       help="seconds between SIGUSR2 and the time limit (default from the profile, else 120)")
+    group.add_argument("--max-requeues", type=int, dest="max_requeues")
+    group.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra sbatch option (repeatable), e.g. --sbatch exclusive=true --sbatch reservation=x")
+    group.add_argument("--output-dir", dest="output_dir",
+                       help="run directory (checkpoints, MLflow run id, logs under slurm/); default: the config's")
+    group.add_argument("--wait", action="store_true", help="follow rank 0's log until the job ends")
+    group.add_argument("--array", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="submit a job array over these values (repeatable: cartesian product)")
+    group.add_argument("--array-parallelism", type=int, dest="array_parallelism", metavar="N")
+    group.add_argument("--dry-run", action="store_true", help="print the sbatch script(s), submit nothing")
+    group = parser.add_argument_group("studies (pipeline/study.py)")
+    group.add_argument("--study", metavar="STUDY.yaml",
+                       help="run a multi-stage study (studies/*.yaml): --local runs its unfinished stages here one "
+                            "after the other; otherwise one SLURM job per stage with afterok dependencies (the SLURM "
+                            "flags above apply to training stages); key=value overrides apply to every training stage")
+    return parser
 
 
 # ----------------------------------------------------------------------------- local
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from pipeline.train import run_lock
-
     overrides = ([f"output_dir={Path(args.output_dir).resolve()}"] if args.output_dir else []) + list(args.overrides)
-    cfg = _load(args.config, overrides, "config")  # fail fast, with the launcher's one-line message
+    cfg = load_job_config(args.config, overrides, "config")  # fail fast, with the launcher's one-line message
     argv = (["--config", args.config] if args.config else []) + (["--resume", args.resume] if args.resume else [])
     argv += overrides
     if args.nproc < 1:
@@ -133,34 +128,20 @@ def run_local(args: argparse.Namespace) -> int:
     except run_lock.RunFolderBusy as err:
         raise LaunchError(str(err)) from None
     if args.nproc == 1:
-        from pipeline.launch.task import resolve_entry
-
         return int(resolve_entry(args.entry)(argv) or 0)
     module = args.entry.split(":")[0]
     if args.entry.split(":")[1] != "main":
         raise LaunchError("--local --nproc N > 1 runs `python -m MODULE`: --entry must be MODULE:main")
-    from pipeline.launch.local_workers import run_workers
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     print(f"+ {args.nproc} x python -m {module} {shlex.join(argv)}", flush=True)
-    return run_workers(module, argv, args.nproc, env, str(REPO_ROOT))
+    return run_workers(module, argv, args.nproc, child_env(os.environ), str(REPO_ROOT))
 
 
 # ----------------------------------------------------------------------------- SLURM
 
 
 def default_tracking_uri(cfg: Config) -> str:
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    try:
-        from pipeline.tracking import tracker as tracking
-
-        return tracking.default_tracking_uri(str(resolve_path(cfg.runs_root)))
-    except (ImportError, AttributeError):
-        return f"sqlite:///{resolve_path(cfg.runs_root) / 'mlflow.db'}"
-
-
+    """The job's tracking store: the config's URI, else the embedded SQLite store under its runs_root."""
+    return cfg.tracking.uri or tracker.default_tracking_uri(str(resolve_path(cfg.runs_root)))
 
 
 def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None, str]:
@@ -176,30 +157,28 @@ def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None,
     try:
         import mlflow
 
-        from pipeline.tracking import tracker as tracking
-
         client = mlflow.MlflowClient(tracking_uri=uri)
         if existing.is_file() and existing.read_text().strip():  # --resume auto of an earlier run
             run = client.get_run(existing.read_text().strip())
         else:
-            exp_id = tracking.get_or_create_experiment(client, uri, cfg.tracking.experiment)
+            exp_id = tracker.get_or_create_experiment(client, uri, cfg.tracking.experiment)
             run = client.create_run(exp_id, run_name=cfg.run_name, tags={"tracking.run_dir": str(run_dir)})
             client.update_run(run.info.run_id, status="SCHEDULED")
             run_dir.mkdir(parents=True, exist_ok=True)
             existing.write_text(run.info.run_id)
-        rid, eid = run.info.run_id, run.info.experiment_id
+        run_id, experiment_id = run.info.run_id, run.info.experiment_id
     except Exception as err:  # noqa: BLE001 - never block a submission on tracking
         return None, f"(run created when the job starts; {type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
     if uri.startswith(("http://", "https://")):
-        return rid, f"{uri.rstrip('/')}/#/experiments/{eid}/runs/{rid}"
-    return rid, f"run {rid}: mlflow ui --backend-store-uri {uri}  then http://127.0.0.1:5000/#/experiments/{eid}/runs/{rid}"
+        return run_id, f"{uri.rstrip('/')}/{path}"
+    return run_id, f"run {run_id}: mlflow ui --backend-store-uri {uri}  then http://127.0.0.1:5000/{path}"
 
 
 def submit_slurm(args: argparse.Namespace) -> int:
-    from pipeline.launch.task import TrainTask
-    from pipeline.train.checkpoint import LAST
+    from pipeline.train.checkpoint import LAST  # here: the checkpoint module imports torch
 
-    s = slurm_settings(args)
+    settings = slurm_settings(args)
     if args.resume not in (None, "", "auto"):
         raise LaunchError("--resume: SLURM jobs take only --resume auto (continue the run in --output-dir)")
     jobs = expand_jobs(args, args.output_dir)  # every config validated before anything is submitted
@@ -217,58 +196,57 @@ def submit_slurm(args: argparse.Namespace) -> int:
         if not args.dry_run:
             save_config(cfg, cfg_path)  # exactly what was validated; the job reads it on every (re)start
         tasks.append(TrainTask(argv=["--config", str(cfg_path), "--resume", "auto"], entry=args.entry,
-                               max_requeues=s["max_requeues"], env={str(k): str(v) for k, v in s["env"].items()}))
+                               max_requeues=settings["max_requeues"],
+                               env={str(k): str(v) for k, v in settings["env"].items()}))
 
     first = jobs[0]
     folder = (first.run_dir if len(jobs) == 1 else first.run_dir.parent) / "slurm"
     job_name = args.job_name or (first.cfg.run_name if len(jobs) == 1 else f"{first.cfg.tracking.experiment}-array")
-    executor = make_executor(folder, s, job_name, script_only=args.dry_run)
-    ntasks = s["nodes"] * s["tasks_per_node"]
-
     if args.dry_run:
-        text = executor._make_submission_file_text(executor._submitit_command_str, "DRYRUN")
-        if len(jobs) > 1:
-            text = text.replace("#SBATCH --job-name", f"#SBATCH --array=0-{len(jobs) - 1}%"
-                                f"{min(len(jobs), s['array_parallelism'])}\n#SBATCH --job-name")
-        print(text)
-        for job, task in zip(jobs, tasks):
-            print(f"# {job.label or 'job'}: {job.run_dir}  argv: {shlex.join(task.argv)}")
-        missing = missing_slurm_commands()
-        if missing:
-            print(f"# SLURM not found on this machine ({' and '.join(missing)} not on PATH): the script above is "
-                  f"what would be submitted; a real submission needs a SLURM login node")
+        print_dry_run(make_executor(folder, settings, job_name, script_only=True), settings, jobs, tasks)
         return 0
 
     uris = [default_tracking_uri(job.cfg) for job in jobs]
     links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job, uri in zip(jobs, uris)]
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's refusal: it is in err
-            if len(jobs) == 1:
-                submitted = [executor.submit(tasks[0])]
-            else:
-                with executor.batch():
-                    submitted = [executor.submit(t) for t in tasks]
-    except Exception as err:
-        for job, uri, (rid, _) in zip(jobs, uris, links):  # leave no SCHEDULED run behind
-            _end_scheduled_run(uri, rid, job.run_dir)
-        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:500]
-        raise LaunchError(f"submission failed: {type(err).__name__}: {message}") from None
-    for uri, (rid, _), sj in zip(uris, links, submitted):
-        _tag_runs(uri, [rid], [sj.job_id])
-    for job, sj, (_, link) in zip(jobs, submitted, links):
-        print(f"submitted job {sj.job_id}: {s['nodes']} node(s) x {s['tasks_per_node']} task(s) = {ntasks} "
-              f"rank(s), partition {s['partition'] or '(default)'}{'  [' + job.label + ']' if job.label else ''}",
-              flush=True)
+        submitted = submit(lambda: make_executor(folder, settings, job_name), tasks, "submission")
+    except LaunchError:
+        for job, uri, (run_id, _) in zip(jobs, uris, links):  # leave no SCHEDULED run behind
+            _end_scheduled_run(uri, run_id, job.run_dir)
+        raise
+    for uri, (run_id, _), slurm_job in zip(uris, links, submitted):
+        _tag_runs(uri, [run_id], [slurm_job.job_id])
+    ntasks = settings["nodes"] * settings["tasks_per_node"]
+    for job, slurm_job, (_, link) in zip(jobs, submitted, links):
+        print(f"submitted job {slurm_job.job_id}: {settings['nodes']} node(s) x {settings['tasks_per_node']} task(s) = "
+              f"{ntasks} rank(s), partition {settings['partition'] or '(default)'}"
+              f"{'  [' + job.label + ']' if job.label else ''}", flush=True)
         print(f"  run dir: {job.run_dir}")
-        print(f"  logs:    {log_path(sj, 'out')}")
-        print(f"           {log_path(sj, 'err')}   (rank r: _{{r}}_log.*)")
+        print(f"  logs:    {log_path(slurm_job, 'out')}")
+        print(f"           {log_path(slurm_job, 'err')}   (rank r: _{{r}}_log.*)")
         print(f"  MLflow:  experiment '{job.cfg.tracking.experiment}': {link}")
     print(f"  follow:  squeue -j {submitted[0].job_id.split('_')[0]}; preempt: scancel --signal=USR2 JOBID; "
           f"stop: scancel JOBID", flush=True)
     if not args.wait:
         return 0
-    codes = [follow(sj, job, uri) for job, sj, uri in zip(jobs, submitted, uris)]
+    codes = [follow(slurm_job, job, uri) for job, slurm_job, uri in zip(jobs, submitted, uris)]
     return max(codes)
+
+
+def print_dry_run(executor, settings: dict, jobs: Sequence[JobSpec], tasks: Sequence[TrainTask]) -> None:
+    """The sbatch script that would be submitted (an array's --array line added) and each job's argv."""
+    # submitit has no public call that renders the script without submitting it
+    text = executor._make_submission_file_text(executor._submitit_command_str, "DRYRUN")
+    if len(jobs) > 1:
+        text = text.replace("#SBATCH --job-name", f"#SBATCH --array=0-{len(jobs) - 1}%"
+                            f"{min(len(jobs), settings['array_parallelism'])}\n#SBATCH --job-name")
+    print(text)
+    for job, task in zip(jobs, tasks):
+        print(f"# {job.label or 'job'}: {job.run_dir}  argv: {shlex.join(task.argv)}")
+    missing = missing_slurm_commands()
+    if missing:
+        print(f"# SLURM not found on this machine ({' and '.join(missing)} not on PATH): the script above is "
+              f"what would be submitted; a real submission needs a SLURM login node")
 
 
 def _end_scheduled_run(uri: str, run_id: str | None, run_dir: Path) -> None:
@@ -290,9 +268,9 @@ def _tag_runs(uri: str, run_ids: Sequence[str | None], job_ids: Sequence[str]) -
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=uri)
-        for rid, jid in zip(run_ids, job_ids):
-            if rid:
-                client.set_tag(rid, "slurm.job_id", jid)
+        for run_id, job_id in zip(run_ids, job_ids):
+            if run_id:
+                client.set_tag(run_id, "slurm.job_id", job_id)
     except Exception:  # noqa: BLE001 - best effort
         pass
 
@@ -304,15 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     if args.study:
-        from pipeline.launch import study_jobs
-
         return study_jobs.launch_study(args)
     try:
         if args.local:
-            slurm_only = [f for f in ("partition", "nodes", "gpus_per_node", "cluster", "array", "wait")
-                          if getattr(args, f)]
+            slurm_only = [flag for flag in ("partition", "nodes", "gpus_per_node", "cluster", "array", "wait")
+                          if getattr(args, flag)]
             if slurm_only:
-                raise LaunchError(f"--local does not take SLURM options ({', '.join('--' + f.replace('_', '-') for f in slurm_only)})")
+                raise LaunchError(f"--local does not take SLURM options "
+                                  f"({', '.join('--' + flag.replace('_', '-') for flag in slurm_only)})")
             return run_local(args)
         return submit_slurm(args)
     except LaunchError as err:

@@ -23,7 +23,9 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
+
+from pipeline.train.config import REPO_ROOT
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR2: signal.SIGUSR2,
              signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
@@ -44,6 +46,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N -> 128 + N, as a shell says
+
+
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for a Python child process on this machine: this checkout first on PYTHONPATH, so that a worker or a
+    study stage imports the same code as the launcher (also from a second checkout of an installed project)."""
+    inherited = [path for path in env.get("PYTHONPATH", "").split(os.pathsep) if path]
+    return dict(env, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), *inherited]))
 
 
 def run_workers(module: str, argv: Sequence[str], nproc: int, env: dict[str, str], cwd: str) -> int:

@@ -1,16 +1,28 @@
-"""TODO docstring."""
+"""SLURM plumbing that the launch CLI (:mod:`pipeline.launch.cli`) and studies (:mod:`pipeline.launch.study_jobs`)
+share: a cluster profile (``slurm/NAME.yaml``) and the command-line flags merged into one settings dict
+(:func:`slurm_settings`), submitit's SLURM executor built from it (:func:`make_executor`), the one submit path
+(:func:`submit`: sbatch's refusal as one ``LaunchError`` line, the jobs submitted before it cancelled), which
+SLURM job states mean a job is still to run or not over yet, and following a job's rank-0 log to its end
+(``--wait``: :func:`follow`).
+
+It imports ``pipeline.train.config`` (the repository root) and ``pipeline.tracking.constants``; submitit only
+when an executor is built. Only the other modules of ``pipeline.launch`` import it.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import math
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -173,55 +185,138 @@ def _script_only_executor_class():
     return ScriptOnlySlurmExecutor
 
 
-def make_executor(folder: Path, s: dict[str, Any], job_name: str, script_only: bool = False):
+def make_executor(folder: Path, settings: dict[str, Any], job_name: str, script_only: bool = False):
     """submitit's SLURM executor with the job's settings. `script_only`: for rendering the script (--dry-run),
     also where SLURM is not installed."""
     import submitit
 
     executor_class = _script_only_executor_class() if script_only else submitit.SlurmExecutor
     executor = executor_class(folder=str(folder / "%j"))
-    extra = dict(s["sbatch"])
-    if s["time"]:
-        extra.setdefault("time", s["time"])  # exact (submitit's own is in whole minutes)
-    if s["mem"]:
-        extra.setdefault("mem", s["mem"])
+    extra = dict(settings["sbatch"])
+    if settings["time"]:
+        extra.setdefault("time", settings["time"])  # exact (submitit's own is in whole minutes)
+    if settings["mem"]:
+        extra.setdefault("mem", settings["mem"])
     params: dict[str, Any] = dict(
         job_name=job_name,
-        nodes=s["nodes"],
-        ntasks_per_node=s["tasks_per_node"],
-        time=time_to_minutes(s["time"]) if s["time"] else 60 * 24,
-        signal_delay_s=s["signal_delay_s"],
+        nodes=settings["nodes"],
+        ntasks_per_node=settings["tasks_per_node"],
+        time=time_to_minutes(settings["time"]) if settings["time"] else 60 * 24,
+        signal_delay_s=settings["signal_delay_s"],
         # one failing task ends the step (and the job): nobody is left waiting in a collective
         srun_args=["--kill-on-bad-exit=1"],
         # the pre-end signal goes to the tasks (--signal=USR2@N, scancel --signal=USR2 JOBID); a stray USR2 to
         # the batch shell (scancel --batch) must not kill the script that runs srun
         setup=["trap '' USR2", f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
-               f"cd {shlex.quote(str(REPO_ROOT))}", *[str(line) for line in s["setup"]]],
+               f"cd {shlex.quote(str(REPO_ROOT))}", *[str(line) for line in settings["setup"]]],
         additional_parameters=extra,
-        array_parallelism=s["array_parallelism"],
+        array_parallelism=settings["array_parallelism"],
     )
-    if s["gpus_per_node"]:
-        params["gpus_per_node"] = s["gpus_per_node"]
-    if s["cpus_per_task"]:
-        params["cpus_per_task"] = s["cpus_per_task"]
+    if settings["gpus_per_node"]:
+        params["gpus_per_node"] = settings["gpus_per_node"]
+    if settings["cpus_per_task"]:
+        params["cpus_per_task"] = settings["cpus_per_task"]
     for key in ("partition", "account", "qos", "constraint"):
-        if s[key]:
-            params[key] = s[key]
+        if settings[key]:
+            params[key] = settings[key]
     executor.update_parameters(**params)
     return executor
 
 
-def log_path(job, kind: str, rank: int = 0) -> Path:
-    subs = getattr(job, "_sub_jobs", None) or []
-    paths = subs[rank].paths if rank < len(subs) else job.paths
-    return Path(str(paths.stdout if kind == "out" else paths.stderr).replace("%t", str(rank)))
+# ----------------------------------------------------------------------------- submitting
 
 
-def _job_state(job) -> str:
+def submit(build_executor: Callable[[], Any], tasks: Sequence[Callable[[], Any]], what: str,
+           submitted_before: Sequence[str] = ()) -> list:
+    """Submit `tasks` through the executor `build_executor()` returns: one job, or one job array for several
+    tasks. Returns submitit's jobs.
+
+    submitit echoes sbatch's refusal on stderr: that is kept off the terminal, and the refusal (or an error
+    building the executor) becomes one LaunchError line, ``<what> failed: <type>: <sbatch's message>``. The
+    jobs `submitted_before` (the earlier links of the same chain) are cancelled then: a half-submitted chain
+    is worse than none."""
     try:
-        return job.watcher.get_state(job.job_id, mode="force")
-    except Exception:  # sacct hiccup: try again next time
+        executor = build_executor()
+        with contextlib.redirect_stderr(io.StringIO()):
+            if len(tasks) == 1:
+                return [executor.submit(tasks[0])]
+            with executor.batch():
+                jobs = [executor.submit(task) for task in tasks]
+            return jobs
+    except Exception as err:  # noqa: BLE001 - sbatch's refusal (submitit's FailedJobError) and the like
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:500]
+        if submitted_before:
+            message += (f"; cancelled the job(s) submitted before it ({', '.join(submitted_before)})"
+                        if cancel_jobs(submitted_before) else
+                        f"; could NOT cancel the jobs submitted before it: scancel {' '.join(submitted_before)}")
+        raise LaunchError(f"{what} failed: {type(err).__name__}: {message}") from None
+
+
+def cancel_jobs(job_ids: Sequence[str]) -> bool:
+    """``scancel`` these jobs; whether it worked."""
+    try:
+        return subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+# ----------------------------------------------------------------------------- job states
+
+# SLURM job states (squeue's and sacct's names) of a job whose outcome is still to come: queued, running or
+# requeued (our tasks requeue themselves with scontrol: REQUEUED, then PENDING). A study does not submit a stage
+# again while its earlier job is in one of them.
+STILL_TO_RUN_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "SIGNALING", "SUSPENDED", "RESIZING",
+                                 "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
+# Following a job to its end (--wait) waits longer: also while SLURM still holds a job whose tasks are done
+# (COMPLETING, STAGE_OUT: the last log lines may still land), after SLURM preempted it (PREEMPTED: it may be
+# requeued), and while submitit does not know its state (READY: sacct has not seen it yet; UNKNOWN: sacct did
+# not answer). submitit's own ``job.done()`` would count CONFIGURING, SUSPENDED and REQUEUE_* as over.
+NOT_OVER_STATES = STILL_TO_RUN_STATES | {"COMPLETING", "STAGE_OUT", "PREEMPTED", "READY", "UNKNOWN"}
+
+
+def job_state(job) -> str:
+    """SLURM's state of a submitit job now (sacct, asked again: the state cached by ``job.state`` may be
+    a minute old); UNKNOWN while sacct has no answer."""
+    try:
+        return job.get_info(mode="force").get("State") or "UNKNOWN"
+    except Exception:  # noqa: BLE001 - sacct hiccup: try again next time
         return "UNKNOWN"
+
+
+def is_over(state: str) -> bool:
+    """Whether a job in this sacct state ('CANCELLED by 0' counts as CANCELLED) has ended for good."""
+    return (state.split() or ["UNKNOWN"])[0].upper() not in NOT_OVER_STATES
+
+
+# ----------------------------------------------------------------------------- following a job
+
+
+@dataclasses.dataclass
+class JobSpec:
+    """One training job to submit: its validated config, its run directory, a label (array elements)."""
+
+    cfg: Config
+    run_dir: Path
+    label: str = ""
+
+
+def log_path(job, kind: str, rank: int = 0) -> Path:
+    """Rank `rank`'s stdout ('out') or stderr ('err') log of a submitit job."""
+    paths = job.task(rank).paths
+    return Path(paths.stdout if kind == "out" else paths.stderr)
+
+
+def task_failure(task) -> str | None:
+    """The traceback that a task's function raised; None if it returned, or wrote no result at all (killed:
+    its log says why)."""
+    if not task.paths.result_pickle.is_file():  # exception() would wait up to 15 s for it
+        return None
+    error = task.exception()
+    if error is None:
+        return None
+    # submitit's FailedJobError holds the task's traceback between two rulers of dashes
+    inner = re.search(r"^-{10,}\n(.*)\n-{10,}$", str(error), re.S | re.M)
+    return (inner.group(1) if inner else str(error)).strip()
 
 
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(:|$)")
@@ -249,13 +344,11 @@ def _error_tail(path: Path, keep: int = 10) -> list[str]:
 
 def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
     """Print rank 0's log as it grows until the job ends; then its outcome. Returns 0 if it completed."""
-    from submitit.core import utils as submitit_utils
-
     files = [log_path(job, "out"), log_path(job, "err")]
     offsets = {f: 0 for f in files}
     run_id_file = spec.run_dir / RUN_ID_FILE
     announced = False
-    done_since = None
+    over_since = None
 
     def pump() -> None:
         for f in files:
@@ -275,36 +368,30 @@ def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
         if not announced and run_id_file.is_file():
             print(f"[launch] MLflow run {run_id_file.read_text().strip()} in {uri}", flush=True)
             announced = True
-        state = _job_state(job)
-        if state.upper() not in ("READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED",
-                                 "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED"):
-            done_since = done_since or time.time()
-            if time.time() - done_since > 3:  # let the last log lines land
+        state = job_state(job)
+        if is_over(state):
+            over_since = over_since or time.time()
+            if time.time() - over_since > 3:  # let the last log lines land
                 break
         time.sleep(poll_s)
     pump()
     print(f"[launch] job {job.job_id} ended: {state}", flush=True)
-    failed = []
-    for rank, task in enumerate(job._sub_jobs or [job]):
-        result = task.paths.result_pickle
-        if result.is_file():
-            outcome, payload = submitit_utils.pickle_load(result)
-            if outcome == "error":
-                failed.append((rank, str(payload).strip()))
+    failed = [(rank, trace) for rank in range(job.num_tasks)
+              if (trace := task_failure(job.task(rank))) is not None]
     for rank, trace in failed:
         lines = trace.splitlines()
         print(f"[launch] rank {rank} failed: {lines[-1] if lines else '?'}", file=sys.stderr)
         if lines and "exited with code" not in lines[-1]:  # an exception outside the worker: its traceback
             print("\n".join("    " + ln for ln in lines[-25:]), file=sys.stderr)
-    if not state.upper().startswith("COMPLETED"):
+    completed = state.upper().startswith("COMPLETED")
+    if not completed:
         # the worker's own report (e.g. "error: rank 1 of 2 failed: ...") is in that rank's stderr log
-        ntasks = len(job._sub_jobs) or 1
-        for rank in range(ntasks):
+        for rank in range(job.num_tasks):
             tail = _error_tail(log_path(job, "err", rank))
             if tail:
                 print(f"[launch] rank {rank} reported ({log_path(job, 'err', rank)}):", file=sys.stderr)
                 print("\n".join("    " + ln for ln in tail), file=sys.stderr)
-    if state.upper().startswith("COMPLETED") and not failed:
+    if completed and not failed:
         print(f"[launch] done; run dir {spec.run_dir}", flush=True)
         return 0
     if state.upper().startswith("CANCELLED"):
@@ -313,18 +400,3 @@ def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
     elif not failed:
         print(f"[launch] job {job.job_id} did not complete ({state}); see {log_path(job, 'err')}", file=sys.stderr)
     return 1
-
-
-LIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED",
-               "RESIZING", "SIGNALING", "STAGE_OUT")
-
-
-@dataclasses.dataclass
-class JobSpec:
-    """One training job to submit: its validated config, its run directory, a label."""
-
-    config_path: str | None
-    overrides: list[str]
-    cfg: Config
-    run_dir: Path
-    label: str = ""

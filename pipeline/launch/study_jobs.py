@@ -4,9 +4,7 @@ The study file itself (schema, stages, argv) is :mod:`pipeline.launch.study`."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import os
 import shlex
 import subprocess
@@ -15,15 +13,16 @@ import time
 from typing import Sequence
 
 from pipeline.launch import slurm
-from pipeline.launch.slurm import LIVE_STATES
+from pipeline.launch import study as study_file
+from pipeline.launch.local_workers import child_env
 from pipeline.launch.study import EXIT_USAGE, Stage, Study, StudyError, load_study
+from pipeline.launch.task import TrainTask
+from pipeline.tracking import runs
 from pipeline.train.config import REPO_ROOT
 
 
 def stage_status(study: Study) -> dict[str, str]:
     """stage -> 'finished' | 'unfinished' | 'new' from MLflow runs tagged study/stage (and outputs)."""
-    from pipeline.tracking import runs
-
     try:
         client = runs.client(runs.resolve_uri(study.uri))
         tagged = runs.study_runs(client, study.id)
@@ -63,8 +62,7 @@ def run_local(study: Study, dry_run: bool = False, env: dict | None = None) -> i
     print(describe(study, status), flush=True)
     outcome: dict[str, str] = {}
     ran_any = False
-    env = dict(env or os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = child_env(env or os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     for stage in study.stages.values():
         blocked = [d for d in stage.deps if outcome.get(d) not in ("done", "skipped")]
@@ -99,23 +97,23 @@ def run_local(study: Study, dry_run: bool = False, env: dict | None = None) -> i
 
 def stage_settings(study: Study, stage: Stage, base: dict) -> dict:
     """The launcher settings of one stage's job: the CLI/profile ones, narrowed for the light stages."""
-
-    s = copy.deepcopy(base)
+    settings = copy.deepcopy(base)
     if stage.kind in ("groups", "report"):
-        s.update(nodes=1, gpus_per_node=0, tasks_per_node=1)
+        settings.update(nodes=1, gpus_per_node=0, tasks_per_node=1)
     elif stage.kind in ("lc", "explain"):
         gpus = 1 if base.get("gpus_per_node") else 0
-        s.update(nodes=1, gpus_per_node=gpus, tasks_per_node=1)
+        settings.update(nodes=1, gpus_per_node=gpus, tasks_per_node=1)
     unknown = [k for k in stage.slurm if k not in slurm.PROFILE_KEYS]
     if unknown:
         raise StudyError(f"{study.path}: stages.{stage.name}.slurm: unknown key(s) {', '.join(unknown)} "
                          f"(valid: {', '.join(slurm.PROFILE_KEYS)})")
     for key, value in stage.slurm.items():
-        s[key] = {**s[key], **value} if isinstance(s.get(key), dict) and isinstance(value, dict) else value
-    if s["gpus_per_node"]:
-        s["tasks_per_node"] = s["gpus_per_node"]
-    s["sbatch"] = dict(s.get("sbatch") or {})
-    return s
+        settings[key] = ({**settings[key], **value} if isinstance(settings.get(key), dict) and isinstance(value, dict)
+                         else value)
+    if settings["gpus_per_node"]:
+        settings["tasks_per_node"] = settings["gpus_per_node"]
+    settings["sbatch"] = dict(settings.get("sbatch") or {})
+    return settings
 
 
 def live_jobs(study: Study) -> dict[str, tuple[str, str]]:
@@ -124,7 +122,8 @@ def live_jobs(study: Study) -> dict[str, tuple[str, str]]:
     The ids are the job folders under ``<study dir>/slurm/<stage>/`` (submitit's ``%j``); squeue says which of
     them are alive (by job name, so that long-gone ids are no error). Without SLURM's clients, or without
     earlier submissions, nothing is alive."""
-    recorded = {name: {p.name for p in (study.dir / "slurm" / name).glob("*") if p.is_dir() and p.name.isdigit()}
+    recorded = {name: {folder.name for folder in (study.dir / "slurm" / name).glob("*")
+                       if folder.is_dir() and folder.name.isdigit()}
                 for name in study.stages}
     if not any(recorded.values()):
         return {}
@@ -145,16 +144,10 @@ def live_jobs(study: Study) -> dict[str, tuple[str, str]]:
         job, _, rest = line.strip().partition("|")
         state, _, name = rest.partition("|")
         stage = name[len(study.id) + 1:]
-        if state in LIVE_STATES and job in recorded.get(stage, ()) and int(job) >= int(live.get(stage, ("0",))[0]):
-            live[stage] = (job, state)  # the newest one
+        newest = int(job) >= int(live.get(stage, ("0",))[0])
+        if state in slurm.STILL_TO_RUN_STATES and job in recorded.get(stage, ()) and newest:
+            live[stage] = (job, state)
     return live
-
-
-def _scancel(job_ids: Sequence[str]) -> bool:
-    try:
-        return subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def submit_slurm(study: Study, settings: dict, dry_run: bool = False, make_executor=None) -> dict[str, str]:
@@ -164,9 +157,7 @@ def submit_slurm(study: Study, settings: dict, dry_run: bool = False, make_execu
     submitted now depend on that job. The report is the exception when something new is submitted: a new
     report job follows everything, the old one is cancelled if it is still waiting (or, if it is running
     already, the new one starts after it). If a submission fails, the jobs submitted before it are cancelled
-    and a StudyError names the stage and sbatch's message."""
-    from pipeline.launch.task import TrainTask
-
+    and a LaunchError names the stage and sbatch's message (:func:`pipeline.launch.slurm.submit`)."""
     if make_executor is None:
         make_executor = slurm.make_executor
     status = stage_status(study)
@@ -184,41 +175,33 @@ def submit_slurm(study: Study, settings: dict, dry_run: bool = False, make_execu
             print(f"[study] {stage.name}: job {live[stage.name][0]} is still in the queue, not submitted again",
                   flush=True)
             continue
-        s = stage_settings(study, stage, settings)
+        job_settings = stage_settings(study, stage, settings)
         deps = [job_ids[d] for d in stage.deps if d in job_ids]
         if deps:
-            s["sbatch"]["dependency"] = "afterok:" + ":".join(deps)
-            s["sbatch"]["kill-on-invalid-dep"] = "yes"
+            job_settings["sbatch"]["dependency"] = "afterok:" + ":".join(deps)
+            job_settings["sbatch"]["kill-on-invalid-dep"] = "yes"
         if superseded:  # never two reports at once in the same folder (a cancelled one satisfies afterany)
-            s["sbatch"]["dependency"] = ",".join(filter(None, [s["sbatch"].get("dependency"),
-                                                               f"afterany:{superseded[0]}"]))
+            job_settings["sbatch"]["dependency"] = ",".join(filter(None, [job_settings["sbatch"].get("dependency"),
+                                                                          f"afterany:{superseded[0]}"]))
         folder = study.dir / "slurm" / stage.name
-        task = TrainTask(argv=list(stage.argv), entry=stage.entry, max_requeues=s["max_requeues"],
-                         env={str(k): str(v) for k, v in s["env"].items()})
+        task = TrainTask(argv=list(stage.argv), entry=stage.entry, max_requeues=job_settings["max_requeues"],
+                         env={str(k): str(v) for k, v in job_settings["env"].items()})
         if dry_run:
             job_ids[stage.name] = f"<{stage.name}>"
             submitted.append(job_ids[stage.name])
-            print(f"[study] would submit {stage.name} ({stage.kind}): {s['nodes']} node(s) x {s['tasks_per_node']} "
-                  f"task(s){', ' + str(s['gpus_per_node']) + ' GPU/node' if s['gpus_per_node'] else ''}"
-                  f"{', dependency ' + s['sbatch']['dependency'] if deps else ''}\n    {stage.entry} "
+            gpus = job_settings["gpus_per_node"]
+            print(f"[study] would submit {stage.name} ({stage.kind}): {job_settings['nodes']} node(s) x "
+                  f"{job_settings['tasks_per_node']} task(s){', ' + str(gpus) + ' GPU/node' if gpus else ''}"
+                  f"{', dependency ' + job_settings['sbatch']['dependency'] if deps else ''}\n    {stage.entry} "
                   f"{shlex.join(stage.argv)}", flush=True)
             continue
-        try:
-            executor = make_executor(folder, s, f"{study.id}-{stage.name}")
-            with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's refusal: it is in err
-                job = executor.submit(task)
-        except Exception as err:  # noqa: BLE001 - sbatch's refusal (submitit's FailedJobError) and the like
-            message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
-            if submitted:  # a half-submitted chain is worse than none
-                message += (f"; cancelled the job(s) submitted before it ({', '.join(submitted)})" if
-                            _scancel(submitted) else f"; could NOT cancel the jobs submitted before it: "
-                            f"scancel {' '.join(submitted)}")
-            raise StudyError(f"submitting stage {stage.name} failed: {type(err).__name__}: {message}") from None
+        [job] = slurm.submit(lambda: make_executor(folder, job_settings, f"{study.id}-{stage.name}"), [task],
+                             f"submitting stage {stage.name}", submitted_before=submitted)
         job_ids[stage.name] = str(job.job_id)
         submitted.append(str(job.job_id))
         print(f"[study] submitted {stage.name} ({stage.kind}) as job {job.job_id}"
               f"{' after ' + ','.join(deps) if deps else ''}; logs in {folder}", flush=True)
-        if superseded and superseded[1] == "PENDING" and _scancel([superseded[0]]):
+        if superseded and superseded[1] == "PENDING" and slurm.cancel_jobs([superseded[0]]):
             print(f"[study] {stage.name}: cancelled its earlier job {superseded[0]}, which was still waiting "
                   f"(job {job.job_id} follows the new stages)", flush=True)
     if not job_ids:
@@ -233,20 +216,20 @@ def submit_slurm(study: Study, settings: dict, dry_run: bool = False, make_execu
 
 def launch_study(args: argparse.Namespace) -> int:
     """Called by ``pipeline/launch.py --study``: --local runs here, otherwise SLURM jobs."""
-
     try:
         if args.config or args.array:
             raise StudyError("--study takes its recipes from the study file: drop --config / --array "
                              "(key=value overrides apply to every training stage)")
-        unused = [f for f in ("output_dir", "resume", "wait") if getattr(args, f, None)]
+        unused = [flag for flag in ("output_dir", "resume", "wait") if getattr(args, flag, None)]
         if unused:
-            raise StudyError(f"--study does not take {', '.join('--' + f.replace('_', '-') for f in unused)} "
+            raise StudyError(f"--study does not take {', '.join('--' + flag.replace('_', '-') for flag in unused)} "
                              f"(stage folders come from the study; finished stages are skipped, the others resume)")
         if args.local:
-            slurm_only = [f for f in ("partition", "nodes", "gpus_per_node", "cluster") if getattr(args, f, None)]
+            slurm_only = [flag for flag in ("partition", "nodes", "gpus_per_node", "cluster")
+                          if getattr(args, flag, None)]
             if slurm_only:
                 raise StudyError(f"--local does not take SLURM options "
-                                 f"({', '.join('--' + f.replace('_', '-') for f in slurm_only)})")
+                                 f"({', '.join('--' + flag.replace('_', '-') for flag in slurm_only)})")
         study = load_study(args.study, args.overrides)
         if args.local:
             return run_local(study, dry_run=getattr(args, "dry_run", False))
@@ -261,18 +244,18 @@ def launch_study(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python pipeline/study.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Show or run a study (a graph of training / groups / lc / explain / report stages). SLURM "
                     "submission: python pipeline/launch.py --study FILE [--cluster ...].",
-        epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("study", help="study YAML (studies/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training stage")
-    mode = p.add_mutually_exclusive_group()
+        epilog=study_file.__doc__.split("\n\n", 1)[1])  # the study file format
+    parser.add_argument("study", help="study YAML (studies/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training stage")
+    mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print the plan and each stage's state (default)")
     mode.add_argument("--local", action="store_true", help="run the unfinished stages here, one after the other")
     mode.add_argument("--dry-run", action="store_true", help="print each stage's command, run nothing")
-    return p
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
