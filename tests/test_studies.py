@@ -112,6 +112,24 @@ def test_launch_study_cli_errors_exit_2(tmp_path, capsys):
     assert "--local does not take SLURM options" in capsys.readouterr().err
 
 
+def test_study_cli_help_shows_the_study_file_format():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline" / "study.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Study file (YAML)" in proc.stdout and "kind: groups" in proc.stdout
+
+
+def test_stage_slurm_keys_are_checked_and_layered(tmp_path):
+    text = BASIC.replace("study: t1\n", "study: t1\nslurm: {time: '01:00:00', sbatch: {exclusive: true}}\n").replace(
+        "lc: {kind: lc, from: ssal}", "lc: {kind: lc, from: ssal, slurm: {time: '00:10:00', nodes: 2}}")
+    s = study_lib.load_study(write(tmp_path, text), [f"runs_root={tmp_path / 'runs'}"])
+    assert s.stages["lc"].slurm == {"time": "00:10:00", "nodes": 2, "sbatch": {"exclusive": True}}
+    assert s.stages["baseline"].slurm == {"time": "01:00:00", "sbatch": {"exclusive": True}}
+
+
 @pytest.mark.parametrize("name", ["demo", "imagenet_resnet50", "imagenet_resnet152", "tinyimagenet_resnet18"])
 def test_shipped_studies_validate(tmp_path, name):
     s = study_lib.load_study(REPO_ROOT / "studies" / f"{name}.yaml", [f"runs_root={tmp_path}"])

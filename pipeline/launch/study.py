@@ -65,18 +65,15 @@ is one line, exit 2. Job folders and logs: ``<study dir>/slurm/<stage>/<job id>/
 """
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import yaml
-
 from pipeline.launch.slurm import SlurmProfile
 from pipeline.train import schema
-from pipeline.train.config import REPO_ROOT, ConfigError, load_config, resolve_path
+from pipeline.train.config import REPO_ROOT, ConfigError, load_config, override_list, resolve_path
 from pipeline.train.schema import SchemaError
 
 EXIT_USAGE = 2
@@ -129,13 +126,13 @@ class TrainStage(StageSpec):
     overrides: Any = None  # as base.overrides; ${NAME} is stage NAME's output
 
 
-def _source() -> Any:
-    return field(default="", metadata={"key": "from"})  # the training stage this one works on
+@dataclass
+class FromStage(StageSpec):
+    source: str = field(default="", metadata={"key": "from"})  # the training stage this one works on
 
 
 @dataclass
-class GroupsStage(StageSpec):
-    source: str = _source()
+class GroupsStage(FromStage):
     k: list[int] = field(default_factory=list)  # numbers of groups
     criterion: Literal["join", "split"] = "join"
     seed: int = 0
@@ -146,16 +143,14 @@ class GroupsStage(StageSpec):
 
 
 @dataclass
-class LcStage(StageSpec):
-    source: str = _source()
+class LcStage(FromStage):
     epochs: int | None = None
     lr: float | None = None
     max_samples: int | None = None
 
 
 @dataclass
-class ExplainStage(StageSpec):
-    source: str = _source()
+class ExplainStage(FromStage):
     images: int | None = None  # how many val images
 
 
@@ -199,26 +194,6 @@ class Study:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _overrides_list(value: Any, key: str) -> list[str]:
-    """A mapping {key: value} or a list of 'key=value' strings -> ['key=value', ...] (values as JSON = YAML)."""
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        return [f"{k}={v if isinstance(v, str) and not _needs_quoting(v) else json.dumps(v)}" for k, v in value.items()]
-    if isinstance(value, list) and all(isinstance(x, str) and "=" in x for x in value):
-        return list(value)
-    raise SchemaError(f"{key}: expected a mapping {{section.key: value}} or a list of 'section.key=value' strings, "
-                      f"got {value!r}")
-
-
-def _needs_quoting(text: str) -> bool:
-    """A string that YAML would read back as something else (a number, a bool, a list ...)."""
-    try:
-        return not isinstance(yaml.safe_load(text), str)
-    except yaml.YAMLError:
-        return True
-
-
 def _refs(values: Sequence[str]) -> list[str]:
     return [m for v in values for m in _REF_RE.findall(v)]
 
@@ -244,7 +219,7 @@ def _study(path: Path, data: Any, cli_overrides: list[str]) -> Study:
     schema.merge(spec, data)
     if not _ID_RE.match(spec.study):
         raise SchemaError(f"study: needs an id of letters, digits, '_', '.', '-' (got {spec.study!r})")
-    base_overrides = _overrides_list(spec.base.overrides, "base.overrides")
+    base_overrides = override_list(spec.base.overrides, "base.overrides")
     slurm_all = schema.given(SlurmProfile, spec.slurm, "slurm.")
     # the study's store and folder: from the base recipe + the command line
     try:
@@ -295,7 +270,7 @@ def _stage_spec(name: str, raw: Any) -> StageSpec:
     if spec.paper is not None:  # figures the report shows beside ours
         schema.paper_figures(spec.paper, f"{what}.paper")
     if isinstance(spec, TrainStage):
-        spec.overrides = _overrides_list(spec.overrides, f"{what}.overrides")
+        spec.overrides = override_list(spec.overrides, f"{what}.overrides")
     return spec
 
 

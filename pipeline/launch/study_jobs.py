@@ -15,6 +15,7 @@ import time
 from typing import Sequence
 
 from pipeline.launch import slurm
+from pipeline.launch import study as study_file
 from pipeline.launch.slurm import LIVE_STATES
 from pipeline.launch.study import EXIT_USAGE, Stage, Study, StudyError, load_study
 from pipeline.train.config import REPO_ROOT
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python pipeline/study.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Show or run a study (a graph of training / groups / lc / explain / report stages). SLURM "
                     "submission: python pipeline/launch.py --study FILE [--cluster ...].",
-        epilog=__doc__.split("\n\n", 1)[1])
+        epilog=study_file.__doc__.split("\n\n", 1)[1])  # the study file's format
     p.add_argument("study", help="study YAML (studies/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training stage")
     mode = p.add_mutually_exclusive_group()

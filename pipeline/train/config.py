@@ -217,6 +217,27 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return value
 
 
+def override_list(value: Any, key: str) -> list[str]:
+    """Overrides as a YAML file writes them (a study's), a mapping {section.key: value} or a list of
+    'section.key=value' strings -> ['section.key=value', ...] for :func:`parse_override` (values as JSON = YAML)."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [f"{k}={v if isinstance(v, str) and not _needs_quoting(v) else json.dumps(v)}" for k, v in value.items()]
+    if isinstance(value, list) and all(isinstance(x, str) and "=" in x for x in value):
+        return list(value)
+    raise ConfigError(f"{key}: expected a mapping {{section.key: value}} or a list of 'section.key=value' strings, "
+                      f"got {value!r}")
+
+
+def _needs_quoting(text: str) -> bool:
+    """A string that YAML would read back as something else (a number, a bool, a list ...)."""
+    try:
+        return not isinstance(yaml.safe_load(text), str)
+    except yaml.YAMLError:
+        return True
+
+
 # ----------------------------------------------------------------------------- checks
 
 def validate(cfg: Config) -> None:
