@@ -130,6 +130,19 @@ def test_stage_slurm_keys_are_checked_and_layered(tmp_path):
     assert s.stages["baseline"].slurm == {"time": "01:00:00", "sbatch": {"exclusive": True}}
 
 
+def test_report_reads_the_paper_figures_with_the_study_schema(tmp_path):
+    from pipeline.stages.report import read_paper_figures
+    from pipeline.tracking.runs import ToolError
+
+    path = write(tmp_path, "study: x\nstages: {a: {paper: {main: [76.4, 93.3], joint: 77}}, b: {}}\n")
+    assert read_paper_figures(path) == {"a": {"main": (76.4, 93.3), "joint": (77.0, None)}}
+    path.write_text("study: x\nstages: {a: {paper: {main: [76.4, 93.3, 1]}}}\n")
+    with pytest.raises(ToolError, match=r"s.yaml: stages.a.paper.main: expected top-1 or \[top-1, top-5\]"):
+        read_paper_figures(path)
+    with pytest.raises(ToolError, match="--paper: no such file"):
+        read_paper_figures(tmp_path / "missing.yaml")
+
+
 @pytest.mark.parametrize("name", ["demo", "imagenet_resnet50", "imagenet_resnet152", "tinyimagenet_resnet18"])
 def test_shipped_studies_validate(tmp_path, name):
     s = study_lib.load_study(REPO_ROOT / "studies" / f"{name}.yaml", [f"runs_root={tmp_path}"])

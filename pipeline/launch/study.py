@@ -220,7 +220,7 @@ def _study(path: Path, data: Any, cli_overrides: list[str]) -> Study:
     if not _ID_RE.match(spec.study):
         raise SchemaError(f"study: needs an id of letters, digits, '_', '.', '-' (got {spec.study!r})")
     base_overrides = override_list(spec.base.overrides, "base.overrides")
-    slurm_all = schema.given(SlurmProfile, spec.slurm, "slurm.")
+    slurm_all = schema.given_keys(SlurmProfile, spec.slurm, "slurm.")
     # the study's store and folder: from the base recipe + the command line
     try:
         base_cfg = load_config(_config_path(spec.base.config, path, "base.config"), base_overrides + cli_overrides)
@@ -236,7 +236,7 @@ def _study(path: Path, data: Any, cli_overrides: list[str]) -> Study:
     for name, raw in spec.stages.items():
         stage = Stage(name=name, kind="", spec=_stage_spec(name, raw))
         stage.kind, stage.deps = stage.spec.kind, list(stage.spec.after)
-        stage.slurm = {**slurm_all, **schema.given(SlurmProfile, stage.spec.slurm, f"stages.{name}.slurm.")}
+        stage.slurm = {**slurm_all, **schema.given_keys(SlurmProfile, stage.spec.slurm, f"stages.{name}.slurm.")}
         stage.output = study_dir / name / "groups.json" if stage.kind == "groups" else study_dir / name
         stages[name] = stage
     _link(stages)

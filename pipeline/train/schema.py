@@ -138,7 +138,7 @@ def unknown_key(name: str, key: str, valid: typing.Iterable[str]) -> str:
     return f"unknown key '{name}' ({hint}valid keys here: {_choices(valid)})"
 
 
-def given(schema: type, values: Any, prefix: str = "") -> dict[str, Any]:
+def given_keys(schema: type, values: Any, prefix: str = "") -> dict[str, Any]:
     """Only the keys `values` sets, checked against `schema` and converted: for partial overrides of a schema
     that are applied later (a study's ``slurm:`` keys over the launcher's settings)."""
     instance = schema()
