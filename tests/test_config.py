@@ -46,6 +46,10 @@ def test_yaml_then_overrides(tmp_path):
     ("data.rrc_scale=[0.5]", "data.rrc_scale: must be [min, max]"),
     ("data.color_jitter=1.5", "data.color_jitter: must be in [0, 1)"),
     ("data.val_preprocess=squash", "data.val_preprocess: 'squash' is not one of center, squash256"),
+    ("optim.momentom=0.9", "unknown key 'optim.momentom' (did you mean optim.momentum? valid keys here: lr, "),
+    ("optim=0.9", "optim: expected a mapping with keys lr, momentum"),
+    ("data.rrc_scale=wide", "data.rrc_scale: expected a list, got 'wide'"),
+    ("method.num_groups=[4,x]", "method.num_groups[1]: expected an integer, got 'x'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -69,6 +73,17 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
     path.write_text("optim:\n  nesterov: 3\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: optim.nesterov: expected true/false"):
         load_config(path)
+    path.write_text("method:\n  name: magic\n")  # a choice is a type: named with the file too
+    with pytest.raises(ConfigError, match=r"broken.yaml: method.name: 'magic' is not one of baseline, ssal"):
+        load_config(path)
+    path.write_text("- optim\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: expected a mapping with keys data, model, method"):
+        load_config(path)
+
+
+def test_one_item_is_a_list_of_one():
+    cfg = load_config(None, ["method.num_groups=8", "eval.topk=1"])
+    assert cfg.method.num_groups == [8] and cfg.eval.topk == [1]
 
 
 def test_saved_config_loads_back_identically(tmp_path):

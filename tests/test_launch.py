@@ -102,6 +102,37 @@ def test_profile_with_unknown_key_is_refused(tmp_path):
     bad.write_text("partition: gpu\ngpu_per_node: 8\n")
     proc = run_launch("--cluster", str(bad), "--dry-run")
     assert proc.returncode == launch.EXIT_USAGE and "gpu_per_node" in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert f"--cluster {bad}: unknown key 'gpu_per_node' (did you mean gpus_per_node? valid keys here: " in line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sbatch: [exclusive]\n", "sbatch: expected a mapping, got ['exclusive']"),
+    ("nodes: two\n", "nodes: expected an integer, got 'two'"),
+    ("setup: {a: 1}\n", "setup: expected a list, got {'a': 1}"),
+    ("time: [1]\n", "time: expected a string or an integer, got [1]"),
+    ("- gpu\n", "expected a mapping with keys partition, nodes, "),
+    ("nodes: [1\n", "bad.yaml line 2: not valid YAML"),
+])
+def test_bad_profiles_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(slurm.LaunchError) as err:
+        slurm.load_profile(str(path))
+    assert str(err.value).startswith(f"--cluster {path}") and message in str(err.value), err.value
+    assert "\n" not in str(err.value)
+
+
+def test_profile_nulls_keep_the_defaults_and_numbers_are_sbatch_syntax(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("time: null\naccount: null\nmem: 0\nsignal_delay_s: null\nsetup: module load cuda\n")
+    args = launch.build_parser().parse_args(["--cluster", str(path), "--time", "90"])
+    settings = slurm.slurm_settings(args)
+    assert settings["account"] is None and settings["signal_delay_s"] == slurm.SlurmProfile().signal_delay_s
+    assert settings["mem"] == "0" and settings["time"] == "90"  # strings, as sbatch reads them
+    assert settings["setup"] == ["module load cuda"]  # one line alone is a list of one
+    assert slurm.load_profile(str(path)).time == slurm.SlurmProfile().time
+    assert set(settings) == set(slurm.PROFILE_KEYS)
 
 
 def test_bad_config_is_refused_before_anything(tmp_path, monkeypatch, capsys):

@@ -65,22 +65,41 @@ def test_groups_stage_variant_and_confusion_keys(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("study: x\nstages: {a: {kind: train, overrides: {method.name: nope}}}\n", "method.name"),
-    ("study: x\nstages: {a: {colour: red}}\n", "unknown key(s) colour"),
+    ("study: x\nstages: {a: {colour: red}}\n", "stages.a.colour' (valid keys here: kind, after, slurm, paper, config"),
+    ("study: x\nstages: {a: {overides: {}}}\n", "did you mean stages.a.overrides?"),
+    ("study: x\nstuges: {a: {}}\n", "unknown key 'stuges' (did you mean stages?"),
+    ("study: x\nbase: {recipe: a.yaml}\nstages: {a: {}}\n", "unknown key 'base.recipe'"),
+    ("study: x\nbase: {overrides: 3}\nstages: {a: {}}\n", "base.overrides: expected a mapping {section.key: value}"),
+    ("study: x\nstages: {a: {kind: fit}}\n", "stages.a.kind: 'fit' is not one of train, groups, lc, explain, report"),
+    ("study: x\nstages: {a: {after: 3}}\n", "stages.a.after: expected a list"),
+    ("study: x\nstages: {a: {after: [b]}}\n", "stages.a.after: no stage named 'b'"),
+    ("study: x\nstages: {a: {}, l: {kind: lc, from: a, epochs: 0}}\n", "stages.l.epochs: must be >= 1, got 0"),
+    ("study: x\nstages: {a: {}, l: {kind: lc, from: a, lr: 0}}\n", "stages.l.lr: must be > 0"),
+    ("study: x\nstages: {a: {}, c: {kind: explain, from: a, images: 0}}\n", "stages.c.images: must be >= 1"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: [2], seed: -1}}\n", "stages.g.seed: must be >= 0"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: a}}\n", "stages.g.k: expected a list of numbers of groups"),
+    ("study: x\nstages: {a: {paper: {main: [101]}}}\n", "stages.a.paper.main: expected top-1 or [top-1, top-5]"),
+    ("study: x\nslurm: {gpu_per_node: 8}\nstages: {a: {}}\n", "unknown key 'slurm.gpu_per_node' (did you mean slurm.gpus_per_node?"),
+    ("study: x\nstages: {a: {slurm: {nodes: two}}}\n", "stages.a.slurm.nodes: expected an integer, got 'two'"),
+    ("study: x\nstages: {a: 5}\n", "stages.a: expected a mapping with keys kind, after"),
+    ("- a\n", "expected a mapping with keys study, experiment"),
     ("study: x\nstages: {a: {after: [b]}, b: {after: [a]}}\n", "cycle"),
     ("study: x\nstages: {a: {overrides: {method.groups_file: '${zz}'}}}\n", "${zz} names no other stage"),
     ("study: x\nstages: {a: {}, g: {kind: groups, from: nope, k: [2]}}\n", "from: needs the name of a training stage"),
-    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: four}}\n", "k: expected a list"),
-    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: [2], variant: mine}}\n", "variant: expected paper or authors"),
-    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: [2], confusion: fuzzy}}\n", "confusion: expected soft or hard"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: four}}\n", "stages.g.k: expected a list, got 'four'"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: [2], variant: mine}}\n", "stages.g.variant: 'mine' is not one of paper, authors"),
+    ("study: x\nstages: {a: {}, g: {kind: groups, from: a, k: [2], confusion: fuzzy}}\n", "stages.g.confusion: 'fuzzy' is not one of soft, hard"),
     ("study: 'bad id!'\nstages: {a: {}}\n", "study: needs an id"),
     ("study: x\nstages: {}\n", "stages: needs a mapping"),
     ("study: x\nbase: {config: configs/missing.yaml}\nstages: {a: {}}\n", "no such recipe"),
     ("study: x\nstages: [1, 2\n", "not valid YAML"),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, text, message):
+    path = write(tmp_path, text)
     with pytest.raises(study_lib.StudyError) as err:
-        study_lib.load_study(write(tmp_path, text), [f"runs_root={tmp_path}"])
+        study_lib.load_study(path, [f"runs_root={tmp_path}"])
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(str(path))  # every message names the file first
 
 
 def test_launch_study_cli_errors_exit_2(tmp_path, capsys):
@@ -91,6 +110,37 @@ def test_launch_study_cli_errors_exit_2(tmp_path, capsys):
     path = write(tmp_path, BASIC)
     assert launch.main(["--study", str(path), "--local", "--nodes", "2"]) == 2
     assert "--local does not take SLURM options" in capsys.readouterr().err
+
+
+def test_study_cli_help_shows_the_study_file_format():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline" / "study.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Study file (YAML)" in proc.stdout and "kind: groups" in proc.stdout
+
+
+def test_stage_slurm_keys_are_checked_and_layered(tmp_path):
+    text = BASIC.replace("study: t1\n", "study: t1\nslurm: {time: '01:00:00', sbatch: {exclusive: true}}\n").replace(
+        "lc: {kind: lc, from: ssal}", "lc: {kind: lc, from: ssal, slurm: {time: '00:10:00', nodes: 2}}")
+    s = study_lib.load_study(write(tmp_path, text), [f"runs_root={tmp_path / 'runs'}"])
+    assert s.stages["lc"].slurm == {"time": "00:10:00", "nodes": 2, "sbatch": {"exclusive": True}}
+    assert s.stages["baseline"].slurm == {"time": "01:00:00", "sbatch": {"exclusive": True}}
+
+
+def test_report_reads_the_paper_figures_with_the_study_schema(tmp_path):
+    from pipeline.stages.report import read_paper_figures
+    from pipeline.tracking.runs import ToolError
+
+    path = write(tmp_path, "study: x\nstages: {a: {paper: {main: [76.4, 93.3], joint: 77}}, b: {}}\n")
+    assert read_paper_figures(path) == {"a": {"main": (76.4, 93.3), "joint": (77.0, None)}}
+    path.write_text("study: x\nstages: {a: {paper: {main: [76.4, 93.3, 1]}}}\n")
+    with pytest.raises(ToolError, match=r"s.yaml: stages.a.paper.main: expected top-1 or \[top-1, top-5\]"):
+        read_paper_figures(path)
+    with pytest.raises(ToolError, match="--paper: no such file"):
+        read_paper_figures(tmp_path / "missing.yaml")
 
 
 @pytest.mark.parametrize("name", ["demo", "imagenet_resnet50", "imagenet_resnet152", "tinyimagenet_resnet18"])

@@ -2,6 +2,6 @@
 ``slurm`` (profiles, the submitit executor, the one submit path and job following that launch and studies
 share), ``arrays`` (``--array`` expansion), ``task`` (what a SLURM task runs: the worker entry, with
 requeue on preemption), ``study`` (multi-stage studies: baseline -> groups -> SSAL -> report).
-May import ``pipeline.train.config`` (to validate a config before submitting) and ``pipeline.tracking``;
-nothing imports ``launch``. The launcher never knows about the training loop.
+May import ``pipeline.train.config`` and ``.schema`` (to check a config, a profile, a study before submitting)
+and ``pipeline.tracking``; nothing imports ``launch``. The launcher never knows about the training loop.
 """

@@ -27,40 +27,38 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from pipeline.tracking.constants import RUN_ID_FILE
+from pipeline.train import schema
 from pipeline.train.config import REPO_ROOT, Config
 
 PROFILE_DIR = REPO_ROOT / "slurm"
 EXIT_USAGE = 2
 
 
-# profile keys (slurm/*.yaml) -> their meaning; command-line flags override them
-PROFILE_KEYS = {
-    "partition": "SLURM partition",
-    "nodes": "number of nodes",
-    "gpus_per_node": "GPUs per node; one task per GPU (0 = CPU nodes)",
-    "tasks_per_node": "tasks per node when gpus_per_node is 0 (default 1)",
-    "cpus_per_task": "CPUs per task (data-loading threads + the trainer)",
-    "mem": "memory per node, sbatch syntax (e.g. 64G; 0 = all of it)",
-    "time": "time limit, sbatch syntax (HH:MM:SS, D-HH:MM:SS, or minutes)",
-    "signal_delay_s": "SIGUSR2 this many seconds before the time limit (checkpoint + requeue)",
-    "account": "SLURM account",
-    "qos": "SLURM quality of service",
-    "constraint": "node features (sbatch --constraint)",
-    "max_requeues": "how many times a job may requeue itself after preemption / time limit",
-    "array_parallelism": "at most this many array elements run at once",
-    "sbatch": "mapping of extra sbatch options ({exclusive: true, reservation: x, ...})",
-    "setup": "shell lines run in the batch script before srun (module load ..., source venv/bin/activate)",
-    "env": "mapping of environment variables for every task",
-}
+@dataclasses.dataclass
+class SlurmProfile:
+    """A cluster profile (slurm/NAME.yaml); command-line flags override it. A key set to null keeps its default."""
+
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # one task per GPU (0 = CPU nodes)
+    tasks_per_node: int | None = None  # when gpus_per_node is 0 (default 1)
+    cpus_per_task: int | None = None  # data-loading threads + the trainer
+    mem: str | int | None = None  # memory per node, sbatch syntax (e.g. 64G; 0 = all of it)
+    time: str | int | None = "24:00:00"  # time limit, sbatch syntax (HH:MM:SS, D-HH:MM:SS, or minutes)
+    signal_delay_s: int = 120  # SIGUSR2 this many seconds before the time limit (checkpoint + requeue)
+    account: str | None = None
+    qos: str | None = None  # quality of service
+    constraint: str | None = None  # node features (sbatch --constraint)
+    max_requeues: int = 20  # how many times a job may requeue itself after preemption / time limit
+    array_parallelism: int = 16  # at most this many array elements run at once
+    sbatch: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra options {exclusive: true, ...}
+    setup: list[str] = dataclasses.field(default_factory=list)  # shell lines before srun (module load, source ...)
+    env: dict[str, Any] = dataclasses.field(default_factory=dict)  # environment variables for every task
 
 
-DEFAULTS: dict[str, Any] = {
-    "partition": None, "nodes": 1, "gpus_per_node": 0, "tasks_per_node": None, "cpus_per_task": None,
-    "mem": None, "time": "24:00:00", "signal_delay_s": 120, "account": None, "qos": None, "constraint": None,
-    "max_requeues": 20, "array_parallelism": 16, "sbatch": {}, "setup": [], "env": {},
-}
-
-
+PROFILE_KEYS = schema.keys_of(SlurmProfile)
+FLAG_KEYS = ("partition", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "account",
+             "qos", "constraint", "signal_delay_s", "max_requeues", "array_parallelism")
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 
@@ -68,11 +66,11 @@ class LaunchError(Exception):
     """A launcher usage problem: printed as one line, exit 2, nothing submitted."""
 
 
-def load_profile(name: str | None) -> dict[str, Any]:
-    """DEFAULTS <- slurm/NAME.yaml (or the YAML file NAME)."""
-    out = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in DEFAULTS.items()}
+def load_profile(name: str | None) -> SlurmProfile:
+    """The defaults <- slurm/NAME.yaml (or the YAML file NAME)."""
+    profile = SlurmProfile()
     if not name:
-        return out
+        return profile
     path = Path(name)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PROFILE_DIR / f"{name}.yaml"
@@ -80,60 +78,50 @@ def load_profile(name: str | None) -> dict[str, Any]:
         known = ", ".join(sorted(q.stem for q in PROFILE_DIR.glob("*.yaml")))
         raise LaunchError(f"--cluster {name}: no profile {path} (known: {known})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise LaunchError(f"--cluster {name}: {path} is not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise LaunchError(f"--cluster {name}: {path} must be a mapping")
-    unknown = sorted(set(data) - set(PROFILE_KEYS))
-    if unknown:
-        raise LaunchError(f"--cluster {name}: unknown key(s) {', '.join(unknown)} in {path} "
-                          f"(valid: {', '.join(PROFILE_KEYS)})")
-    for key in ("sbatch", "env"):
-        if data.get(key) is not None and not isinstance(data[key], dict):
-            raise LaunchError(f"--cluster {name}: '{key}' must be a mapping in {path}")
-    if data.get("setup") is not None and not isinstance(data["setup"], list):
-        raise LaunchError(f"--cluster {name}: 'setup' must be a list of shell lines in {path}")
-    out.update({k: v for k, v in data.items() if v is not None})
-    return out
+        data = schema.read_yaml(path, f"--cluster {name}") or {}
+    except schema.SchemaError as err:
+        raise LaunchError(f"--cluster {name}: {err}") from None
+    if isinstance(data, dict):  # null keeps the default (example_gpu.yaml lists `account: null` ...)
+        data = {key: getattr(profile, key, None) if value is None else value for key, value in data.items()}
+    try:
+        schema.merge(profile, data)
+    except schema.SchemaError as err:
+        where = f"--cluster {name}" if Path(name) == path else f"--cluster {name}: {path}"
+        raise LaunchError(f"{where}: {err}") from None
+    return profile
 
 
 def slurm_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Profile, then the command-line flags that were given; checked."""
-    s = load_profile(args.cluster)
-    for key in ("partition", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "account",
-                "qos", "constraint", "signal_delay_s", "max_requeues", "array_parallelism"):
-        value = getattr(args, key, None)
-        if value is not None:
-            s[key] = value
-    s["sbatch"] = dict(s["sbatch"])
+    """Profile, then the command-line flags that were given; checked. A dict of SlurmProfile's keys."""
+    profile = load_profile(args.cluster)
+    flags = {key: getattr(args, key) for key in FLAG_KEYS if getattr(args, key, None) is not None}
+    try:
+        schema.merge(profile, flags)
+    except schema.SchemaError as err:
+        raise LaunchError(str(err)) from None
+    settings = dataclasses.asdict(profile)
     for item in args.sbatch:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise LaunchError(f"--sbatch {item}: expected KEY=VALUE")
-        s["sbatch"][key.strip().lstrip("-")] = yaml.safe_load(value) if value else True
-    for key in ("nodes",):
-        if not isinstance(s[key], int) or s[key] < 1:
-            raise LaunchError(f"{key}: must be an integer >= 1, got {s[key]!r}")
-    for key in ("gpus_per_node", "signal_delay_s", "max_requeues"):
-        if not isinstance(s[key], int) or s[key] < 0:
-            raise LaunchError(f"{key}: must be an integer >= 0, got {s[key]!r}")
-    for key in ("tasks_per_node", "cpus_per_task", "array_parallelism"):
-        if s[key] is not None and (not isinstance(s[key], int) or s[key] < 1):
-            raise LaunchError(f"{key}: must be an integer >= 1, got {s[key]!r}")
-    if s["gpus_per_node"] > 0 and s["tasks_per_node"] not in (None, s["gpus_per_node"]):
-        raise LaunchError(f"tasks_per_node ({s['tasks_per_node']}) must equal gpus_per_node "
-                          f"({s['gpus_per_node']}): one task per GPU")
-    s["tasks_per_node"] = s["gpus_per_node"] or s["tasks_per_node"] or 1
-    if s["time"] is not None:
-        s["time"] = str(s["time"])
-        if not _TIME_RE.match(s["time"]):
-            raise LaunchError(f"time: '{s['time']}' is not a SLURM time (HH:MM:SS, D-HH:MM:SS or minutes)")
-    if s["mem"] is not None:
-        s["mem"] = str(s["mem"])
-        if not re.match(r"^\d+(\.\d+)?[KMGT]?B?$", s["mem"], re.I):
-            raise LaunchError(f"mem: '{s['mem']}' is not a SLURM memory size (e.g. 64G, 500M, 0)")
-    return s
+        settings["sbatch"][key.strip().lstrip("-")] = yaml.safe_load(value) if value else True
+    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("signal_delay_s", 0), ("max_requeues", 0),
+                     ("tasks_per_node", 1), ("cpus_per_task", 1), ("array_parallelism", 1)):
+        if settings[key] is not None and settings[key] < low:
+            raise LaunchError(f"{key}: must be an integer >= {low}, got {settings[key]!r}")
+    if settings["gpus_per_node"] > 0 and settings["tasks_per_node"] not in (None, settings["gpus_per_node"]):
+        raise LaunchError(f"tasks_per_node ({settings['tasks_per_node']}) must equal gpus_per_node "
+                          f"({settings['gpus_per_node']}): one task per GPU")
+    settings["tasks_per_node"] = settings["gpus_per_node"] or settings["tasks_per_node"] or 1
+    if settings["time"] is not None:
+        settings["time"] = str(settings["time"])
+        if not _TIME_RE.match(settings["time"]):
+            raise LaunchError(f"time: '{settings['time']}' is not a SLURM time (HH:MM:SS, D-HH:MM:SS or minutes)")
+    if settings["mem"] is not None:
+        settings["mem"] = str(settings["mem"])
+        if not re.match(r"^\d+(\.\d+)?[KMGT]?B?$", settings["mem"], re.I):
+            raise LaunchError(f"mem: '{settings['mem']}' is not a SLURM memory size (e.g. 64G, 500M, 0)")
+    return settings
 
 
 def time_to_minutes(text: str) -> int:

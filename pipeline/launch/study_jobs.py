@@ -103,10 +103,6 @@ def stage_settings(study: Study, stage: Stage, base: dict) -> dict:
     elif stage.kind in ("lc", "explain"):
         gpus = 1 if base.get("gpus_per_node") else 0
         settings.update(nodes=1, gpus_per_node=gpus, tasks_per_node=1)
-    unknown = [k for k in stage.slurm if k not in slurm.PROFILE_KEYS]
-    if unknown:
-        raise StudyError(f"{study.path}: stages.{stage.name}.slurm: unknown key(s) {', '.join(unknown)} "
-                         f"(valid: {', '.join(slurm.PROFILE_KEYS)})")
     for key, value in stage.slurm.items():
         settings[key] = ({**settings[key], **value} if isinstance(settings.get(key), dict) and isinstance(value, dict)
                          else value)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 
 from pipeline.tracking.runs import ToolError, run_cli
+from pipeline.train import schema
 
 RULE_ORDER = ["main", "joint", "lc", "ensemble"]
 FIXED = ["stage", "run", "method", "arch", "status"]
@@ -53,42 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_paper(value, what: str) -> dict[str, tuple]:
-    """A stage's ``paper`` key: ``{rule: top1 | [top1, top5]}`` -> ``{rule: (top1, top5 | None)}``
-    (percentages); ValueError naming ``what`` otherwise."""
-    def number(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 100
-
-    if not isinstance(value, dict) or not value:
-        raise ValueError(f"{what}: expected a mapping rule -> top-1 or [top-1, top-5] in %, "
-                         f"e.g. {{main: [76.4, 93.3]}}, got {value!r}")
-    figures = {}
-    for rule, item in value.items():
-        pair = item if isinstance(item, list) else [item]
-        if not 1 <= len(pair) <= 2 or not all(number(x) for x in pair):
-            raise ValueError(f"{what}.{rule}: expected top-1 or [top-1, top-5], percentages in [0, 100], "
-                             f"got {item!r}")
-        figures[str(rule)] = (float(pair[0]), float(pair[1]) if len(pair) == 2 else None)
-    return figures
-
-
 def read_paper_figures(path) -> dict[str, dict[str, tuple]]:
     """``{stage: {rule: (top1, top5)}}`` from a study file's ``paper`` keys."""
-    import yaml
-
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ToolError(f"--paper: cannot read {path} ({err})") from None
-    stages = data.get("stages") if isinstance(data, dict) else None
-    figures = {}
-    for name, spec in (stages or {}).items():
-        if isinstance(spec, dict) and "paper" in spec:
-            try:
-                figures[str(name)] = parse_paper(spec["paper"], f"{path}: stages.{name}.paper")
-            except ValueError as err:
-                raise ToolError(str(err)) from None
-    return figures
+        data = schema.read_yaml(path, "--paper")
+        stages = data.get("stages") if isinstance(data, dict) else None
+        return {str(name): schema.paper_figures(spec["paper"], f"{path}: stages.{name}.paper")
+                for name, spec in (stages or {}).items() if isinstance(spec, dict) and "paper" in spec}
+    except schema.SchemaError as err:
+        raise ToolError(str(err)) from None
 
 
 def add_paper_columns(rows: list[dict], columns: list[str], figures: dict) -> list[str]:

@@ -15,35 +15,35 @@ import dataclasses
 import difflib
 import json
 import math
-import typing
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
+from pipeline.train.schema import SchemaError, merge, merge_file
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line naming the key and the fix."""
+# a bad configuration value: one line naming the key and the fix (the schema's error, under the config's name)
+ConfigError = SchemaError
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "demo"  # demo | imagenet | tinyimagenet: names the run and the recipe
+    dataset: Literal["demo", "imagenet", "tinyimagenet"] = "demo"  # names the run and the recipe
     root: str = "data/demo"  # folder with train.beton, val.beton and manifest.json
     write_demo_if_missing: bool = True  # dataset=demo only: write the demo betons on first use
     # class | superclass: the primary task's labels. superclass trains on the planted super-classes of
     # a manifest that has them (the demo set: 8 super-classes of 4 classes; MAXL's setting, where the
     # generator may rediscover the classes inside each super-class as its auxiliary labels)
-    labels: str = "class"
+    labels: Literal["class", "superclass"] = "class"
     batch_size: int = 64  # per process
     val_batch_size: int = 128  # per process
     num_workers: int = 2  # FFCV decoding threads per process
-    # auto: random with os_cache, quasi_random without (pipeline/util/data_access.py) | random | quasi_random
-    order: str = "auto"
+    # auto: random with os_cache, quasi_random without (pipeline/train/data_access.py)
+    order: Literal["auto", "quasi_random", "random"] = "auto"
     os_cache: bool = True  # read the beton through the OS page cache (false: when it does not fit in RAM)
     min_res: int = 32  # progressive resizing: train crop size ramps min_res -> max_res
     max_res: int = 32
@@ -53,7 +53,7 @@ class DataConfig:
     # evaluation preprocessing: center = crop 224/256 of the shorter side (torchvision's Resize(256)
     # + CenterCrop(224)); squash256 = resize both sides to 256 ignoring the aspect ratio, crop 224
     # (the DKS authors' evaluation); either way the crop is resized to val_res
-    val_preprocess: str = "center"
+    val_preprocess: Literal["center", "squash256"] = "center"
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
     # brightness, contrast and saturation jitter of strength s (torchvision's ColorJitter(s, s, s)),
     # seeded per (seed, epoch, sample) like the crop and flip; 0 = off
@@ -75,7 +75,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "ssal"  # baseline | ssal | dks | ds | gapcat | maxl
+    name: Literal["baseline", "ssal", "dks", "ds", "gapcat", "maxl"] = "ssal"
     # SSAL / GapCat groupings: a JSON written by pipeline/groups.py (class names per group),
     # or, without one, seeded random groupings with these numbers of groups.
     groups_file: str = ""
@@ -97,7 +97,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "triangular"  # step | triangular | cosine (all per iteration)
+    kind: Literal["step", "triangular", "cosine"] = "triangular"  # all per iteration
     epochs: int = 4
     warmup_epochs: float = 0.0  # cosine / step: linear warm-up from 0
     peak_epoch: float = 1.0  # triangular: linear up to the peak, then linear down to end_lr_ratio
@@ -109,8 +109,8 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "bf16"  # none | bf16 | fp16 (GPU only; CPU runs in float32)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "bf16"  # GPU only; CPU runs in float32
     channels_last: bool = True  # GPU only
     compile: bool = False  # torch.compile the model
     ema_decay: float = 0.0  # 0 = no EMA of the weights; else e.g. 0.9999 (evaluated as its own head)
@@ -193,78 +193,7 @@ def resolve_path(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-# ----------------------------------------------------------------------------- typing
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check (and gently convert) `value` against a field annotation; ConfigError names the key."""
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if value is None:
-            return ""
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]  # `num_groups=8` on the command line means [8]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        _, value_type = typing.get_args(annotation)
-        return {str(k): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this file
-
-
-def _section_hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _merge(instance, values: dict[str, Any], prefix: str = "") -> None:
-    """Set fields of a dataclass instance from a (nested) dict, validating each key."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    hints = _section_hints(type(instance))
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if key not in hints:
-            valid = ", ".join(sorted(hints))
-            raise ConfigError(f"unknown key '{name}' (valid keys here: {valid})")
-        current = getattr(instance, key)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, name + ".")
-        elif typing.get_origin(hints[key]) is dict and isinstance(value, dict):
-            # mappings (method.options, tracking.tags) merge key by key
-            merged = dict(current)
-            merged.update(_coerce(value, hints[key], name))
-            setattr(instance, key, merged)
-        else:
-            setattr(instance, key, _coerce(value, hints[key], name))
+# ----------------------------------------------------------------------------- overrides
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -288,26 +217,32 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return value
 
 
+def override_list(value: Any, key: str) -> list[str]:
+    """Overrides as a YAML file writes them (a study's), a mapping {section.key: value} or a list of
+    'section.key=value' strings -> ['section.key=value', ...] for :func:`parse_override` (values as JSON = YAML)."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [f"{k}={v if isinstance(v, str) and not _needs_quoting(v) else json.dumps(v)}" for k, v in value.items()]
+    if isinstance(value, list) and all(isinstance(x, str) and "=" in x for x in value):
+        return list(value)
+    raise ConfigError(f"{key}: expected a mapping {{section.key: value}} or a list of 'section.key=value' strings, "
+                      f"got {value!r}")
+
+
+def _needs_quoting(text: str) -> bool:
+    """A string that YAML would read back as something else (a number, a bool, a list ...)."""
+    try:
+        return not isinstance(yaml.safe_load(text), str)
+    except yaml.YAMLError:
+        return True
+
+
 # ----------------------------------------------------------------------------- checks
 
-_CHOICES = {
-    "data.dataset": ("demo", "imagenet", "tinyimagenet"),
-    "data.labels": ("class", "superclass"),
-    "data.order": ("auto", "quasi_random", "random"),
-    "data.val_preprocess": ("center", "squash256"),
-    "method.name": ("baseline", "ssal", "dks", "ds", "gapcat", "maxl"),
-    "schedule.kind": ("step", "triangular", "cosine"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("none", "bf16", "fp16"),
-}
-
-
 def validate(cfg: Config) -> None:
-    """Value checks that do not need files: choices, ranges, consistency between keys."""
+    """Value checks that do not need files and that the types do not say: ranges, consistency between keys."""
     flat = cfg.flat()
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"{key}: '{flat[key]}' is not one of {', '.join(choices)}")
     positive = [
         "data.batch_size", "data.val_batch_size", "data.min_res", "data.max_res", "data.val_res",
         "schedule.epochs", "eval.every_n_epochs", "checkpoint.every_n_epochs", "train.log_every",
@@ -403,29 +338,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Embedded defaults <- YAML file <- overrides, validated. Raises ConfigError."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        try:
-            _merge(cfg, loaded)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+        merge_file(cfg, path, "--config")
     for text in overrides:
         key_path, value = parse_override(text)
-        _merge(cfg, _nest(key_path, value))
+        merge(cfg, _nest(key_path, value))
     validate(cfg)
     return cfg
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     cfg = Config()
-    _merge(cfg, values)
+    merge(cfg, values)
     validate(cfg)
     return cfg
 
