@@ -54,9 +54,10 @@ def log_ssal_run(uri, tmp_path, name, weights_width=0.125) -> str:
     from pipeline.train.factory import build_model
 
     overrides = ["method.num_groups=[2]", f"data.root={tmp_path / 'no-data'}"]
-    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides + ["model.width_multiplier=0.125"])
+    demo = REPO_ROOT / "configs" / "demo.yaml"
+    cfg = load_config(demo, overrides + ["model.width_multiplier=0.125"])
     torch.manual_seed(0)
-    weights_cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides + [f"model.width_multiplier={weights_width}"])
+    weights_cfg = load_config(demo, overrides + [f"model.width_multiplier={weights_width}"])
     model = build_model(weights_cfg, 8, [np.arange(8) % 2])
     files = {"config.yaml": lambda path: save_config(cfg, path),
              "final_weights.pt": lambda path: torch.save(model.state_dict(), path)}
@@ -152,6 +153,7 @@ def test_fit_lc_and_explain_without_run_folder_keep_their_outputs(demo_study, tm
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    logged = client.search_runs([client.get_experiment_by_name("scratch").experiment_id], "tags.source_run = '%s'" % run_id)
+    experiment = client.get_experiment_by_name("scratch").experiment_id
+    logged = client.search_runs([experiment], f"tags.source_run = '{run_id}'")
     assert sorted(r.data.tags["stage"] for r in logged) == ["explain", "lc"]
     assert all(r.info.status == "FINISHED" for r in logged)

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=4, help="val images when --images is not given (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=0, help="input size (default: the run's data.val_res)")
     p.add_argument("--out", default="", help="PNG path (default: <run dir>/cams.png; cams.png in a new cams-* "
-                                             "folder in the temp dir, kept, when the run folder is not on this machine)")
+                                             "folder in the temp dir, kept, when the run folder is not here)")
     p.add_argument("--max-names", type=int, default=12, help="class names shown per group (default: %(default)s)")
     add_tracking_options(p, "the CAMs run", "the source run's experiment", run_name_help="<source run name>-cams")
     return p

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", help="folder for lc_head.pt and the tracking journal (default: <run dir>/lc; a new "
-                                 "lc-* folder in the temp dir, kept, when the run folder is not on this machine)")
+                                 "lc-* folder in the temp dir, kept, when the run folder is not here)")
     add_tracking_options(p, "the +LC run", "the source run's experiment", run_name_help="<source run name>+lc")
     return p
 
@@ -139,8 +139,8 @@ def run(args) -> dict:
     if not args.no_mlflow:
         uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
         experiment = args.experiment or source_experiment(client, src, "lc")
-        tags = {"method": "ssal+lc", "stage": "lc", **source_tags(src, ("arch", "dataset", "study", "groups", "branches")),
-                **parse_tags(args.tag)}
+        inherited = ("arch", "dataset", "study", "groups", "branches")
+        tags = {"method": "ssal+lc", "stage": "lc", **source_tags(src, inherited), **parse_tags(args.tag)}
         name = args.run_name or f"{src.info.run_name if src is not None else 'ssal'}+lc"
         params = {"lc.epochs": args.epochs, "lc.lr": args.lr, "lc.batch_size": args.batch_size,
                   "lc.max_samples": args.max_samples, "lc.seed": args.seed, "model.arch": cfg.model.arch,

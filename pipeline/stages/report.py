@@ -264,10 +264,9 @@ def run(args) -> dict:
             first = client.get_run(rows[0]["run_id"])
             experiment = client.get_experiment(first.info.experiment_id).name
         tags = {"study": args.study, "stage": "report", "method": "report", **parse_tags(args.tag)}
-        result["run_id"] = log_stage_run(uri, experiment, out / ".tracking", args.run_name, params={"study": args.study},
-                                         tags=tags, artifacts=[out / name for name in ("report.md", "report.csv",
-                                                                                       "report.png")],
-                                         label="summary run")
+        files = [out / name for name in ("report.md", "report.csv", "report.png")]
+        result["run_id"] = log_stage_run(uri, experiment, out / ".tracking", args.run_name,
+                                         params={"study": args.study}, tags=tags, artifacts=files, label="summary run")
     return result
 
 
