@@ -63,7 +63,7 @@ def planted_agreement(run_dir: Path) -> float | None:
     from ssal_datasets import loader as data_loader
     from ssal_datasets.manifest import read_manifest
     from pipeline.train.config import resolve_path
-    from pipeline.tracking.runs import load_trained
+    from pipeline.stages.common import load_trained
     from pipeline.train.factory import label_space
 
     cfg, model, _, _ = load_trained(None, None, run_dir, run_dir)

@@ -132,7 +132,7 @@ def test_stage_slurm_keys_are_checked_and_layered(tmp_path):
 
 def test_report_reads_the_paper_figures_with_the_study_schema(tmp_path):
     from pipeline.stages.report import read_paper_figures
-    from pipeline.tracking.runs import ToolError
+    from pipeline.stages.common import ToolError
 
     path = write(tmp_path, "study: x\nstages: {a: {paper: {main: [76.4, 93.3], joint: 77}}, b: {}}\n")
     assert read_paper_figures(path) == {"a": {"main": (76.4, 93.3), "joint": (77.0, None)}}

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
-
-from pipeline.tracking.runs import ToolError, run_cli
-
+from pipeline.stages.common import (ToolError, add_tracking_options, kept_output_dir, load_trained, log_stage_run,
+                                    parse_tags, resolve_run, run_cli, scratch_dir, source_experiment, source_tags)
+from pipeline.tracking import runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,15 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", metavar="FILE", help="image files (default: val images of the run's dataset)")
     p.add_argument("--num-images", type=int, default=4, help="val images when --images is not given (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=0, help="input size (default: the run's data.val_res)")
-    p.add_argument("--out", default="", help="PNG path (default: <run dir>/cams.png)")
+    p.add_argument("--out", default="", help="PNG path (default: <run dir>/cams.png; cams.png in a new cams-* "
+                                             "folder in the temp dir, kept, when the run folder is not here)")
     p.add_argument("--max-names", type=int, default=12, help="class names shown per group (default: %(default)s)")
-    tr = p.add_argument_group("MLflow")
-    tr.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<runs-root>/mlflow.db")
-    tr.add_argument("--runs-root", default="runs")
-    tr.add_argument("--experiment", help="default: the source run's experiment")
-    tr.add_argument("--run-name", default="", help="default: <source run name>-cams")
-    tr.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
-    tr.add_argument("--no-mlflow", action="store_true")
+    add_tracking_options(p, "the CAMs run", "the source run's experiment", run_name_help="<source run name>-cams")
     return p
 
 
@@ -187,13 +181,11 @@ def run(args) -> dict:
     import numpy as np
     import torch
 
-    from pipeline.tracking import runs
-
     if args.num_images < 1:
         raise ToolError(f"--num-images: must be >= 1, got {args.num_images}")
-    client, src, folder = runs.resolve_run(args.run, args.run_dir, args.tracking_uri, args.runs_root)
-    tmp = tempfile.mkdtemp(prefix="explain-")
-    cfg, model, names, groupings = runs.load_trained(client, src, folder, tmp)
+    client, src, folder = resolve_run(args.run, args.run_dir, args.tracking_uri, args.runs_root)
+    with scratch_dir("explain") as tmp:
+        cfg, model, names, groupings = load_trained(client, src, folder, tmp)
     resolution = args.resolution or cfg.data.val_res
     labels = None
     if args.images:
@@ -210,7 +202,7 @@ def run(args) -> dict:
     if groupings is None:
         groupings = []
     fig = draw(shown, cams, names, [np.asarray(g) for g in groupings], branch_index, labels, args.max_names)
-    out = Path(args.out) if args.out else ((folder / "cams.png") if folder is not None else Path(tmp) / "cams.png")
+    out = Path(args.out) if args.out else (folder if folder is not None else kept_output_dir("cams")) / "cams.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     heads = [c[0] for c in cams]
@@ -229,20 +221,13 @@ def run(args) -> dict:
     result = {"out": str(out), "heads": heads, "run_id": None}
     if not args.no_mlflow:
         uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
-        experiment = args.experiment or (client.get_experiment(src.info.experiment_id).name if src is not None
-                                         else "explain")
-        tags = {"method": "explain", "stage": "explain"}
-        if src is not None:
-            tags.update({"source_run": src.info.run_id,
-                         **{t: src.data.tags[t] for t in ("arch", "dataset", "study") if t in src.data.tags}})
-        tags.update(runs.parse_tags(args.tag))
+        experiment = args.experiment or source_experiment(client, src, "explain")
+        tags = {"method": "explain", "stage": "explain", **source_tags(src, ("arch", "dataset", "study")),
+                **parse_tags(args.tag)}
         name = args.run_name or f"{src.info.run_name if src is not None else 'model'}-cams"
-        tracker = runs.aux_tracker(uri, experiment, out.parent / ".explain-tracking", name,
-                                   {"images": len(shown), "resolution": resolution}, tags)
-        tracker.log_artifact(str(out))
-        tracker.end("FINISHED")
-        result["run_id"] = tracker.run_id
-        print(f"MLflow: run {tracker.run_id} in experiment '{experiment}' ({uri})")
+        result["run_id"] = log_stage_run(uri, experiment, out.parent / ".explain-tracking", name,
+                                         params={"images": len(shown), "resolution": resolution}, tags=tags,
+                                         artifacts=[out])
     return result
 
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-
-from pipeline.tracking.runs import ToolError, run_cli
-
+from pipeline.stages.common import (ToolError, add_tracking_options, kept_output_dir, load_trained, log_stage_run,
+                                    parse_tags, resolve_run, run_cli, scratch_dir, source_experiment, source_tags)
+from pipeline.tracking import runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,14 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(0 = all; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", help="folder for lc_head.pt and the tracking journal (default: <run dir>/lc)")
-    tr = p.add_argument_group("MLflow")
-    tr.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<runs-root>/mlflow.db")
-    tr.add_argument("--runs-root", default="runs")
-    tr.add_argument("--experiment", help="default: the source run's experiment")
-    tr.add_argument("--run-name", default="", help="default: <source run name>+lc")
-    tr.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
-    tr.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--out", help="folder for lc_head.pt and the tracking journal (default: <run dir>/lc; a new "
+                                 "lc-* folder in the temp dir, kept, when the run folder is not here)")
+    add_tracking_options(p, "the +LC run", "the source run's experiment", run_name_help="<source run name>+lc")
     return p
 
 
@@ -70,7 +64,6 @@ def run(args) -> dict:
     import torch
 
     from pipeline.train import engine
-    from pipeline.tracking import runs
     from pipeline.train.config import resolve_path
 
     for name in ("epochs", "batch_size"):
@@ -78,9 +71,9 @@ def run(args) -> dict:
             raise ToolError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ToolError(f"--lr: must be > 0, got {args.lr}")
-    client, src, folder = runs.resolve_run(args.run, args.run_dir, args.tracking_uri, args.runs_root)
-    tmp = tempfile.mkdtemp(prefix="fit-lc-")
-    cfg, model, names, groupings = runs.load_trained(client, src, folder, tmp)
+    client, src, folder = resolve_run(args.run, args.run_dir, args.tracking_uri, args.runs_root)
+    with scratch_dir("fit-lc") as tmp:
+        cfg, model, names, groupings = load_trained(client, src, folder, tmp)
     if model.method.name != "ssal":
         raise ToolError(f"the run's method is {model.method.name!r}: +LC needs an SSAL run (method.name=ssal)")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -134,7 +127,7 @@ def run(args) -> dict:
 
     metrics["model/params"] = float(ssal_models.count_parameters(model)["total"])
 
-    out = Path(args.out) if args.out else (folder / "lc" if folder is not None else Path(tmp) / "lc")
+    out = Path(args.out) if args.out else (folder / "lc" if folder is not None else kept_output_dir("lc"))
     out.mkdir(parents=True, exist_ok=True)
     head_path = out / "lc_head.pt"
     torch.save({"state_dict": head.state_dict(), "num_classes": head.num_classes, "num_groups": head.num_groups,
@@ -145,24 +138,15 @@ def run(args) -> dict:
     result = {"metrics": metrics, "head": str(head_path), "run_id": None}
     if not args.no_mlflow:
         uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
-        experiment = args.experiment or (client.get_experiment(src.info.experiment_id).name if src is not None
-                                         else "lc")
-        tags = {"method": "ssal+lc", "stage": "lc"}
-        if src is not None:
-            tags.update({"source_run": src.info.run_id,
-                         **{t: src.data.tags[t] for t in ("arch", "dataset", "study", "groups", "branches")
-                            if t in src.data.tags}})
-        tags.update(runs.parse_tags(args.tag))
+        experiment = args.experiment or source_experiment(client, src, "lc")
+        inherited = ("arch", "dataset", "study", "groups", "branches")
+        tags = {"method": "ssal+lc", "stage": "lc", **source_tags(src, inherited), **parse_tags(args.tag)}
         name = args.run_name or f"{src.info.run_name if src is not None else 'ssal'}+lc"
         params = {"lc.epochs": args.epochs, "lc.lr": args.lr, "lc.batch_size": args.batch_size,
                   "lc.max_samples": args.max_samples, "lc.seed": args.seed, "model.arch": cfg.model.arch,
                   "method.name": "ssal", "data.dataset": cfg.data.dataset}
-        tracker = runs.aux_tracker(uri, experiment, out, name, params, tags)
-        tracker.log_metrics(metrics, step=cfg.schedule.epochs)
-        tracker.log_artifact(str(head_path))
-        tracker.end("FINISHED")
-        result["run_id"] = tracker.run_id
-        print(f"MLflow: run {tracker.run_id} in experiment '{experiment}' ({uri})")
+        result["run_id"] = log_stage_run(uri, experiment, out, name, params=params, tags=tags, metrics=metrics,
+                                         step=cfg.schedule.epochs, artifacts=[head_path])
     return result
 
 

@@ -42,13 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
-
 
 import numpy as np
 
-from pipeline.tracking.runs import ToolError, run_cli
+from pipeline.stages.common import (ToolError, add_tracking_options, log_stage_run, parse_tags, run_cli, scratch_dir,
+                                    source_experiment, source_tags)
+from pipeline.tracking import runs
 
 HOLDOUT_FILE = "confusion_holdout.npy"
 VAL_FILE = "confusion_main.npy"
@@ -88,14 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the groupings JSON")
     p.add_argument("--data-root", metavar="DIR", help="dataset folder with manifest.json (class names, planted "
                                                       "super-classes); default: the source run's data.root")
-    tr = p.add_argument_group("MLflow")
-    tr.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<runs-root>/mlflow.db")
-    tr.add_argument("--runs-root", default="runs", help="runs root of the default store (default: %(default)s)")
-    tr.add_argument("--experiment", help="experiment of the groups run (default: the source run's, else 'groups')")
-    tr.add_argument("--run-name", default="", help="name of the groups run (default: groups-<criterion>-k<k...>)")
-    tr.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="tag of the groups run "
-                    "(repeatable), e.g. --tag study=demo --tag stage=groups")
-    tr.add_argument("--no-mlflow", action="store_true", help="write the JSON only")
+    add_tracking_options(p, "the groups run", "the source run's, else 'groups'",
+                         run_name_help="groups-<criterion>-k<k...>", no_mlflow_help="write the JSON only")
     return p
 
 
@@ -152,8 +146,6 @@ def load_confusion_file(path: str | Path) -> np.ndarray:
 
 def confusion_from_run(args, mlflow_client, run, tmp: str) -> tuple[np.ndarray, str, str]:
     """(confusion, split, where) from the run: holdout if logged (or asked), else val with a warning."""
-    from pipeline.tracking import runs
-
     wanted = {"auto": [HOLDOUT_FILE, VAL_FILE], "holdout": [HOLDOUT_FILE], "val": [VAL_FILE]}[args.split]
     if args.matrix == "soft":
         wanted = [SOFT_FILES[name] for name in wanted]
@@ -280,8 +272,6 @@ def import_authors(args) -> dict:
 
 
 def run(args) -> dict:
-    from pipeline.tracking import runs
-
     sources = [x for x in (args.from_run, args.from_run_dir, args.confusion, args.import_authors) if x]
     if len(sources) != 1:
         raise ToolError("give exactly one of --from-run RUN_ID, --from-run-dir DIR, --confusion FILE.npy, "
@@ -299,7 +289,6 @@ def run(args) -> dict:
     if args.from_run or args.from_run_dir or not args.no_mlflow:
         uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
         mlflow_client = runs.client(uri)
-    tmp = tempfile.mkdtemp(prefix="groups-")
     source: dict = {}
     data_root = args.data_root
     if args.confusion:
@@ -310,7 +299,8 @@ def run(args) -> dict:
             raise ToolError(f"--from-run-dir: no such folder {args.from_run_dir}")
         run_id = args.from_run or runs.run_id_from_dir(args.from_run_dir)
         run_obj = runs.get_run(mlflow_client, run_id)
-        confusion, split, where = confusion_from_run(args, mlflow_client, run_obj, tmp)
+        with scratch_dir("groups") as tmp:  # a downloaded confusion is read into memory
+            confusion, split, where = confusion_from_run(args, mlflow_client, run_obj, tmp)
         source = {"run_id": run_id, "run_name": run_obj.info.run_name, "file": Path(where).name,
                   "experiment_id": run_obj.info.experiment_id}
         if not data_root:
@@ -351,35 +341,25 @@ def run(args) -> dict:
 
     result = {"out": str(out), "split": split, "ari": ari, "stats": stats, "run_id": None}
     if not args.no_mlflow:
-        experiment = args.experiment
-        if not experiment and run_obj is not None:
-            experiment = mlflow_client.get_experiment(run_obj.info.experiment_id).name
-        experiment = experiment or "groups"
+        experiment = args.experiment or source_experiment(mlflow_client, run_obj, "groups")
         tags = {"stage": "groups", "method": "groups", "criterion": args.criterion, "confusion_split": split,
-                "variant": args.variant, "matrix": args.matrix}
-        if run_obj is not None:
-            tags.update({"source_run": run_obj.info.run_id,
-                         **{t: run_obj.data.tags[t] for t in ("arch", "dataset", "study") if t in run_obj.data.tags}})
-        tags.update(runs.parse_tags(args.tag))
+                "variant": args.variant, "matrix": args.matrix, **source_tags(run_obj, ("arch", "dataset", "study")),
+                **parse_tags(args.tag)}
         name = args.run_name or f"groups-{args.criterion}-k{'-'.join(map(str, args.k))}"
         params = {"k": list(args.k), "criterion": args.criterion, "variant": args.variant, "matrix": args.matrix,
                   "seed": args.seed, "restarts": args.restarts,
                   "confusion_split": split, "source": json.dumps(source)}
-        tracker = runs.aux_tracker(uri, experiment, out.parent / f".{out.stem}-tracking", name, params, tags)
         metrics = {f"groups/within_group_confusion/k{st['k']}": st["within_group_confusion"] for st in stats}
         if ari is not None:
             metrics.update({f"groups/ari/k{k}": v for k, v in ari.items()})
-        tracker.log_metrics(metrics, step=0)
-        tracker.log_artifact(str(out))
-        tracker.end("FINISHED")
-        result["run_id"] = tracker.run_id
-        print(f"MLflow: run {tracker.run_id} in experiment '{experiment}' ({uri})")
+        result["run_id"] = log_stage_run(uri, experiment, out.parent / f".{out.stem}-tracking", name, params=params,
+                                         tags=tags, metrics=metrics, artifacts=[out])
     return result
 
 
 def main(argv=None) -> int:
     # ValueError: from the grouping code (a bad matrix / k)
-    return run_cli(build_parser, run, argv, usage_errors=(ToolError, ValueError))
+    return run_cli(build_parser, run, argv, also_usage_errors=(ValueError,))
 
 
 if __name__ == "__main__":

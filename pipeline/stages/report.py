@@ -25,11 +25,11 @@ import csv
 import math
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-
-from pipeline.tracking.runs import ToolError, run_cli
+from pipeline.stages.common import (ToolError, add_tracking_options, load_trained, log_stage_run, parse_tags,
+                                    run_cli, scratch_dir)
+from pipeline.tracking import runs
 from pipeline.train import schema
 
 RULE_ORDER = ["main", "joint", "lc", "ensemble"]
@@ -42,15 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Print (and save, and log to MLflow) the comparison table of a study.",
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--study", required=True, help="study id (the `study` tag of its runs)")
-    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<runs-root>/mlflow.db")
-    p.add_argument("--runs-root", default="runs")
-    p.add_argument("--experiment", help="experiment of the summary run (default: that of the study's runs)")
     p.add_argument("--out", help="folder for report.md / .csv / .png (default: <runs-root>/studies/<id>/report)")
-    p.add_argument("--run-name", default="report", help="name of the summary run (default: %(default)s)")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra tag of the summary run")
-    p.add_argument("--no-mlflow", action="store_true", help="print and save only")
     p.add_argument("--paper", metavar="STUDY.yaml", help="study file whose stages quote paper figures "
                    "(`paper: {rule: [top1, top5]}`): shown beside ours")
+    add_tracking_options(p, "the summary run", "that of the study's runs", run_name_default="report",
+                         no_mlflow_help="print and save only")
     return p
 
 
@@ -115,9 +111,7 @@ def count_params(client, run, tmp: str) -> float | None:
     if "model.arch" not in run.data.params:
         return None
     try:
-        from pipeline.tracking import runs
-
-        _, model, _, _ = runs.load_trained(client, run, runs.run_dir_of(run), tmp)
+        _, model, _, _ = load_trained(client, run, runs.run_dir_of(run), tmp)
         import ssal_models
 
         return float(ssal_models.count_parameters(model)["total"])
@@ -126,8 +120,6 @@ def count_params(client, run, tmp: str) -> float | None:
 
 
 def collect(client, study: str, tmp: str) -> tuple[list[dict], list[str]]:
-    from pipeline.tracking import runs
-
     chosen = pick_runs(runs.study_runs(client, study))
     if not chosen:
         raise ToolError(f"no runs tagged study={study!r} in {client.tracking_uri}; run the study first "
@@ -218,13 +210,12 @@ def bar_chart(rows: list[dict], columns: list[str], study: str):
 
 
 def run(args) -> dict:
-    from pipeline.tracking import runs
     from pipeline.train.config import resolve_path
 
     uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
     client = runs.client(uri)
-    tmp = tempfile.mkdtemp(prefix="report-")
-    rows, columns = collect(client, args.study, tmp)
+    with scratch_dir("report") as tmp:  # weights downloaded to count parameters
+        rows, columns = collect(client, args.study, tmp)
     if args.paper:
         columns = add_paper_columns(rows, columns, read_paper_figures(args.paper))
     text = markdown(rows, columns, args.study)
@@ -246,13 +237,10 @@ def run(args) -> dict:
         if not experiment:
             first = client.get_run(rows[0]["run_id"])
             experiment = client.get_experiment(first.info.experiment_id).name
-        tags = {"study": args.study, "stage": "report", "method": "report", **runs.parse_tags(args.tag)}
-        tracker = runs.aux_tracker(uri, experiment, out / ".tracking", args.run_name, {"study": args.study}, tags)
-        for name in ("report.md", "report.csv", "report.png"):
-            tracker.log_artifact(str(out / name))
-        tracker.end("FINISHED")
-        result["run_id"] = tracker.run_id
-        print(f"MLflow: summary run {tracker.run_id} in experiment '{experiment}' ({uri})")
+        tags = {"study": args.study, "stage": "report", "method": "report", **parse_tags(args.tag)}
+        files = [out / name for name in ("report.md", "report.csv", "report.png")]
+        result["run_id"] = log_stage_run(uri, experiment, out / ".tracking", args.run_name,
+                                         params={"study": args.study}, tags=tags, artifacts=files, label="summary run")
     return result
 
 
