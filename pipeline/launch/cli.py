@@ -176,7 +176,7 @@ def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None,
     try:
         import mlflow
 
-        from pipeline.tracking import tracker as tracking
+        from pipeline.tracking import store as tracking
 
         client = mlflow.MlflowClient(tracking_uri=uri)
         if existing.is_file() and existing.read_text().strip():  # --resume auto of an earlier run
@@ -190,9 +190,7 @@ def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None,
         rid, eid = run.info.run_id, run.info.experiment_id
     except Exception as err:  # noqa: BLE001 - never block a submission on tracking
         return None, f"(run created when the job starts; {type(err).__name__}: {str(err).splitlines()[0][:120]})"
-    if uri.startswith(("http://", "https://")):
-        return rid, f"{uri.rstrip('/')}/#/experiments/{eid}/runs/{rid}"
-    return rid, f"run {rid}: mlflow ui --backend-store-uri {uri}  then http://127.0.0.1:5000/#/experiments/{eid}/runs/{rid}"
+    return rid, tracking.where_to_view(uri, eid, rid)
 
 
 def submit_slurm(args: argparse.Namespace) -> int:
