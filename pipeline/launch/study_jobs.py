@@ -17,6 +17,7 @@ from typing import Sequence
 from pipeline.launch import slurm
 from pipeline.launch.slurm import LIVE_STATES
 from pipeline.launch.study import EXIT_USAGE, Stage, Study, StudyError, load_study
+from pipeline.tracking import store
 from pipeline.train.config import REPO_ROOT
 
 
@@ -94,6 +95,7 @@ def run_local(study: Study, dry_run: bool = False, env: dict | None = None) -> i
               f"(finished stages are skipped)", file=sys.stderr, flush=True)
         return 1
     print(f"[study] table: python pipeline/report.py --study {study.id} --tracking-uri {study.uri}", flush=True)
+    print(f"[study] runs: {store.experiment_link(study.uri, study.experiment) or study.uri}", flush=True)
     return 0
 
 

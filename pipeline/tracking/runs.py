@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.tracking.constants import RUN_ID_FILE
-from pipeline.tracking.store import default_tracking_uri, ensure_sqlite_store
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 EXIT_USAGE = 2
@@ -40,14 +40,15 @@ def run_cli(build_parser, run, argv=None, usage_errors: tuple = (ToolError,)) ->
 
 
 def resolve_uri(uri: str | None = None, runs_root: str | None = None) -> str:
+    from pipeline.tracking import tracker as tracking
     from pipeline.train.config import resolve_path
 
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         if uri.startswith("sqlite:///"):
-            ensure_sqlite_store(uri)
+            tracking.ensure_sqlite_store(uri)
         return uri
-    return default_tracking_uri(str(resolve_path(runs_root or "runs")))
+    return tracking.default_tracking_uri(str(resolve_path(runs_root or "runs")))
 
 
 def client(uri: str):
@@ -87,9 +88,9 @@ def run_file(mlflow_client, run, name: str, dst_dir: str | Path) -> Path | None:
 
 
 def run_id_from_dir(run_dir: str | Path) -> str:
-    path = Path(run_dir) / RUN_ID_FILE
+    path = Path(run_dir) / "mlflow_run_id"
     if not path.is_file():
-        raise ToolError(f"{run_dir}: no {RUN_ID_FILE} file (not a finished training run folder); "
+        raise ToolError(f"{run_dir}: no mlflow_run_id file (not a finished training run folder); "
                         f"train it first or pass its MLflow run id")
     return path.read_text().strip()
 
@@ -164,7 +165,7 @@ def resolve_run(run_id: str | None, run_dir: str | None, uri: str | None, runs_r
         mlflow_client = client(resolve_uri(uri, runs_root))
         run = get_run(mlflow_client, run_id)
         folder = run_dir_of(run)
-    elif (folder / RUN_ID_FILE).is_file():
+    elif (folder / "mlflow_run_id").is_file():
         mlflow_client = client(resolve_uri(uri, runs_root))
         try:
             run = get_run(mlflow_client, run_id_from_dir(folder))

@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_DB", "DEFAULT_UI", "EXPERIMENT_KIND_TAG", "TRAINING_EXPERIMENT_KIND", "MAX_PARAM_VAL_LENGTH",
     "MAX_TAG_VAL_LENGTH", "MAX_KEY_LENGTH", "sqlite_uri", "sqlite_path", "ensure_sqlite_store",
     "default_tracking_uri", "get_or_create_experiment", "upload_artifact", "ui_url", "where_to_view",
+    "experiment_link",
     "clean_key", "clip", "param_str", "server_answers", "is_permanent", "http_limits",
 ]
 
@@ -176,6 +177,19 @@ def where_to_view(uri: str, experiment_id: str, run_id: str | None = None) -> st
     if uri.startswith("sqlite:///"):
         return f"mlflow ui --backend-store-uri {uri}  then open {ui_url(DEFAULT_UI, experiment_id, run_id)}"
     return f"{uri} (experiment {experiment_id}" + (f", run {run_id})" if run_id else ")")
+
+
+def experiment_link(uri: str, experiment: str) -> str:
+    """:func:`where_to_view` for the run list of experiment ``experiment`` (by name); "" when the store
+    does not have it or does not answer within a few seconds."""
+    from mlflow import MlflowClient
+
+    try:
+        with http_limits(5, 0):
+            found = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - a link is a courtesy, never a failure
+        return ""
+    return where_to_view(uri, found.experiment_id) if found is not None else ""
 
 
 # --------------------------------------------------------------------------------------------
