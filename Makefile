@@ -25,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml | apt
 	grep -v '^ffcv==' requirements.txt > $(VENV)/requirements-deps.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r $(VENV)/requirements-deps.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep '^ffcv==' requirements.txt)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	$(PY) -c "import pipeline, ssal_models, ssal_datasets, ffcv.loader, ffcv.writer, cv2, torch, mlflow, submitit; print('venv ok: torch', torch.__version__, 'ffcv ok')"
 	touch $(STAMP)
 

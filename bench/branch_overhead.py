@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ssal_models  # noqa: E402
-from ssal_models.grouping import random_grouping  # noqa: E402
+import ssal_models
+from ssal_models.grouping import random_grouping
 
 NUM_CLASSES = 1000
 SSAL_GROUPS = (200, 334, 500)

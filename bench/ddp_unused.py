@@ -1,4 +1,4 @@
-"""What `find_unused_parameters=True` costs a DDP step (pipeline/train.py builds DDP with it: it keeps
+"""What `find_unused_parameters=True` costs a DDP step (pipeline/train/trainer.py builds DDP with it: it keeps
 the first gradient buckets, so a resumed run sums the ranks' gradients in the same order as an
 uninterrupted one -- bit-exact resume beyond 2 ranks, bench/slurm_scale.sh).
 

@@ -14,12 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-_root = str(Path(__file__).resolve().parents[1])  # run as a file: the repo root first, not bench/
-sys.path[:] = [_root] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import yaml  # noqa: E402
+import yaml
 
 STUDY = {
     "study": "demo_accuracy",

@@ -162,7 +162,6 @@ def authors_heads_missing() -> str | None:
     """Why bench/branch_overhead.py cannot run with the authors' SSAL / GapCat heads here, or None."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     import ssal_models
 
     help_text = subprocess.run([sys.executable, "bench/branch_overhead.py", "--help"], cwd=ROOT, capture_output=True,

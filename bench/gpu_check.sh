@@ -6,6 +6,7 @@
 # Python: $PYTHON if set, else the repo's .venv, else python3.
 # A .device/ folder (bash bench/device_bundle.sh) holds Python 3.12 wheels for a machine without
 # network whose python lacks ffcv / mlflow / submitit: they are installed into a temporary folder first.
+# The project itself needs no install there: its packages are put on PYTHONPATH (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-}"
@@ -20,6 +21,24 @@ if [ -d .device ] && ! "$python" -c 'import importlib.util as u, sys; sys.exit(a
         --upgrade --target "$site" .device/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     echo "gpu_check: installed .device/'s $(ls .device/*.whl | wc -l) wheels into $site"
+fi
+# The project's packages: `make` installs this checkout editable (pip install -e .). Where the python
+# does not import them from here (the GPU machine gets a bare copy of the tree), they go on PYTHONPATH
+# as the install maps them: the root for pipeline/ and ssal_models/, datasets/ as ssal_datasets.
+case "$python" in /*) ;; */*) python="$PWD/$python" ;; esac
+repo=$PWD
+if ! (cd / && "$python" - "$repo" 2>/dev/null <<'PY'
+import importlib.util, os, sys
+root = os.path.realpath(sys.argv[1])
+for name, folder in (("pipeline", "pipeline"), ("ssal_models", "ssal_models"), ("ssal_datasets", "datasets")):
+    spec = importlib.util.find_spec(name)
+    if spec is None or os.path.realpath(os.path.dirname(spec.origin)) != os.path.join(root, folder):
+        sys.exit(1)
+PY
+); then
+    links="${TMPDIR:-/tmp}/ssal-packages-$(printf %s "$repo" | cksum | cut -d' ' -f1)"  # one per checkout
+    mkdir -p "$links" && ln -sfn "$repo/datasets" "$links/ssal_datasets"
+    export PYTHONPATH="$repo:$links${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
 exec "$python" bench/gpu_check.py "$@"

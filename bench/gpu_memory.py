@@ -9,7 +9,7 @@
     channels-last: the multi-task step alone (generator_every 0), then with a first-order and with
     a second-order generator step after every multi-task step; ratios to the step alone.
 
-Each case builds a fresh model and steps it through the class pipeline/train.py uses for the
+Each case builds a fresh model and steps it through the class the trainer uses for the
 method (engine.StandardTraining, maxl_training.MaxlTraining): `--warmup` steps, then `--steps`
 timed ones (CUDA-synchronised; the median is reported). Peak = torch.cuda.max_memory_allocated
 over the timed steps: weights, optimiser state, activations and the meta step's graphs.
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ssal_models  # noqa: E402
-from pipeline.train.config import OptimConfig  # noqa: E402
-from pipeline.train.optim import build_optimizer  # noqa: E402
-from pipeline.train.factory import training_class  # noqa: E402
-from ssal_models.grouping import random_grouping  # noqa: E402
+import ssal_models
+from pipeline.train.config import OptimConfig
+from pipeline.train.factory import training_class
+from pipeline.train.optim import build_optimizer
+from ssal_models.grouping import random_grouping
 
 NUM_CLASSES = 1000
 SSAL_GROUPS = (200, 334, 500)

@@ -50,7 +50,6 @@ def one(num_classes: int, implementation: str, variant: str, criterion: str, out
     """Run one grouping in this process; write its figures (and the grouping) as JSON."""
     import numpy as np
 
-    sys.path.insert(0, str(ROOT))
     if implementation == "new":
         from ssal_models.grouping import group_classes as fn
     else:
@@ -76,7 +75,9 @@ def spawn(num_classes: int, implementation: str, variant: str, criterion: str, t
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, __file__, "--one", str(num_classes), implementation, variant, criterion, out.name]
+        # as a module from the repository root: the reference code is tests/grouping_reference.py
+        cmd = [sys.executable, "-m", "bench.grouping_scale", "--one", str(num_classes), implementation, variant,
+               criterion, out.name]
         try:
             subprocess.run(cmd, check=True, timeout=timeout, cwd=ROOT)
         except subprocess.TimeoutExpired:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Loader benchmark: the same JPEG images through (a) datasets.loader from a beton and
+"""Loader benchmark: the same JPEG images through (a) ssal_datasets.loader from a beton and
 (b) torchvision ImageFolder + PIL transforms + DataLoader, side by side in one run.
 
 Both do random-resized-crop to --res, horizontal flip and ImageNet normalisation to float
@@ -17,21 +17,14 @@ flight) weighs on either loader about as little as in a real epoch.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import statistics
 import sys
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 
 def main(argv=None) -> int:

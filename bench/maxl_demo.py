@@ -29,7 +29,6 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the project's packages, for planted_agreement
 LABEL_KEYS = ("train/label_entropy_frac", "train/label_max_prob", "train/label_fraction",
               "train/label_marginal_entropy_frac")
 

@@ -1,4 +1,4 @@
-"""Worker entry for bench/slurm_scale.sh: the real ``pipeline.train.main``, with timestamps of each rank
+"""Worker entry for bench/slurm_scale.sh: the real ``pipeline.train.entry.main``, with timestamps of each rank
 (and ``summarize``, the script's report).
 
 ``python pipeline/launch.py ... --entry bench.slurm_probe:timed_train`` runs training unchanged and

@@ -10,7 +10,7 @@
 #   B  `scancel --signal=USR2` once its epoch-1 checkpoint exists -> checkpoint, requeue, exact resume.
 # It prints submit-to-first-step time, per-rank start skew (process start, process group up, first step),
 # the requeue's turnaround, log volume, MLflow metric rows, and whether B's final weights equal A's bit for
-# bit. Every rank runs bench/slurm_probe.py's entry (pipeline.train.main plus timestamps). WORKDIR (default:
+# bit. Every rank runs bench/slurm_probe.py's entry (pipeline.train.entry.main plus timestamps). WORKDIR (default:
 # a new temporary folder) is removed at the end unless KEEP=1; the cluster is always taken down.
 #
 # Environment: NODES=8 TASKS=2 (tasks per node = fake GPUs per node) EPOCHS=2 IMAGES_PER_CLASS=24 (16 classes)

@@ -21,16 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import torch
 
-import torch  # noqa: E402
-
-import ssal_models  # noqa: E402
-from pipeline.train.engine import StandardTraining  # noqa: E402
-from pipeline.train.config import OptimConfig  # noqa: E402
-from pipeline.train.optim import build_optimizer  # noqa: E402
+import ssal_models
+from pipeline.train.config import REPO_ROOT, OptimConfig
+from pipeline.train.engine import StandardTraining
+from pipeline.train.optim import build_optimizer
 
 
 def make_training(arch: str, method: str, num_classes: int, device, amp: str, channels_last: bool):
@@ -107,7 +103,7 @@ def write_bench_beton(workdir: Path, images: int, classes: int) -> Path:
         list(pool.map(_bench_class, [src] * classes, range(classes), [images // classes] * classes))
     make_bench_tree(src / "val", num_classes=classes, per_class=1, size_range=(300, 500), seed=1)
     out = workdir / "betons"
-    subprocess.run([sys.executable, os.path.join(_ROOT, "datasets", "write_ffcv.py"), "imagenet", "--root", str(src),
+    subprocess.run([sys.executable, str(REPO_ROOT / "datasets" / "write_ffcv.py"), "imagenet", "--root", str(src),
                     "--out", str(out), "--max-resolution", "500", "--write-mode", "jpg"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out / "train.beton"

@@ -79,7 +79,7 @@ def missing_reason(case: str) -> str | None:
 def build_training(case: str, device: torch.device, amp: str, channels_last: bool, *, arch: str = "resnet18",
                    blurpool: bool = True, grad_clip_norm: float = 5.0):
     """The model of ``case`` on ``device`` and the engine's training object for it (the class
-    pipeline/train.py picks for the method: StandardTraining, MaxlTraining)."""
+    pipeline/train/factory.py's training_class picks for the method: StandardTraining, MaxlTraining)."""
     method, options = case_options(case)
     torch.manual_seed(0)
     model = ssal_models.build_model(arch, method, NUM_CLASSES, blurpool=blurpool, **options).to(device)

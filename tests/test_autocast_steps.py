@@ -5,7 +5,7 @@ channels-last, through the same training classes and checks as the GPU tests
 Where the CUDA path differs (tests/test_gpu.py runs it where a GPU is visible): autocast's op
 lists (which ops run in low precision / float32) are the CUDA ones there, the GradScaler is the
 CUDA one, and the loader's batches arrive by non_blocking copies on side streams (not involved
-here: these steps read tensors made in the test). pipeline/train.py itself runs CPU jobs in
+here: these steps read tensors made in the test). The worker (python -m pipeline.train) runs CPU jobs in
 float32 (train.amp and train.channels_last apply on GPU only); these tests call the engine
 directly to reach the AMP branches.
 """
@@ -49,7 +49,7 @@ def test_autocast_fp16_grad_scaler_step(case):
 
 
 def test_autocast_off_keeps_float32_and_channels_last_reaches_every_conv():
-    """amp none (what a CPU run of pipeline/train.py uses) with channels-last: float32 heads, and
+    """amp none (what a CPU run of python -m pipeline.train uses) with channels-last: float32 heads, and
     the conv hooks still see channels-last inputs everywhere (SSAL: the heads' concatenations)."""
     report = step_checks.check_training_step("ssal", device="cpu", amp="none", channels_last=True)
     assert set(report.head_dtypes.values()) == {torch.float32}

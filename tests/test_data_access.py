@@ -1,4 +1,4 @@
-"""How the train loader reads its beton (pipeline/util/data_access.py): data.order=auto picks quasi_random
+"""How the train loader reads its beton (pipeline/train/data_access.py): data.order=auto picks quasi_random
 without the page cache (a process then holds 2 x batch_size pages, not the beton), random with it; the
 shipped recipes follow that rule; a beton too big for the node's memory is named at start-up."""
 import subprocess

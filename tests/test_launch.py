@@ -1,6 +1,7 @@
-"""pipeline/launch.py, pipeline/submitit_launch.py and pipeline/util/preemption.py without a cluster (fast):
-the sbatch script a launch would submit (--dry-run), profiles vs flags, refusals before submission, job arrays,
-the signal protocol and what a SLURM task does with each exit code. The real-cluster runs are in test_slurm.py."""
+"""pipeline/launch.py (pipeline/launch/), the SLURM task (pipeline/launch/task.py) and pipeline/train/preemption.py
+without a cluster (fast): the sbatch script a launch would submit (--dry-run), profiles vs flags, refusals before
+submission, job arrays, the signal protocol and what a SLURM task does with each exit code. The real-cluster runs
+are in test_slurm.py."""
 from __future__ import annotations
 
 import os

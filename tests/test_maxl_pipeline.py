@@ -1,4 +1,4 @@
-"""MAXL in the training pipeline (pipeline/maxl_training.py): the training class in process, and
+"""MAXL in the training pipeline (pipeline/train/maxl_training.py): the training class in process, and
 end to end on the tiny demo set with real FFCV loaders, 2-process gloo DDP under torchrun, a real
 MLflow SQLite store and real signals (SIGUSR2 mid-epoch, exact resume)."""
 import copy

@@ -150,7 +150,6 @@ def test_two_processes_create_new_sqlite_store_at_once(tmp_path):
     go = tmp_path / "go"
     script = textwrap.dedent(f"""
         import os, sys, time
-        sys.path.insert(0, {REPO!r})
         from pipeline.tracking.tracker import Tracker, default_tracking_uri
         while not os.path.exists({str(go)!r}):
             time.sleep(0.005)

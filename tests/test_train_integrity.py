@@ -209,7 +209,7 @@ def run_copy(finished_run, tmp_path):
 
 @pytest.fixture
 def in_process_main():
-    """pipeline.train.main in this process, its process-wide settings put back afterwards."""
+    """The worker entry (pipeline.train.entry.main) in this process, its process-wide settings put back afterwards."""
     from pipeline.train import entry as train
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
