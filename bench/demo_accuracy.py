@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         rc = study_jobs.run_local(study)
-        client = runs.client(runs.resolve_uri(study.uri))
+        client = runs.client(runs.resolve_uri(study.uri, study.runs_root))
         for run in runs.study_runs(client, study.id, status="FINISHED"):
             stage = run.data.tags.get("stage")
             for rule_stage, rule, _ in ROWS:

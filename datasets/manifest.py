@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssal_datasets.files import atomic_write
+
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.txt"
 FORMAT_VERSION = 1
@@ -113,25 +115,10 @@ def quick_check(directory: str | os.PathLike, manifest: dict) -> list[str]:
     return problems
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
     validate_manifest(manifest, where=str(Path(out_dir) / MANIFEST_NAME))
     path = Path(out_dir) / MANIFEST_NAME
-    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    atomic_write(path, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return path
 
 

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ssal_datasets.files import atomic_write
 from ssal_datasets.images import Reject, load_rgb, probe
 from ssal_datasets.layouts import DataError, Source
-from ssal_datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, atomic_write_text, quick_digest,
-                               sha256_file, write_manifest)
+from ssal_datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, quick_digest, sha256_file,
+                                    write_manifest)
 
 OUTPUT_NAMES = (MANIFEST_NAME, REJECTS_NAME, "train.beton", "val.beton")
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -259,8 +260,8 @@ def write_source(source: Source, out_dir: Path, settings: WriterSettings, *, ext
         log(f"{split}: wrote {len(good)} images ({len(rejected)} rejected of {splits[split]['found']} found) "
             f"to {beton} in {secs:.1f} s ({len(good) / max(secs, 1e-9):.0f} img/s)")
     total = time.perf_counter() - started
-    atomic_write_text(out_dir / REJECTS_NAME,
-                      "# split\tpath\treason\n" + "".join(f"{s}\t{p}\t{r}\n" for s, p, r in reject_lines))
+    atomic_write(out_dir / REJECTS_NAME,
+                 "# split\tpath\treason\n" + "".join(f"{s}\t{p}\t{r}\n" for s, p, r in reject_lines))
     manifest = {
         "format": FORMAT_VERSION,
         "dataset": source.dataset,

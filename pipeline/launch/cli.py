@@ -26,7 +26,7 @@ from pipeline.launch.local_workers import child_env, run_workers
 from pipeline.launch.slurm import (EXIT_USAGE, PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, follow, log_path,
                                    make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
 from pipeline.launch.task import TrainTask, resolve_entry
-from pipeline.tracking import tracker
+from pipeline.tracking import store
 from pipeline.tracking.constants import RUN_ID_FILE
 from pipeline.train import run_lock
 from pipeline.train.config import REPO_ROOT, Config, resolve_path, save_config
@@ -141,7 +141,7 @@ def run_local(args: argparse.Namespace) -> int:
 
 def default_tracking_uri(cfg: Config) -> str:
     """The job's tracking store: the config's URI, else the embedded SQLite store under its runs_root."""
-    return cfg.tracking.uri or tracker.default_tracking_uri(str(resolve_path(cfg.runs_root)))
+    return cfg.tracking.uri or store.default_tracking_uri(str(resolve_path(cfg.runs_root)))
 
 
 def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None, str]:
@@ -161,7 +161,7 @@ def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None,
         if existing.is_file() and existing.read_text().strip():  # --resume auto of an earlier run
             run = client.get_run(existing.read_text().strip())
         else:
-            exp_id = tracker.get_or_create_experiment(client, uri, cfg.tracking.experiment)
+            exp_id = store.get_or_create_experiment(client, uri, cfg.tracking.experiment)
             run = client.create_run(exp_id, run_name=cfg.run_name, tags={"tracking.run_dir": str(run_dir)})
             client.update_run(run.info.run_id, status="SCHEDULED")
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -169,10 +169,7 @@ def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None,
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
     except Exception as err:  # noqa: BLE001 - never block a submission on tracking
         return None, f"(run created when the job starts; {type(err).__name__}: {str(err).splitlines()[0][:120]})"
-    path = f"#/experiments/{experiment_id}/runs/{run_id}"
-    if uri.startswith(("http://", "https://")):
-        return run_id, f"{uri.rstrip('/')}/{path}"
-    return run_id, f"run {run_id}: mlflow ui --backend-store-uri {uri}  then http://127.0.0.1:5000/{path}"
+    return run_id, store.where_to_view(uri, experiment_id, run_id)
 
 
 def submit_slurm(args: argparse.Namespace) -> int:

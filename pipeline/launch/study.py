@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pipeline.launch.slurm import SlurmProfile
+from pipeline.tracking import store
 from pipeline.train import schema
 from pipeline.train.config import REPO_ROOT, ConfigError, load_config, override_list, resolve_path
 from pipeline.train.schema import SchemaError
@@ -242,7 +243,7 @@ def _study(path: Path, data: Any, cli_overrides: list[str]) -> Study:
     _link(stages)
     study = Study(id=spec.study, experiment=spec.experiment or f"study-{spec.study}", path=path.resolve(),
                   description=spec.description, stages={n: stages[n] for n in _topological(stages)},
-                  runs_root=runs_root, uri=base_cfg.tracking.uri or f"sqlite:///{runs_root / 'mlflow.db'}",
+                  runs_root=runs_root, uri=base_cfg.tracking.uri or store.sqlite_uri(runs_root),
                   dir=study_dir, slurm=slurm_all)
     for stage in study.stages.values():
         _build_argv(study, stage, spec.base.config, base_overrides, cli_overrides)
@@ -347,7 +348,7 @@ def _build_argv(study: Study, stage: Stage, base_config: str, base_overrides: li
         forced = [f"tracking.experiment={study.experiment}", f"tracking.run_name={stage.name}",
                   f"tracking.tags.study={study.id}", f"tracking.tags.stage={stage.name}",
                   f"output_dir={stage.output}", f"runs_root={study.runs_root}"]
-        if study.uri != f"sqlite:///{study.runs_root / 'mlflow.db'}":
+        if study.uri != store.sqlite_uri(study.runs_root):
             forced.append(f"tracking.uri={study.uri}")
         overrides = base_overrides + spec.overrides + cli + forced
         # validate now (a groups file a dependency will write is replaced by a placeholder file)

@@ -18,13 +18,14 @@ from pipeline.launch.local_workers import child_env
 from pipeline.launch.study import EXIT_USAGE, Stage, Study, StudyError, load_study
 from pipeline.launch.task import TrainTask
 from pipeline.tracking import runs
+from pipeline.tracking import store
 from pipeline.train.config import REPO_ROOT
 
 
 def stage_status(study: Study) -> dict[str, str]:
     """stage -> 'finished' | 'unfinished' | 'new' from MLflow runs tagged study/stage (and outputs)."""
     try:
-        client = runs.client(runs.resolve_uri(study.uri))
+        client = runs.client(runs.resolve_uri(study.uri, study.runs_root))
         tagged = runs.study_runs(client, study.id)
     except Exception as err:  # noqa: BLE001
         raise StudyError(f"cannot read the tracking store {study.uri} ({type(err).__name__}: "
@@ -92,6 +93,7 @@ def run_local(study: Study, dry_run: bool = False, env: dict | None = None) -> i
               f"(finished stages are skipped)", file=sys.stderr, flush=True)
         return 1
     print(f"[study] table: python pipeline/report.py --study {study.id} --tracking-uri {study.uri}", flush=True)
+    print(f"[study] runs: {store.experiment_link(study.uri, study.experiment) or study.uri}", flush=True)
     return 0
 
 

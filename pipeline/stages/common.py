@@ -88,6 +88,12 @@ def kept_output_dir(what: str) -> Path:
 # ----------------------------------------------------------------------------- the source run
 
 
+def store_uri(uri: str | None, runs_root: str | None) -> str:
+    """The tracking store a tool uses: --tracking-uri, else $MLFLOW_TRACKING_URI, else the SQLite store
+    under --runs-root (relative to the repository root, as in the training config)."""
+    return runs.resolve_uri(uri, config_lib.resolve_path(runs_root or "runs"))
+
+
 def resolve_run(run_id: str | None, run_dir: str | None, uri: str | None, runs_root: str | None):
     """(mlflow client or None, run or None, local run folder or None) from --run / --run-dir."""
     if bool(run_id) == bool(run_dir):
@@ -101,11 +107,11 @@ def resolve_run(run_id: str | None, run_dir: str | None, uri: str | None, runs_r
             raise ToolError(f"--run-dir: {run_dir} has no config.yaml (not a training run folder)")
     mlflow_client = run = None
     if run_id:
-        mlflow_client = runs.client(runs.resolve_uri(uri, runs_root))
+        mlflow_client = runs.client(store_uri(uri, runs_root))
         run = runs.get_run(mlflow_client, run_id)
         folder = runs.run_dir_of(run)
     elif (folder / RUN_ID_FILE).is_file():
-        mlflow_client = runs.client(runs.resolve_uri(uri, runs_root))
+        mlflow_client = runs.client(store_uri(uri, runs_root))
         try:
             run = runs.get_run(mlflow_client, runs.run_id_from_dir(folder))
         except runs.RunLookupError as err:  # the folder is enough; the new run just has no source link

@@ -24,8 +24,7 @@ import textwrap
 from pathlib import Path
 
 from pipeline.stages.common import (ToolError, add_tracking_options, kept_output_dir, load_trained, log_stage_run,
-                                    parse_tags, resolve_run, run_cli, scratch_dir, source_experiment, source_tags)
-from pipeline.tracking import runs
+                                    parse_tags, resolve_run, run_cli, scratch_dir, source_experiment, source_tags, store_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +219,7 @@ def run(args) -> dict:
         print(f"  image {i}{truth}: " + "; ".join(parts))
     result = {"out": str(out), "heads": heads, "run_id": None}
     if not args.no_mlflow:
-        uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
+        uri = store_uri(args.tracking_uri, args.runs_root)
         experiment = args.experiment or source_experiment(client, src, "explain")
         tags = {"method": "explain", "stage": "explain", **source_tags(src, ("arch", "dataset", "study")),
                 **parse_tags(args.tag)}

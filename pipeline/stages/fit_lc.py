@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from pipeline.stages.common import (ToolError, add_tracking_options, kept_output_dir, load_trained, log_stage_run,
-                                    parse_tags, resolve_run, run_cli, scratch_dir, source_experiment, source_tags)
-from pipeline.tracking import runs
+                                    parse_tags, resolve_run, run_cli, scratch_dir, source_experiment, source_tags, store_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +136,7 @@ def run(args) -> dict:
           f"train top-1 {train_lc:.4f}; val {json.dumps(shown)}; head: {head_path}")
     result = {"metrics": metrics, "head": str(head_path), "run_id": None}
     if not args.no_mlflow:
-        uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
+        uri = store_uri(args.tracking_uri, args.runs_root)
         experiment = args.experiment or source_experiment(client, src, "lc")
         inherited = ("arch", "dataset", "study", "groups", "branches")
         tags = {"method": "ssal+lc", "stage": "lc", **source_tags(src, inherited), **parse_tags(args.tag)}

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.stages.common import (ToolError, add_tracking_options, log_stage_run, parse_tags, run_cli, scratch_dir,
-                                    source_experiment, source_tags)
+                                    source_experiment, source_tags, store_uri)
 from pipeline.tracking import runs
 
 HOLDOUT_FILE = "confusion_holdout.npy"
@@ -287,7 +287,7 @@ def run(args) -> dict:
     out = Path(args.out)
     uri = mlflow_client = run_obj = None
     if args.from_run or args.from_run_dir or not args.no_mlflow:
-        uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
+        uri = store_uri(args.tracking_uri, args.runs_root)
         mlflow_client = runs.client(uri)
     source: dict = {}
     data_root = args.data_root

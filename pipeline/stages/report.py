@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from pipeline.stages.common import (ToolError, add_tracking_options, load_trained, log_stage_run, parse_tags,
-                                    run_cli, scratch_dir)
+                                    run_cli, scratch_dir, store_uri)
 from pipeline.tracking import runs
 from pipeline.train import schema
 
@@ -212,7 +212,7 @@ def bar_chart(rows: list[dict], columns: list[str], study: str):
 def run(args) -> dict:
     from pipeline.train.config import resolve_path
 
-    uri = runs.resolve_uri(args.tracking_uri, args.runs_root)
+    uri = store_uri(args.tracking_uri, args.runs_root)
     client = runs.client(uri)
     with scratch_dir("report") as tmp:  # weights downloaded to count parameters
         rows, columns = collect(client, args.study, tmp)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.tracking import store
 from pipeline.tracking.constants import RUN_ID_FILE
 
 
@@ -24,16 +25,16 @@ class RunLookupError(Exception):
     """A run (or the run id of a run folder) the tracking store does not have; one line to show the user."""
 
 
-def resolve_uri(uri: str | None = None, runs_root: str | None = None) -> str:
-    from pipeline.tracking import tracker as tracking
-    from pipeline.train.config import resolve_path
-
+def resolve_uri(uri: str | None, runs_root: str | os.PathLike) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else the default SQLite store under ``runs_root`` (a folder the
+    caller has resolved: relative runs roots are relative to the repository root, which the tracking room
+    does not know; :func:`pipeline.train.config.resolve_path`)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         if uri.startswith("sqlite:///"):
-            tracking.ensure_sqlite_store(uri)
+            store.ensure_sqlite_store(uri)
         return uri
-    return tracking.default_tracking_uri(str(resolve_path(runs_root or "runs")))
+    return store.default_tracking_uri(runs_root)
 
 
 def client(uri: str):

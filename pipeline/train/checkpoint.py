@@ -15,18 +15,18 @@ import hashlib
 import os
 import pickle
 import random
-import re
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from ssal_datasets.files import TEMPORARY_NAME, atomic_write
+
 LAST = "last.pt"
 BEST = "best.pt"
 CHECKSUM_KEY = "checksum"
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
 
 # Tests only: "NAME@N:FLAG" makes this process's N-th save of a file named NAME stop after the
@@ -38,28 +38,6 @@ _saves_by_name: dict[str, int] = {}
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; the message is one line naming the file."""
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(handle)` on a temporary file beside `path`, flush it to disk, rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _hold_if_asked(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def _hold_if_asked(path: Path) -> None:
@@ -77,9 +55,9 @@ def _hold_if_asked(path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` through :func:`atomic_write`; a failure is a one-line CheckpointError."""
+    """`torch.save` through :func:`ssal_datasets.files.atomic_write`; a failure is a one-line CheckpointError."""
     try:
-        atomic_write(path, lambda handle: torch.save(obj, handle))
+        atomic_write(path, lambda handle: torch.save(obj, handle), before_replace=_hold_if_asked)
     except (OSError, RuntimeError) as err:
         path = Path(path)
         if is_disk_full(err):
@@ -241,7 +219,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for path in folder.iterdir():
-        match = _TEMPORARY.match(path.name)
+        match = TEMPORARY_NAME.match(path.name)
         if match is None or not path.is_file() or _process_alive(int(match["pid"])):
             continue
         try:

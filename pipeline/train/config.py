@@ -354,7 +354,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from pipeline.train.checkpoint import atomic_write
+    from ssal_datasets.files import atomic_write
 
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write(path, lambda handle: handle.write(text.encode()))
