@@ -341,7 +341,7 @@ def build_maxl_model(arch: str, num_classes: int, psi: PsiSpec = None, *,
 MAXL_OPTIONS = ("psi", "generator_arch", "generator_hidden", "gamma", "entropy_weight", "meta_order", "fd_eps",
                 "entropy_estimate", "entropy_ema_decay")
 
-#: Options that belong to the training, not to the model (read by ``pipeline.maxl_training``):
+#: Options that belong to the training, not to the model (read by ``pipeline.train.maxl_training``):
 #: validated here, stored with their defaults in ``method.training_options``.
 #: ``generator_lr`` (absolute peak lr, not scaled with the batch), ``generator_weight_decay``,
 #: ``generator_momentum`` (SGD of the generator; supplementary: lr 1e-3, wd 5e-4, no momentum)

@@ -151,7 +151,7 @@ def test_the_cycle_search_finds_rings_and_only_them():
 
 
 def test_the_rooms_import_one_way():
-    """docs/ARCHITECTURE.md: stages -> train, tracking; launch -> train.config, tracking; train -> tracking;
+    """docs/ARCHITECTURE.md: stages -> train, tracking; launch -> train, tracking; train -> tracking;
     tracking -> nothing of the pipeline; nothing imports launch; ssal_models is pure model code."""
     def within(name: str, prefix: str) -> bool:
         return name == prefix or name.startswith(prefix + ".")

@@ -5,9 +5,9 @@
 * :class:`ToolError` and :func:`run_cli`: a usage / input problem is one line ``error: ...``, exit 2.
 * :func:`scratch_dir`: a temporary folder for downloaded run files, removed when the tool ends (also
   on an error); :func:`kept_output_dir` for outputs that have no run folder to go to.
-* :func:`resolve_run`, :func:`load_trained`: the trained run a tool works on and its model (this is
-  why they live here and not in :mod:`pipeline.tracking`: they build the model with
-  :mod:`pipeline.train.factory`).
+* :func:`store_uri`, :func:`resolve_run`, :func:`load_trained`, :func:`run_dataset`: the tracking store, the
+  trained run a tool works on, its model and its dataset (they live here, not in :mod:`pipeline.tracking`:
+  they resolve paths as the training config does and build the model with :mod:`pipeline.train.factory`).
 * :func:`log_stage_run`: the tool's own MLflow run (params, tags, metrics, artifacts), ended and
   printed, through the engine's outage-tolerant :class:`pipeline.tracking.tracker.Tracker`.
 """
@@ -129,6 +129,18 @@ def source_tags(run, inherited: Iterable[str]) -> dict[str, str]:
     if run is None:
         return {}
     return {"source_run": run.info.run_id, **{t: run.data.tags[t] for t in inherited if t in run.data.tags}}
+
+
+def run_dataset(cfg, fix: str) -> tuple[Path, dict]:
+    """(data root, manifest) of a run's dataset; a root that is not readable here is a ToolError ending in
+    ``fix`` (what the user can do instead)."""
+    from ssal_datasets.manifest import read_manifest
+
+    root = config_lib.resolve_path(cfg.data.root)
+    try:
+        return root, read_manifest(root)
+    except Exception as err:  # noqa: BLE001 - any unreadable root is the same one line
+        raise ToolError(f"the run's dataset {root} is not readable here ({err}); {fix}") from None
 
 
 def load_trained(mlflow_client, run, folder: Path | None, tmp: str | Path, weights: str = "final_weights.pt"):

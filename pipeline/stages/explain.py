@@ -24,7 +24,8 @@ import textwrap
 from pathlib import Path
 
 from pipeline.stages.common import (ToolError, add_tracking_options, kept_output_dir, load_trained, log_stage_run,
-                                    parse_tags, resolve_run, run_cli, scratch_dir, source_experiment, source_tags, store_uri)
+                                    parse_tags, resolve_run, run_cli, run_dataset, scratch_dir, source_experiment,
+                                    source_tags, store_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,15 +79,9 @@ def load_val_images(cfg, count: int, resolution: int):
 
     from ssal_datasets import loader as data_loader
     from ssal_datasets.loader import IMAGENET_MEAN, IMAGENET_STD
-    from ssal_datasets.manifest import read_manifest
-    from pipeline.train.config import resolve_path
     from pipeline.train.factory import Relabelled, label_space
 
-    root = resolve_path(cfg.data.root)
-    try:
-        manifest = read_manifest(root)
-    except Exception as err:  # noqa: BLE001
-        raise ToolError(f"the run's dataset {root} is not readable here ({err}); pass --images FILE ...") from None
+    root, manifest = run_dataset(cfg, "pass --images FILE ...")
     n = int(manifest["splits"]["val"]["count"])
     indices = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
     loader = data_loader.create_val_loader(root / manifest["splits"]["val"]["beton"], batch_size=len(indices),

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from pipeline.stages.common import (ToolError, add_tracking_options, kept_output_dir, load_trained, log_stage_run,
-                                    parse_tags, resolve_run, run_cli, scratch_dir, source_experiment, source_tags, store_uri)
+                                    parse_tags, resolve_run, run_cli, run_dataset, scratch_dir, source_experiment,
+                                    source_tags, store_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,6 @@ def run(args) -> dict:
     import torch
 
     from pipeline.train import engine
-    from pipeline.train.config import resolve_path
 
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
@@ -82,14 +82,9 @@ def run(args) -> dict:
     model.to(device).requires_grad_(False)
 
     from ssal_datasets import loader as data_loader
-    from ssal_datasets.manifest import read_manifest
     from pipeline.train.factory import Relabelled, holdout_split, label_space
 
-    root = resolve_path(cfg.data.root)
-    try:
-        manifest = read_manifest(root)
-    except Exception as err:  # noqa: BLE001
-        raise ToolError(f"the run's dataset {root} is not readable here ({err}); run this where data.root is") from None
+    root, manifest = run_dataset(cfg, "run this where data.root is")
     n_train = int(manifest["splits"]["train"]["count"])
     train_idx, _ = holdout_split(n_train, cfg.eval.holdout_fraction, cfg.train.seed)
     train_idx = np.arange(n_train) if train_idx is None else train_idx
