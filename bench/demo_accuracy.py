@@ -41,14 +41,16 @@ ROWS = [("baseline", "main", "baseline"), ("ssal1", "main", "SSAL x1 +TR (main)"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/demo_accuracy.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--data-root", default="data/demo", help="demo dataset folder (default: %(default)s)")
-    p.add_argument("--runs-root", default="runs/bench_demo_accuracy", help="stores and run folders (default: %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="more overrides for every training stage")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="python bench/demo_accuracy.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--data-root", default="data/demo", help="demo dataset folder (default: %(default)s)")
+    parser.add_argument("--runs-root", default="runs/bench_demo_accuracy",
+                        help="stores and run folders (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="more overrides for every training stage")
+    args = parser.parse_args(argv)
     if args.epochs < 1 or not args.seeds:
         print("error: --epochs must be >= 1 and --seeds non-empty", file=sys.stderr)
         return 2

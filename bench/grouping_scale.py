@@ -91,14 +91,14 @@ def same_partition(a, b) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 21841])
-    p.add_argument("--variants", nargs="+", choices=("paper", "authors"), default=["paper", "authors"])
-    p.add_argument("--criteria", nargs="+", choices=("join", "split"), default=["join"],
-                   help="join (the papers' groupings; default) and/or split")
-    p.add_argument("--timeout", type=float, default=3600, help="per run, seconds (default: %(default)s)")
-    p.add_argument("--one", nargs=5, metavar=("C", "IMPL", "VARIANT", "CRITERION", "OUT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 21841])
+    parser.add_argument("--variants", nargs="+", choices=("paper", "authors"), default=["paper", "authors"])
+    parser.add_argument("--criteria", nargs="+", choices=("join", "split"), default=["join"],
+                        help="join (the papers' groupings; default) and/or split")
+    parser.add_argument("--timeout", type=float, default=3600, help="per run, seconds (default: %(default)s)")
+    parser.add_argument("--one", nargs=5, metavar=("C", "IMPL", "VARIANT", "CRITERION", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.one:
         one(int(args.one[0]), *args.one[1:])
         return 0

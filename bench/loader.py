@@ -28,20 +28,20 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=3000, help="number of generated train images (default 3000)")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: all CPUs)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--res", type=int, default=160, help="crop output size (default 160)")
-    p.add_argument("--rounds", type=int, default=4, help="epochs per loader, the first one is warm-up")
-    p.add_argument("--min-size", type=int, default=160)
-    p.add_argument("--max-size", type=int, default=500)
-    p.add_argument("--channels-last", action="store_true",
-                   help="beton loader yields channels-last tensors (skips one copy; default: contiguous NCHW "
-                        "like torchvision)")
-    p.add_argument("--keep", metavar="DIR", help="keep the generated images and beton in DIR")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=3000, help="number of generated train images (default 3000)")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers (default: all CPUs)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--res", type=int, default=160, help="crop output size (default 160)")
+    parser.add_argument("--rounds", type=int, default=4, help="epochs per loader, the first one is warm-up")
+    parser.add_argument("--min-size", type=int, default=160)
+    parser.add_argument("--max-size", type=int, default=500)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="beton loader yields channels-last tensors (skips one copy; default: contiguous NCHW "
+                             "like torchvision)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the generated images and beton in DIR")
+    args = parser.parse_args(argv)
 
     import torch
     from ssal_datasets import loader as L

@@ -176,23 +176,23 @@ def run_case(case: dict) -> dict:
 
 # ------------------------------------------------------------------ driver
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[20000], help="images per beton (default: 20000)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="gloo ranks (default: 1 2)")
-    p.add_argument("--image-size", type=int, default=32, help="stored images: S x S raw RGB (default 32)")
-    p.add_argument("--res", type=int, default=32, help="random-resized-crop output size (default 32)")
-    p.add_argument("--batch-size", type=int, default=32, help="per rank (default 32: quasi_random keeps "
-                                                               "2 x 32 pages in flight)")
-    p.add_argument("--workers", type=int, default=1, help="FFCV threads per rank (default 1)")
-    p.add_argument("--page-size-mib", type=int, default=2,
-                   help="beton page size (default 2: what datasets/write_ffcv.py writes below 1 GiB of pixels)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per case: the first reads from disk, the others "
-                                                          "(median) from the page cache or the process's pages")
-    p.add_argument("--warm", action="store_true", help="leave the beton in the page cache between cases")
-    p.add_argument("--work", metavar="DIR", help="write the betons under DIR (default: a temporary folder)")
-    p.add_argument("--keep", action="store_true", help="keep the betons (with --work)")
-    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20000], help="images per beton (default: 20000)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="gloo ranks (default: 1 2)")
+    parser.add_argument("--image-size", type=int, default=32, help="stored images: S x S raw RGB (default 32)")
+    parser.add_argument("--res", type=int, default=32, help="random-resized-crop output size (default 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per rank (default 32: quasi_random keeps "
+                                                                    "2 x 32 pages in flight)")
+    parser.add_argument("--workers", type=int, default=1, help="FFCV threads per rank (default 1)")
+    parser.add_argument("--page-size-mib", type=int, default=2,
+                        help="beton page size (default 2: what datasets/write_ffcv.py writes below 1 GiB of pixels)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per case: the first reads from disk, the others "
+                                                               "(median) from the page cache or the process's pages")
+    parser.add_argument("--warm", action="store_true", help="leave the beton in the page cache between cases")
+    parser.add_argument("--work", metavar="DIR", help="write the betons under DIR (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the betons (with --work)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
+    args = parser.parse_args(argv)
 
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))

@@ -29,21 +29,24 @@ from pipeline.stages.common import (ToolError, add_tracking_options, kept_output
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python pipeline/explain.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Draw class activation maps of the main head and each SSAL branch "
-                                            "(predicted class / group, with the group's class names).",
-                                epilog=__doc__.split("\n\n", 2)[2])
-    src = p.add_argument_group("trained run (exactly one)")
+    parser = argparse.ArgumentParser(
+        prog="python pipeline/explain.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Draw class activation maps of the main head and each SSAL branch "
+                    "(predicted class / group, with the group's class names).",
+        epilog=__doc__.split("\n\n", 2)[2])
+    src = parser.add_argument_group("trained run (exactly one)")
     src.add_argument("--run", metavar="RUN_ID", help="MLflow run id of a finished training run")
     src.add_argument("--run-dir", metavar="DIR", help="its run folder (config.yaml, final_weights.pt)")
-    p.add_argument("--images", nargs="+", metavar="FILE", help="image files (default: val images of the run's dataset)")
-    p.add_argument("--num-images", type=int, default=4, help="val images when --images is not given (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=0, help="input size (default: the run's data.val_res)")
-    p.add_argument("--out", default="", help="PNG path (default: <run dir>/cams.png; cams.png in a new cams-* "
-                                             "folder in the temp dir, kept, when the run folder is not here)")
-    p.add_argument("--max-names", type=int, default=12, help="class names shown per group (default: %(default)s)")
-    add_tracking_options(p, "the CAMs run", "the source run's experiment", run_name_help="<source run name>-cams")
-    return p
+    parser.add_argument("--images", nargs="+", metavar="FILE",
+                        help="image files (default: val images of the run's dataset)")
+    parser.add_argument("--num-images", type=int, default=4,
+                        help="val images when --images is not given (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, default=0, help="input size (default: the run's data.val_res)")
+    parser.add_argument("--out", default="", help="PNG path (default: <run dir>/cams.png; cams.png in a new cams-* "
+                                                  "folder in the temp dir, kept, when the run folder is not here)")
+    parser.add_argument("--max-names", type=int, default=12, help="class names shown per group (default: %(default)s)")
+    add_tracking_options(parser, "the CAMs run", "the source run's experiment", run_name_help="<source run name>-cams")
+    return parser
 
 
 # ----------------------------------------------------------------------------- images

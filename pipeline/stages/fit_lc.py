@@ -26,24 +26,26 @@ from pipeline.stages.common import (ToolError, add_tracking_options, kept_output
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python pipeline/fit_lc.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Fit the +LC head of a trained SSAL run (rest frozen) and log +LC "
-                                            "accuracy to MLflow.", epilog=__doc__.split("\n\n", 2)[2])
-    src = p.add_argument_group("trained SSAL run (exactly one)")
+    parser = argparse.ArgumentParser(
+        prog="python pipeline/fit_lc.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fit the +LC head of a trained SSAL run (rest frozen) and log +LC accuracy to MLflow.",
+        epilog=__doc__.split("\n\n", 2)[2])
+    src = parser.add_argument_group("trained SSAL run (exactly one)")
     src.add_argument("--run", metavar="RUN_ID", help="MLflow run id of a finished SSAL training run")
     src.add_argument("--run-dir", metavar="DIR", help="its run folder (config.yaml, final_weights.pt)")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the collected outputs (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass and per LC step "
-                                                               "(default: %(default)s)")
-    p.add_argument("--max-samples", type=int, default=0, help="fit on a seeded subset of this many train images "
-                                                               "(0 = all; default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", help="folder for lc_head.pt and the tracking journal (default: <run dir>/lc; a new "
-                                 "lc-* folder in the temp dir, kept, when the run folder is not here)")
-    add_tracking_options(p, "the +LC run", "the source run's experiment", run_name_help="<source run name>+lc")
-    return p
+    parser.add_argument("--epochs", type=int, default=10,
+                        help="passes over the collected outputs (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass and per LC step "
+                                                                    "(default: %(default)s)")
+    parser.add_argument("--max-samples", type=int, default=0, help="fit on a seeded subset of this many train images "
+                                                                    "(0 = all; default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--out", help="folder for lc_head.pt and the tracking journal (default: <run dir>/lc; a new "
+                                      "lc-* folder in the temp dir, kept, when the run folder is not here)")
+    add_tracking_options(parser, "the +LC run", "the source run's experiment", run_name_help="<source run name>+lc")
+    return parser
 
 
 def collect_outputs(model, loader, device):

@@ -56,13 +56,13 @@ SOFT_FILES = {HOLDOUT_FILE: "confusion_soft_holdout.npy", VAL_FILE: "confusion_s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python pipeline/groups.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compute SSAL class groupings (one per --k) from a trained run's confusion matrix and write "
                     "them as one human-readable JSON (class names per group), logged to MLflow.",
         epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None)
-    src = p.add_argument_group("confusion source (exactly one)")
+    src = parser.add_argument_group("confusion source (exactly one)")
     src.add_argument("--from-run", metavar="RUN_ID", help="MLflow run id of a finished (baseline) training run")
     src.add_argument("--from-run-dir", metavar="DIR", help="a training run folder (holds mlflow_run_id and the "
                                                            "confusion .npy files)")
@@ -70,27 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--import-authors", nargs="+", metavar="FILE",
                      help="the SSAL authors' label files (e.g. imagenet_200_group_similar_v2.txt), one grouping "
                           "per file; needs --data-root; no --k")
-    p.add_argument("--split", choices=("auto", "holdout", "val"), default="auto",
-                   help="with a run: which confusion; auto = holdout if logged, else val with a warning "
-                        "(default: %(default)s)")
-    p.add_argument("--matrix", choices=("hard", "soft"), default="hard",
-                   help="with a run: hard counts or the soft (mean softmax) confusion (default: %(default)s)")
-    p.add_argument("--k", type=int, nargs="+", metavar="K",
-                   help="number of groups of each grouping (one grouping per value, in branch order)")
-    p.add_argument("--criterion", choices=("join", "split"), default="join",
-                   help="join: confusable classes together; split: apart (default: %(default)s)")
-    p.add_argument("--variant", choices=("paper", "authors"), default="paper",
-                   help="paper: balanced groups of <= ceil(C/k); authors: the SSAL authors' create_grouping_v2 "
-                        "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="tie-break seed (default: %(default)s)")
-    p.add_argument("--restarts", type=int, default=10,
-                   help="seeds tried per grouping, best criterion objective kept (default: %(default)s)")
-    p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the groupings JSON")
-    p.add_argument("--data-root", metavar="DIR", help="dataset folder with manifest.json (class names, planted "
-                                                      "super-classes); default: the source run's data.root")
-    add_tracking_options(p, "the groups run", "the source run's, else 'groups'",
+    parser.add_argument("--split", choices=("auto", "holdout", "val"), default="auto",
+                        help="with a run: which confusion; auto = holdout if logged, else val with a warning "
+                             "(default: %(default)s)")
+    parser.add_argument("--matrix", choices=("hard", "soft"), default="hard",
+                        help="with a run: hard counts or the soft (mean softmax) confusion (default: %(default)s)")
+    parser.add_argument("--k", type=int, nargs="+", metavar="K",
+                        help="number of groups of each grouping (one grouping per value, in branch order)")
+    parser.add_argument("--criterion", choices=("join", "split"), default="join",
+                        help="join: confusable classes together; split: apart (default: %(default)s)")
+    parser.add_argument("--variant", choices=("paper", "authors"), default="paper",
+                        help="paper: balanced groups of <= ceil(C/k); authors: the SSAL authors' create_grouping_v2 "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="tie-break seed (default: %(default)s)")
+    parser.add_argument("--restarts", type=int, default=10,
+                        help="seeds tried per grouping, best criterion objective kept (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="FILE.json", help="where to write the groupings JSON")
+    parser.add_argument("--data-root", metavar="DIR", help="dataset folder with manifest.json (class names, planted "
+                                                           "super-classes); default: the source run's data.root")
+    add_tracking_options(parser, "the groups run", "the source run's, else 'groups'",
                          run_name_help="groups-<criterion>-k<k...>", no_mlflow_help="write the JSON only")
-    return p
+    return parser
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -38,16 +38,17 @@ TAIL = ["params (M)", "img/s", "wall (min)"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python pipeline/report.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Print (and save, and log to MLflow) the comparison table of a study.",
-                                epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--study", required=True, help="study id (the `study` tag of its runs)")
-    p.add_argument("--out", help="folder for report.md / .csv / .png (default: <runs-root>/studies/<id>/report)")
-    p.add_argument("--paper", metavar="STUDY.yaml", help="study file whose stages quote paper figures "
-                   "(`paper: {rule: [top1, top5]}`): shown beside ours")
-    add_tracking_options(p, "the summary run", "that of the study's runs", run_name_default="report",
+    parser = argparse.ArgumentParser(
+        prog="python pipeline/report.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print (and save, and log to MLflow) the comparison table of a study.",
+        epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--study", required=True, help="study id (the `study` tag of its runs)")
+    parser.add_argument("--out", help="folder for report.md / .csv / .png (default: <runs-root>/studies/<id>/report)")
+    parser.add_argument("--paper", metavar="STUDY.yaml", help="study file whose stages quote paper figures "
+                        "(`paper: {rule: [top1, top5]}`): shown beside ours")
+    add_tracking_options(parser, "the summary run", "that of the study's runs", run_name_default="report",
                          no_mlflow_help="print and save only")
-    return p
+    return parser
 
 
 def read_paper_figures(path) -> dict[str, dict[str, tuple]]:

@@ -431,16 +431,16 @@ class Tracker:
 
         if self.experiment_id is None:
             self.experiment_id = get_or_create_experiment(client, self.uri, self.experiment)
-        rid = op.get("run_id")
+        resume_id = op.get("run_id")
         run = None
-        if rid:
+        if resume_id:
             try:
-                run = client.get_run(rid)
+                run = client.get_run(resume_id)
             except Exception as e:
                 if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 log.warning("tracking: run %s to resume does not exist in %s; starting a new run",
-                            rid, self.uri)
+                            resume_id, self.uri)
         if run is None:
             run = client.create_run(self.experiment_id, run_name=op["run_name"])
             # from now on a replay of this op resumes instead of creating a second run

@@ -110,21 +110,16 @@ def average_bn_statistics(model: torch.nn.Module) -> None:
     not read the running statistics: the weights are unaffected."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    buffers: dict[torch.dtype, list[torch.Tensor]] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var):
-                if buffer is not None:
-                    buffers.setdefault(buffer.dtype, []).append(buffer)
+    buffers = [buffer for module in model.modules()
+               if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats
+               for buffer in (module.running_mean, module.running_var) if buffer is not None]
     world_size = dist.get_world_size()
-    for group in buffers.values():  # one message per dtype
-        flat = torch.cat([b.reshape(-1) for b in group])
+
+    def mean_over_ranks(flat: torch.Tensor) -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= world_size
-        offset = 0
-        for b in group:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
+
+    _in_flat_messages(buffers, mean_over_ranks)
 
 
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
@@ -132,17 +127,22 @@ def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
     process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2 or not tensors:
         return
+    _in_flat_messages(tensors, lambda flat: dist.broadcast(flat, src))
+
+
+def _in_flat_messages(tensors: list[torch.Tensor], collective) -> None:
+    """Run the in-place ``collective`` on one flat tensor per dtype (one message each, not one per
+    tensor) and copy the result back into ``tensors``."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in group])
-        dist.broadcast(flat, src)
+        flat = torch.cat([tensor.detach().reshape(-1) for tensor in group])
+        collective(flat)
         offset = 0
-        for t in group:
-            n = t.numel()
-            t.data.copy_(flat[offset:offset + n].view_as(t))
-            offset += n
+        for tensor in group:
+            tensor.data.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
 
 
 def barrier() -> None:
