@@ -1,7 +1,7 @@
 """The image half of the FFCV loaders: seeded crop / flip / colour-jitter kernels and the decoders
 that run them (see :mod:`ssal_datasets.loader` for the loaders that use them).
 
-    SeededRandomResizedCropDecoder(output_size, cell, ...)  train: crop + flip from hash(seed, epoch, index)
+    SeededRandomResizedCropDecoder(output_size, seed_epoch, ...)  train: crop + flip from hash(seed, epoch, index)
     CenterCropDecoder(output_size, ratio, ...)               val: center crop or squash256
     jitter_params(seed, epoch, index, strength)             ColorJitter factors + order (hash stream 3)
 
@@ -60,7 +60,7 @@ DEFAULT_CROP_RATIO = 224 / 256
 # ------------------------------------------------------------------ seeded randomness (numba)
 @intrinsic
 def _load_i64(typingctx, addr):
-    """Read the int64 at a raw address (our per-loader [seed, epoch] cell) inside compiled code."""
+    """Read the int64 at a raw address (our per-loader ``seed_epoch`` pair) inside compiled code."""
     if not isinstance(addr, nb_types.Integer):
         return None
 
@@ -244,16 +244,16 @@ class SeededRandomResizedCropDecoder(_LayoutOutput, RandomResizedCropRGBImageDec
     """FFCV's RandomResizedCropRGBImageDecoder with crop and flip drawn from hash(seed, epoch, index),
     writing ``layout`` (see :mod:`datasets.resample`)."""
 
-    def __init__(self, output_size, cell: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+    def __init__(self, output_size, seed_epoch: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  layout: int = LAYOUT_HWC_U8, flip_prob: float = 0.5, color_jitter: float = 0.0):
         super().__init__(output_size, scale=scale, ratio=ratio)
-        self.cell = cell
+        self.seed_epoch = seed_epoch
         self.layout = layout
         self.flip_prob = float(flip_prob)
         self.color_jitter = float(color_jitter)
 
     def generate_code(self):
-        decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self.cell.ctypes.data),
+        decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self.seed_epoch.ctypes.data),
                               np.array([self.scale[0], self.scale[1], 0.0]), crop=CROP_RANDOM,
                               log_ratio=(math.log(self.ratio[0]), math.log(self.ratio[1])), layout=self.layout,
                               flip_prob=self.flip_prob, jitter=self.color_jitter)
@@ -266,7 +266,7 @@ class CenterCropDecoder(_LayoutOutput, CenterCropRGBImageDecoder):
     writing ``layout``. ``squash=True``: the crop is ``ratio`` of each side instead (the image
     resized to a square ignoring its aspect ratio, then center-cropped)."""
 
-    _cell = np.zeros(2, dtype=np.int64)
+    _seed_epoch = np.zeros(2, dtype=np.int64)
 
     def __init__(self, output_size, ratio=DEFAULT_CROP_RATIO, layout: int = LAYOUT_HWC_U8, squash: bool = False):
         super().__init__(output_size, ratio=ratio)
@@ -274,7 +274,7 @@ class CenterCropDecoder(_LayoutOutput, CenterCropRGBImageDecoder):
         self.squash = bool(squash)
 
     def generate_code(self):
-        decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self._cell.ctypes.data),
+        decode = _make_decode(self.memory_read, Compiler.get_iterator(), int(self._seed_epoch.ctypes.data),
                               np.array([self.ratio, 0.0, 0.0]), crop=CROP_SQUASH if self.squash else CROP_CENTER,
                               log_ratio=(0.0, 0.0), layout=self.layout, flip_prob=0.0)
         decode.is_parallel = True

@@ -290,14 +290,14 @@ class TrainLoader(_LoaderBase):
         idx = _check_indices(indices, n)
         self.dataset_size = n if idx is None else int(idx.size)
         self.resolution = int(resolution)
-        self._cell = np.array([self.seed, 0], dtype=np.int64)  # read by the compiled pipeline by address
+        self._seed_epoch = np.array([self.seed, 0], dtype=np.int64)  # read by the compiled pipeline by address
         ffcv_order = ORDERS[order]
         quasi = ffcv_order == OrderOption.QUASI_RANDOM
         if not (isinstance(color_jitter, (int, float)) and 0 <= color_jitter < 1):
             raise ValueError(f"color_jitter: expected a strength in [0, 1), got {color_jitter!r}")
         if not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
             raise ValueError(f"scale: expected (min, max) area fractions with 0 < min <= max, got {scale!r}")
-        self._decoder = SeededRandomResizedCropDecoder((self.resolution, self.resolution), self._cell,
+        self._decoder = SeededRandomResizedCropDecoder((self.resolution, self.resolution), self._seed_epoch,
                                                        scale=scale, ratio=ratio, layout=self._layout(),
                                                        color_jitter=color_jitter)
         image = [self._decoder] + self._image_tail()
@@ -318,7 +318,7 @@ class TrainLoader(_LoaderBase):
         self._decoder.output_size = (self.resolution, self.resolution)
 
     def _before_epoch(self, epoch: int) -> None:
-        self._cell[1] = epoch  # no epoch thread is running now: the previous one was closed
+        self._seed_epoch[1] = epoch  # no epoch thread is running now: the previous one was closed
 
 
 VAL_PREPROCESS = ("center", "squash256")

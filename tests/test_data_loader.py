@@ -250,8 +250,8 @@ def test_images_are_the_seeded_crop_flip_and_normalisation_of_the_stored_ones(be
     flips = []
     for variant in ("nchw", "channels_last", "uint8"):
         if variant == "uint8":
-            cell = np.array([seed, epoch], dtype=np.int64)
-            decoder = (decoders.SeededRandomResizedCropDecoder((res, res), cell, layout=LAYOUT_HWC_U8)
+            seed_epoch = np.array([seed, epoch], dtype=np.int64)
+            decoder = (decoders.SeededRandomResizedCropDecoder((res, res), seed_epoch, layout=LAYOUT_HWC_U8)
                        if split == "train" else decoders.CenterCropDecoder((res, res), layout=LAYOUT_HWC_U8))
             x, idx = uint8_batches(beton, decoder)
         else:
