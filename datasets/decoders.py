@@ -242,7 +242,7 @@ class _LayoutOutput:
 
 class SeededRandomResizedCropDecoder(_LayoutOutput, RandomResizedCropRGBImageDecoder):
     """FFCV's RandomResizedCropRGBImageDecoder with crop and flip drawn from hash(seed, epoch, index),
-    writing ``layout`` (see :mod:`datasets.resample`)."""
+    writing ``layout`` (see :mod:`ssal_datasets.resample`)."""
 
     def __init__(self, output_size, seed_epoch: np.ndarray, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  layout: int = LAYOUT_HWC_U8, flip_prob: float = 0.5, color_jitter: float = 0.0):

@@ -27,7 +27,7 @@ buffers, which is kept across epochs: they stay valid until the next-but-one bat
 conversion makes fresh tensors.
 
 Devices. The decoders crop, resize, flip and (on CPU) normalise each image in one call to
-:func:`datasets.resample.resample_crop`, in FFCV's numba worker threads. CPU: they write
+:func:`ssal_datasets.resample.resample_crop`, in FFCV's numba worker threads. CPU: they write
 normalised float32 straight in the layout handed out (NCHW, or NHWC viewed as channels-last
 NCHW). CUDA: they write uint8 NHWC, copied with ``non_blocking=True`` from pinned memory on
 FFCV's side streams (``ToDevice``), turned into a channels-last NCHW view (``ToTorchImage``) and

@@ -1,4 +1,4 @@
-"""Writing a :class:`~datasets.layouts.Source` to FFCV betons + manifest.json + rejects.txt.
+"""Writing a :class:`~ssal_datasets.layouts.Source` to FFCV betons + manifest.json + rejects.txt.
 
 Two passes per split:
 
