@@ -34,6 +34,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ssal_datasets.files import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"p3_fed_over_synthetic_min": 0.95, "p4_img_s_min_h100_h200": 5000.0, "ssal3_step_ratio_max": 1.20,
            "step_over_flops_max": 1.10}
@@ -79,9 +81,7 @@ class Check:
                              "stages": {}, "targets": TARGETS, "failed": [], "targets_missed": []}
 
     def save(self) -> None:
-        tmp = self.out / "gpu_check.json.tmp"
-        tmp.write_text(json.dumps(self.report, indent=1, default=str) + "\n")
-        os.replace(tmp, self.out / "gpu_check.json")
+        atomic_write(self.out / "gpu_check.json", json.dumps(self.report, indent=1, default=str) + "\n")
 
     def say(self, line: str) -> None:
         print(line, flush=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssal_datasets.files import atomic_write
+from ssal_datasets.files import atomic_write, temporaries_in, temporary_path
 from ssal_datasets.images import Reject, load_rgb, probe
 from ssal_datasets.layouts import DataError, Source
 from ssal_datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, quick_digest, sha256_file,
@@ -82,7 +82,7 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise DataError(f"--out {out}: not writable")
     if overwrite and (p / MANIFEST_NAME).exists():
         (p / MANIFEST_NAME).unlink()  # the manifest goes first: a crash leaves no stale manifest behind
-    for stale in glob.glob(str(p / ".*.tmp-*")) + glob.glob(str(p / ".late-fail-*")):
+    for stale in [path for path, _ in temporaries_in(p)] + glob.glob(str(p / ".late-fail-*")):
         try:
             os.unlink(stale)
         except OSError:
@@ -180,7 +180,7 @@ def write_beton(path: Path, items: list[tuple[str, int]], shapes: np.ndarray, se
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     fail_prefix = str(path.with_name(f".late-fail-{path.stem}-"))
     page_size = _page_size(shapes)
     fields = {

@@ -1,8 +1,10 @@
 """ssal_datasets.files.atomic_write, the one atomic write (manifests, checkpoints, configs, tracking state):
 the target holds the old content or the new one, never a part, and no temporary file is left behind."""
+import os
+
 import pytest
 
-from ssal_datasets.files import TEMPORARY_NAME, atomic_write
+from ssal_datasets.files import TEMPORARY_NAME, atomic_write, temporaries_in, temporary_path
 
 
 def test_text_bytes_and_writer_land_whole(tmp_path):
@@ -43,3 +45,16 @@ def test_temporary_name_pattern_matches_what_a_killed_write_leaves(tmp_path):
     match = TEMPORARY_NAME.match(".last.pt.tmp-4242")
     assert match and match["name"] == "last.pt" and match["pid"] == "4242"
     assert TEMPORARY_NAME.match("last.pt") is None
+
+
+def test_temporary_path_is_what_temporaries_in_finds(tmp_path):
+    """The betons' writer and atomic_write share the name; prepare_out_dir and
+    checkpoint.remove_stale_temporaries find the leftovers by it (files only)."""
+    tmp = temporary_path(tmp_path / "train.beton")
+    assert tmp == tmp_path / f".train.beton.tmp-{os.getpid()}" and TEMPORARY_NAME.match(tmp.name)
+    tmp.write_bytes(b"")
+    (tmp_path / ".last.pt.tmp-4242").write_bytes(b"")
+    (tmp_path / "train.beton").write_bytes(b"")
+    (tmp_path / ".dir.tmp-7").mkdir()
+    assert temporaries_in(tmp_path) == sorted([(tmp, os.getpid()), (tmp_path / ".last.pt.tmp-4242", 4242)])
+    assert temporaries_in(tmp_path / "missing") == []

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssal_datasets.files import TEMPORARY_NAME, atomic_write
+from ssal_datasets.files import atomic_write, temporaries_in
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -215,12 +215,8 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the ``.<name>.tmp-<pid>`` files that saves killed mid-write left in `folder`
     (those of a process still running on this machine are kept). Returns the removed paths."""
     removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        match = TEMPORARY_NAME.match(path.name)
-        if match is None or not path.is_file() or _process_alive(int(match["pid"])):
+    for path, pid in temporaries_in(folder):
+        if _process_alive(pid):
             continue
         try:
             path.unlink()
