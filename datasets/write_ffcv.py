@@ -123,12 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args):
     from ssal_datasets.writer import WriterSettings
-    s = WriterSettings(max_resolution=args.max_resolution or None, jpeg_quality=args.jpeg_quality,
-                       compress_probability=args.compress_probability, write_mode=args.write_mode,
-                       smart_threshold=args.smart_threshold, workers=args.workers, subset=args.subset,
-                       seed=args.seed)
-    s.check()
-    return s
+    settings = WriterSettings(max_resolution=args.max_resolution or None, jpeg_quality=args.jpeg_quality,
+                              compress_probability=args.compress_probability, write_mode=args.write_mode,
+                              smart_threshold=args.smart_threshold, workers=args.workers, subset=args.subset,
+                              seed=args.seed)
+    settings.check()
+    return settings
 
 
 def run(args, log=print) -> int:
