@@ -18,9 +18,6 @@ from pipeline.tracking import store
 from pipeline.tracking.constants import RUN_ID_FILE
 
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
 class RunLookupError(Exception):
     """A run (or the run id of a run folder) the tracking store does not have; one line to show the user."""
 
