@@ -60,7 +60,7 @@ class MlflowServer:
     def start(self, timeout=120.0):
         import os as _os
 
-        from pipeline.tracking.tracker import ensure_sqlite_store
+        from pipeline.tracking.store import ensure_sqlite_store
 
         ensure_sqlite_store(self.backend_uri, self.artifacts)  # schema first (no race with the server)
         env = dict(_os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",

@@ -86,7 +86,8 @@ def test_from_run_logs_an_mlflow_run_with_the_artifact(tmp_path):
     """A fake finished run with only confusion_main.npy: val fallback with a warning, tags, artifact, ARI absent."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking.tracker import Tracker, default_tracking_uri
+    from pipeline.tracking.store import default_tracking_uri
+    from pipeline.tracking.tracker import Tracker
 
     uri = default_tracking_uri(str(tmp_path / "runs"))
     conf, _ = block_confusion()
@@ -199,7 +200,8 @@ def test_import_authors_usage_errors(tmp_path, capsys, argv, message):
 
 def test_soft_matrix_from_a_run_folder(tmp_path, capsys):
     """--matrix soft reads confusion_soft_holdout.npy of the run; a run without it is one clear line."""
-    from pipeline.tracking.tracker import Tracker, default_tracking_uri
+    from pipeline.tracking.store import default_tracking_uri
+    from pipeline.tracking.tracker import Tracker
 
     uri = default_tracking_uri(str(tmp_path / "runs"))
     conf, truth = block_confusion(num_classes=16, blocks=4, chain=False)

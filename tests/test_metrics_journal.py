@@ -2,7 +2,8 @@
 process of the same run (resume, re-evaluation) stays one metric per step."""
 from mlflow import MlflowClient
 
-from pipeline.tracking.tracker import Tracker, default_tracking_uri
+from pipeline.tracking.store import default_tracking_uri
+from pipeline.tracking.tracker import Tracker
 from pipeline.train.metrics_journal import JOURNAL, MetricsJournal
 
 

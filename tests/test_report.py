@@ -1,7 +1,8 @@
 """pipeline/report.py on runs logged straight into a SQLite store (no training)."""
 
 from pipeline.stages import report
-from pipeline.tracking.tracker import Tracker, default_tracking_uri
+from pipeline.tracking.store import default_tracking_uri
+from pipeline.tracking.tracker import Tracker
 
 
 def log_run(uri, tmp_path, stage, method, metrics, history=None, study="rep"):

@@ -14,8 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.train.config import REPO_ROOT
-from pipeline.tracking.tracker import REJECTED_FILE, Tracker
+from pipeline.tracking.journal import REJECTED_FILE
 from pipeline.tracking.sync import main as tracking_main
+from pipeline.tracking.tracker import Tracker
 from pipeline.train import preemption
 from tests.test_train import tiny_overrides
 

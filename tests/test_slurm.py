@@ -118,7 +118,7 @@ def scontrol_field(cluster, job_id: str, field: str) -> str:
 def mlflow_client(runs_root: Path):
     import mlflow
 
-    from pipeline.tracking.tracker import default_tracking_uri
+    from pipeline.tracking.store import default_tracking_uri
 
     return mlflow.MlflowClient(tracking_uri=default_tracking_uri(str(runs_root)))
 

@@ -194,7 +194,7 @@ def test_study_runs_as_afterok_chain_on_slurm(slurm_cluster, tiny_demo, tmp_path
     import mlflow
 
     from pipeline.tracking import runs
-    from pipeline.tracking.tracker import default_tracking_uri
+    from pipeline.tracking.store import default_tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(str(runs_root)))
     tagged = runs.study_runs(client, STUDY_ID)

@@ -67,7 +67,7 @@ def log_ssal_run(uri, tmp_path, name, weights_width=0.125) -> str:
 
 @pytest.fixture
 def uri(tmp_path):
-    from pipeline.tracking.tracker import default_tracking_uri
+    from pipeline.tracking.store import default_tracking_uri
 
     return default_tracking_uri(str(tmp_path / "runs"))
 

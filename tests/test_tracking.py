@@ -15,9 +15,11 @@ import matplotlib.pyplot as plt
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.tracking.store import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND, ensure_sqlite_store
+from pipeline.tracking.journal import BUFFER_FILE, FALLBACK_DB
+from pipeline.tracking.store import (EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND, default_tracking_uri,
+                                     ensure_sqlite_store)
 from pipeline.tracking.sync import main as tracking_main
-from pipeline.tracking.tracker import BUFFER_FILE, FALLBACK_DB, NullTracker, Tracker, default_tracking_uri
+from pipeline.tracking.tracker import NullTracker, Tracker
 
 KEYS = ("val/top1/main", "val/top1/joint", "train/loss")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +152,8 @@ def test_two_processes_create_new_sqlite_store_at_once(tmp_path):
     go = tmp_path / "go"
     script = textwrap.dedent(f"""
         import os, sys, time
-        from pipeline.tracking.tracker import Tracker, default_tracking_uri
+        from pipeline.tracking.store import default_tracking_uri
+        from pipeline.tracking.tracker import Tracker
         while not os.path.exists({str(go)!r}):
             time.sleep(0.005)
         uri = default_tracking_uri({str(runs)!r})

@@ -34,17 +34,15 @@ import threading
 import time
 from typing import Any, Mapping
 
-from pipeline.tracking.journal import (BUFFER_FILE, FALLBACK_DB, REJECTED_FILE, STAGING_DIR, STATE_FILE,
-                                       append_jsonl, read_jsonl, rewrite_jsonl, send_op, split_params,
-                                       stage_copy, write_fallback, write_state)
+from pipeline.tracking.journal import (BUFFER_FILE, REJECTED_FILE, STAGING_DIR, STATE_FILE, append_jsonl,
+                                       read_jsonl, rewrite_jsonl, send_op, split_params, stage_copy,
+                                       write_fallback, write_state)
 from pipeline.tracking.store import (MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, clean_key, clip,
-                                     default_tracking_uri, ensure_sqlite_store, get_or_create_experiment,
-                                     http_limits, is_permanent, param_str, server_answers, where_to_view)
+                                     ensure_sqlite_store, get_or_create_experiment, http_limits, is_permanent,
+                                     param_str, server_answers, where_to_view)
 from ssal_datasets.files import atomic_write
 
-# Tracker and NullTracker; the rest is re-exported for the modules and tests that import it from here.
-__all__ = ["Tracker", "NullTracker", "default_tracking_uri", "ensure_sqlite_store", "get_or_create_experiment",
-           "read_jsonl", "BUFFER_FILE", "REJECTED_FILE", "FALLBACK_DB"]
+__all__ = ["Tracker", "NullTracker"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +93,8 @@ class Tracker:
     """MLflow run of one training run, robust to tracking-server outages (see module doc).
 
     Args:
-        uri: tracking URI (``http(s)://host:port`` or ``sqlite:///...``; see :func:`default_tracking_uri`).
+        uri: tracking URI (``http(s)://host:port`` or ``sqlite:///...``; the engine's default:
+            :func:`pipeline.tracking.store.default_tracking_uri`).
         experiment: experiment name (created if missing).
         run_dir: the training run's output folder (buffer journal, staged artifacts, fallback store).
         timeout: seconds one HTTP request may take (MLflow accepts whole seconds; min 1).

@@ -24,7 +24,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.tracking.constants import RUN_ID_FILE
-from pipeline.tracking.tracker import NullTracker, Tracker, default_tracking_uri
+from pipeline.tracking.store import default_tracking_uri
+from pipeline.tracking.tracker import NullTracker, Tracker
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import config as config_lib
 from pipeline.train import data_access, engine, preemption
