@@ -70,9 +70,6 @@ class NullTracker:
     def log_metrics(self, metrics, step, timestamp_ms=None):
         pass
 
-    def log_params(self, params):
-        pass
-
     def log_artifact(self, local_path, artifact_path=None):
         pass
 
@@ -214,17 +211,6 @@ class Tracker:
                 self._submit(op)
             except Exception:
                 log.exception("tracking: log_metrics failed (training continues)")
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        with self._lock:
-            try:
-                p, truncated = self._prepare_params(params)
-                self._params.update(p)
-                if truncated:
-                    log.warning("tracking: params truncated to %d chars: %s", MAX_PARAM_VAL_LENGTH, truncated)
-                self._submit({"op": "params", "params": p})
-            except Exception:
-                log.exception("tracking: log_params failed (training continues)")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         with self._lock:
