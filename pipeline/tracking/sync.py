@@ -34,12 +34,12 @@ def sync_run_dir(run_dir: str, uri: str | None = None, **tracker_kwargs) -> str 
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.tracking")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    sub = parser.add_subparsers(dest="cmd", required=True)
     sync_parser = sub.add_parser("sync", help="send a run directory's buffered tracking calls to the server")
     sync_parser.add_argument("run_dir")
     sync_parser.add_argument("--uri", default=None, help="tracking URI (default: the one the run used)")
-    args = ap.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "sync":
         if not any(os.path.exists(os.path.join(args.run_dir, f)) for f in (BUFFER_FILE, REJECTED_FILE)):

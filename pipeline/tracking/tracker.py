@@ -162,8 +162,8 @@ class Tracker:
             try:
                 self._started = True
                 self._run_name = run_name
-                params_s, truncated = self._prepare_params(params or {})
-                self._params = params_s
+                clean_params, truncated = self._prepare_params(params or {})
+                self._params = clean_params
                 self._tags = {clean_key(k): clip(str(v), MAX_TAG_VAL_LENGTH)
                               for k, v in (tags or {}).items()}
                 self._tags.setdefault("tracking.run_dir", self.run_dir)
@@ -215,9 +215,9 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         with self._lock:
             try:
-                t = {clean_key(k): clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
-                self._tags.update(t)
-                self._submit({"op": "tags", "tags": t})
+                clean_tags = {clean_key(k): clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+                self._tags.update(clean_tags)
+                self._submit({"op": "tags", "tags": clean_tags})
             except Exception:
                 log.exception("tracking: set_tags failed (training continues)")
 
