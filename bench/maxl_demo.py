@@ -60,17 +60,14 @@ def planted_agreement(run_dir: Path) -> float | None:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    from ssal_datasets import loader as data_loader
-    from ssal_datasets.manifest import read_manifest
-    from pipeline.train.config import resolve_path
-    from pipeline.stages.common import load_trained
+    from pipeline.stages.common import load_trained, run_dataset
     from pipeline.train.factory import label_space
+    from ssal_datasets import loader as data_loader
 
     cfg, model, _, _ = load_trained(None, None, run_dir, run_dir)
     if cfg.method.name != "maxl" or cfg.data.labels != "superclass":
         return None
-    root = resolve_path(cfg.data.root)
-    manifest = read_manifest(root)
+    root, manifest = run_dataset(cfg, "planted_agreement needs the demo set")
     _, _, table = label_space(cfg, manifest)
     loader = data_loader.create_val_loader(root / manifest["splits"]["val"]["beton"], batch_size=256, num_workers=1,
                                            resolution=cfg.data.val_res, device="cpu", distributed=False,

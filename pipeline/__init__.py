@@ -5,8 +5,8 @@
 - ``pipeline.tracking`` MLflow: the fault-tolerant tracker, its sync CLI, run lookups, figures.
 - ``pipeline.stages``   post-hoc tools on trained runs: groups, fit_lc (+LC), explain (CAMs), report.
 
-Imports point one way: ``stages -> train, tracking``; ``launch -> train.config, tracking``;
-``train -> tracking``; ``tracking`` imports none of them and nothing imports ``launch``.
+Imports point one way: ``stages -> train, tracking``; ``launch -> train (its plumbing), tracking``;
+``train -> tracking``; ``tracking`` imports none of them; nothing imports ``launch`` (tests/test_architecture.py).
 The ``*.py`` files beside the rooms are the users' script paths (``python pipeline/launch.py``, ...);
 each only calls its room's ``main``.
 """

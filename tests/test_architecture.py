@@ -16,10 +16,13 @@ PACKAGES = {"pipeline": "pipeline", "ssal_models": "ssal_models", "datasets": "s
 MAX_LINES = 500
 #: the users' script paths into the launchers (thin shims that call a launcher's main)
 LAUNCH_SHIMS = {"pipeline/launch.py", "pipeline/study.py"}
-#: (room or library, what it must not import): launch -> stages -> train -> tracking, never upwards;
-#: nothing imports launch (below); the two libraries import nothing of the pipeline nor each other
+#: (room or library, what it must not import): launch, stages -> train -> tracking, never upwards; launch and
+#: stages not each other; nothing imports launch (below); the two libraries import nothing of the pipeline nor
+#: each other; tracking of the libraries only ssal_datasets.files
 FORBIDDEN = [
-    ("pipeline.tracking", ("pipeline.train", "pipeline.launch", "pipeline.stages")),
+    ("pipeline.tracking", ("pipeline.train", "pipeline.launch", "pipeline.stages", "ssal_models",
+                           "ssal_datasets.loader", "ssal_datasets.writer", "ssal_datasets.manifest")),
+    ("pipeline.launch", ("pipeline.stages",)),
     ("pipeline.train", ("pipeline.launch", "pipeline.stages")),
     ("pipeline.stages", ("pipeline.launch",)),
     ("ssal_models", ("pipeline", "ssal_datasets")),
@@ -152,7 +155,8 @@ def test_the_cycle_search_finds_rings_and_only_them():
 
 def test_the_rooms_import_one_way():
     """docs/ARCHITECTURE.md: stages -> train, tracking; launch -> train, tracking; train -> tracking;
-    tracking -> nothing of the pipeline; nothing imports launch; ssal_models is pure model code."""
+    tracking -> nothing of the pipeline; launch and stages not each other; nothing imports launch;
+    ssal_models is pure model code."""
     def within(name: str, prefix: str) -> bool:
         return name == prefix or name.startswith(prefix + ".")
 
@@ -196,6 +200,18 @@ def sys_path_edits(path: Path) -> list[int]:
                 first = text[: SYS_PATH_EDIT_IN_TEXT.search(text).start()]
                 lines.append(node.lineno + first.count("\n"))
     return sorted(set(lines))
+
+
+@pytest.mark.parametrize("room", ["train", "launch", "tracking", "stages"])
+def test_each_rooms_docstring_names_all_its_modules(room):
+    """docs/ARCHITECTURE.md: a room's __init__.py says what lives there; a module it does not name is one a
+    reader of the docstring would not know of."""
+    folder = ROOT / "pipeline" / room
+    docstring = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
+    modules = [p.stem for p in sorted(folder.glob("*.py")) if p.stem not in ("__init__", "__main__")]
+    assert modules, f"no modules in {rel(folder)}"
+    missing = [m for m in modules if not re.search(rf"``{m}(``|\.)", docstring)]
+    assert not missing, f"{rel(folder / '__init__.py')}: the docstring does not name {missing} (as ``name``)"
 
 
 def test_no_sys_path_edits_the_package_is_installed():

@@ -414,22 +414,22 @@ def test_mlflow_run_is_created_at_submission(tmp_path):
     """The launcher's MLflow run (SCHEDULED, id in the run dir) is the one the engine will resume."""
     import mlflow
 
-    from pipeline.train.config import load_config
+    from pipeline.train.config import load_config, tracking_uri
 
     cfg = load_config(None, [f"runs_root={tmp_path / 'runs'}", "tracking.experiment=launch-test"])
-    uri = launch.default_tracking_uri(cfg)
-    rid, link = launch.create_mlflow_run(cfg, tmp_path / "run", uri)
-    assert rid and rid in link and "mlflow ui --backend-store-uri" in link
-    assert (tmp_path / "run" / launch.RUN_ID_FILE).read_text() == rid
-    run = mlflow.MlflowClient(tracking_uri=uri).get_run(rid)
+    uri = tracking_uri(cfg)
+    run_id, link = launch.create_mlflow_run(cfg, tmp_path / "run", uri)
+    assert run_id and run_id in link and "mlflow ui --backend-store-uri" in link
+    assert (tmp_path / "run" / launch.RUN_ID_FILE).read_text() == run_id
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.info.status == "SCHEDULED" and run.info.run_name == cfg.run_name
     # again with the id already there (--resume auto): the same run
-    assert launch.create_mlflow_run(cfg, tmp_path / "run", uri)[0] == rid
+    assert launch.create_mlflow_run(cfg, tmp_path / "run", uri)[0] == run_id
 
 
 def test_unreachable_tracking_server_does_not_block_submission(tmp_path):
     from pipeline.train.config import load_config
 
     cfg = load_config(None, ["tracking.uri=http://127.0.0.1:9", f"runs_root={tmp_path}"])
-    rid, link = launch.create_mlflow_run(cfg, tmp_path / "run", cfg.tracking.uri)
-    assert rid is None and "created when the job starts" in link
+    run_id, link = launch.create_mlflow_run(cfg, tmp_path / "run", cfg.tracking.uri)
+    assert run_id is None and "created when the job starts" in link

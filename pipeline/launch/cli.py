@@ -23,13 +23,14 @@ from typing import Sequence
 from pipeline.launch import study_jobs
 from pipeline.launch.arrays import expand_jobs, load_job_config
 from pipeline.launch.local_workers import child_env, run_workers
-from pipeline.launch.slurm import (EXIT_USAGE, PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, follow, log_path,
+from pipeline.launch.slurm import (PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, follow, log_path,
                                    make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
 from pipeline.launch.task import TrainTask, resolve_entry
-from pipeline.tracking import store
+from pipeline.tracking import runs, store
 from pipeline.tracking.constants import RUN_ID_FILE
 from pipeline.train import run_lock
-from pipeline.train.config import REPO_ROOT, Config, resolve_path, save_config
+from pipeline.train.config import REPO_ROOT, Config, save_config, tracking_uri
+from pipeline.train.exit_codes import EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------- command line
@@ -139,33 +140,27 @@ def run_local(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- SLURM
 
 
-def default_tracking_uri(cfg: Config) -> str:
-    """The job's tracking store: the config's URI, else the embedded SQLite store under its runs_root."""
-    return cfg.tracking.uri or store.default_tracking_uri(str(resolve_path(cfg.runs_root)))
-
-
 def create_mlflow_run(cfg: Config, run_dir: Path, uri: str) -> tuple[str | None, str]:
     """Create the job's MLflow run now (status SCHEDULED) and leave its id in the run dir, where the engine
     picks it up (and turns it RUNNING): the launcher can print the run's link at once. Best effort: if the
     tracking store cannot be reached, the engine creates the run when the job starts."""
     if not cfg.tracking.enabled:
         return None, "tracking disabled (tracking.enabled=false)"
-    existing = run_dir / RUN_ID_FILE
     # a tracking server that does not answer must not hold the submission up for minutes of retries
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     try:
         import mlflow
 
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        if existing.is_file() and existing.read_text().strip():  # --resume auto of an earlier run
-            run = client.get_run(existing.read_text().strip())
-        else:
-            exp_id = store.get_or_create_experiment(client, uri, cfg.tracking.experiment)
-            run = client.create_run(exp_id, run_name=cfg.run_name, tags={"tracking.run_dir": str(run_dir)})
-            client.update_run(run.info.run_id, status="SCHEDULED")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            existing.write_text(run.info.run_id)
+        with store.http_limits(timeout=5, retries=0):
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            earlier_run_id = runs.recorded_run_id(run_dir)
+            if earlier_run_id:  # --resume auto of an earlier run
+                run = client.get_run(earlier_run_id)
+            else:
+                exp_id = store.get_or_create_experiment(client, uri, cfg.tracking.experiment)
+                run = client.create_run(exp_id, run_name=cfg.run_name, tags={"tracking.run_dir": str(run_dir)})
+                client.update_run(run.info.run_id, status="SCHEDULED")
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
     except Exception as err:  # noqa: BLE001 - never block a submission on tracking
         return None, f"(run created when the job starts; {type(err).__name__}: {str(err).splitlines()[0][:120]})"
@@ -203,7 +198,7 @@ def submit_slurm(args: argparse.Namespace) -> int:
         print_dry_run(make_executor(folder, settings, job_name, script_only=True), settings, jobs, tasks)
         return 0
 
-    uris = [default_tracking_uri(job.cfg) for job in jobs]
+    uris = [tracking_uri(job.cfg) for job in jobs]
     links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job, uri in zip(jobs, uris)]
     try:
         submitted = submit(lambda: make_executor(folder, settings, job_name), tasks, "submission")
@@ -247,15 +242,17 @@ def print_dry_run(executor, settings: dict, jobs: Sequence[JobSpec], tasks: Sequ
 
 
 def _end_scheduled_run(uri: str, run_id: str | None, run_dir: Path) -> None:
+    """Delete the MLflow run made for a job that was not submitted after all (and its run-id file)."""
     if not run_id:
         return
     try:
         import mlflow
 
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        if client.get_run(run_id).info.status == "SCHEDULED":
-            client.delete_run(run_id)
-            (run_dir / RUN_ID_FILE).unlink(missing_ok=True)
+        with store.http_limits(timeout=5, retries=0):
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            if client.get_run(run_id).info.status == "SCHEDULED":
+                client.delete_run(run_id)
+                (run_dir / RUN_ID_FILE).unlink(missing_ok=True)
     except Exception:  # noqa: BLE001 - best effort
         pass
 

@@ -26,10 +26,10 @@ import time
 from typing import Mapping, Sequence
 
 from pipeline.train.config import REPO_ROOT
+from pipeline.train.exit_codes import ORDERLY_EXITS
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR2: signal.SIGUSR2,
              signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
-ORDERLY_EXITS = (0, 2, 3, 4)  # done, config error, stopped, non-finite loss (pipeline.train): all ranks leave together
 ORDERLY_GRACE_S = 300.0  # ranks still running this long after another's orderly non-zero exit get SIGTERM
 KILL_AFTER_S = 30.0  # ... and SIGKILL this long after the SIGTERM (a crash: SIGTERM at once)
 

@@ -5,7 +5,8 @@ share: a cluster profile (``slurm/NAME.yaml``) and the command-line flags merged
 SLURM job states mean a job is still to run or not over yet, and following a job's rank-0 log to its end
 (``--wait``: :func:`follow`).
 
-It imports ``pipeline.train.config`` (the repository root) and ``pipeline.tracking.constants``; submitit only
+It imports ``pipeline.train.config`` (the repository root, the config a job runs), ``pipeline.train.schema``
+(the profile's dataclass) and ``pipeline.tracking.runs`` (the run id a job's folder names); submitit only
 when an executor is built. Only the other modules of ``pipeline.launch`` import it.
 """
 from __future__ import annotations
@@ -26,12 +27,11 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from pipeline.tracking.constants import RUN_ID_FILE
+from pipeline.tracking import runs
 from pipeline.train import schema
 from pipeline.train.config import REPO_ROOT, Config
 
 PROFILE_DIR = REPO_ROOT / "slurm"
-EXIT_USAGE = 2
 
 
 @dataclasses.dataclass
@@ -334,7 +334,6 @@ def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
     """Print rank 0's log as it grows until the job ends; then its outcome. Returns 0 if it completed."""
     files = [log_path(job, "out"), log_path(job, "err")]
     offsets = {f: 0 for f in files}
-    run_id_file = spec.run_dir / RUN_ID_FILE
     announced = False
     over_since = None
 
@@ -353,8 +352,9 @@ def follow(job, spec: JobSpec, uri: str, poll_s: float = 2.0) -> int:
 
     while True:
         pump()
-        if not announced and run_id_file.is_file():
-            print(f"[launch] MLflow run {run_id_file.read_text().strip()} in {uri}", flush=True)
+        run_id = None if announced else runs.recorded_run_id(spec.run_dir)
+        if run_id:
+            print(f"[launch] MLflow run {run_id} in {uri}", flush=True)
             announced = True
         state = job_state(job)
         if is_over(state):

@@ -77,7 +77,6 @@ from pipeline.train import schema
 from pipeline.train.config import REPO_ROOT, ConfigError, load_config, override_list, resolve_path
 from pipeline.train.schema import SchemaError
 
-EXIT_USAGE = 2
 ENTRIES = {"train": "pipeline.train.entry:main", "groups": "pipeline.stages.groups:main", "lc": "pipeline.stages.fit_lc:main",
            "explain": "pipeline.stages.explain:main", "report": "pipeline.stages.report:main"}
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -15,11 +15,12 @@ from typing import Sequence
 from pipeline.launch import slurm
 from pipeline.launch import study as study_file
 from pipeline.launch.local_workers import child_env
-from pipeline.launch.study import EXIT_USAGE, Stage, Study, StudyError, load_study
+from pipeline.launch.study import Stage, Study, StudyError, load_study
 from pipeline.launch.task import TrainTask
 from pipeline.tracking import runs
 from pipeline.tracking import store
 from pipeline.train.config import REPO_ROOT
+from pipeline.train.exit_codes import EXIT_USAGE
 
 
 def stage_status(study: Study) -> dict[str, str]:

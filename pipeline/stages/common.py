@@ -20,14 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from pipeline.tracking import runs
+from pipeline.tracking import runs, store
 from pipeline.tracking.constants import RUN_ID_FILE
 from pipeline.train import config as config_lib
+from pipeline.train.exit_codes import EXIT_USAGE
 
-EXIT_USAGE = 2
 
 #: The store every tool uses when neither --tracking-uri nor $MLFLOW_TRACKING_URI is given.
-DEFAULT_STORE_PHRASE = "sqlite:///<runs-root>/mlflow.db"
+DEFAULT_STORE_PHRASE = f"sqlite:///<runs-root>/{store.DEFAULT_DB}"
 
 
 class ToolError(Exception):
@@ -178,9 +178,7 @@ def load_trained(mlflow_client, run, folder: Path | None, tmp: str | Path, weigh
     from pipeline.train.factory import build_model, label_space
 
     try:
-        from ssal_datasets.manifest import read_manifest
-
-        manifest = read_manifest(config_lib.resolve_path(cfg.data.root))
+        _, manifest = run_dataset(cfg, "")
         num_classes, names, _ = label_space(cfg, manifest)  # data.labels=superclass: the super-classes
     except Exception:  # noqa: BLE001 (dataset not on this machine: sizes from the weights)
         num_classes = int(state["backbone.fc.weight"].shape[0])
@@ -200,7 +198,8 @@ def log_stage_run(uri: str, experiment: str, journal_dir: str | Path, run_name: 
                   params: Mapping[str, Any], tags: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
                   step: int = 0, artifacts: Iterable[str | Path] = (), label: str = "run") -> str | None:
     """Log the tool's own MLflow run (``journal_dir``: the Tracker's outage journal), end it, print
-    ``MLflow: <label> <id> in experiment '<experiment>' (<uri>)`` and return the run id."""
+    ``MLflow: <label> <id> in experiment '<experiment>': <where to view it>`` (the Model-training view's link,
+    as every link the project prints) and return the run id."""
     from pipeline.tracking.tracker import Tracker
 
     tracker = Tracker(uri=uri, experiment=experiment, run_dir=str(journal_dir))
@@ -214,5 +213,5 @@ def log_stage_run(uri: str, experiment: str, journal_dir: str | Path, run_name: 
         tracker.end("FAILED")
         raise
     tracker.end("FINISHED")
-    print(f"MLflow: {label} {tracker.run_id} in experiment '{experiment}' ({uri})")
+    print(f"MLflow: {label} {tracker.run_id} in experiment '{experiment}': {tracker.run_url}")
     return tracker.run_id

@@ -49,6 +49,7 @@ import numpy as np
 from pipeline.stages.common import (ToolError, add_tracking_options, log_stage_run, parse_tags, run_cli, scratch_dir,
                                     source_experiment, source_tags, store_uri)
 from pipeline.tracking import runs
+from pipeline.tracking.constants import RUN_ID_FILE
 
 HOLDOUT_FILE = "confusion_holdout.npy"
 VAL_FILE = "confusion_main.npy"
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None)
     src = parser.add_argument_group("confusion source (exactly one)")
     src.add_argument("--from-run", metavar="RUN_ID", help="MLflow run id of a finished (baseline) training run")
-    src.add_argument("--from-run-dir", metavar="DIR", help="a training run folder (holds mlflow_run_id and the "
+    src.add_argument("--from-run-dir", metavar="DIR", help=f"a training run folder (holds {RUN_ID_FILE} and the "
                                                            "confusion .npy files)")
     src.add_argument("--confusion", metavar="FILE.npy", help="a C x C confusion matrix (rows = true class)")
     src.add_argument("--import-authors", nargs="+", metavar="FILE",

@@ -1,7 +1,7 @@
 """MLflow plumbing: ``tracker`` (a fault-tolerant tracker that journals to the run folder while the
 server is away), ``store`` (the default SQLite store, experiments, MLflow's limits, the UI links we
 print), ``journal`` (the run folder's files for unsent calls and the fallback store),
-``python -m pipeline.tracking sync RUN_DIR`` (replays a journal), ``runs`` (finding runs and their
+``sync`` (``python -m pipeline.tracking sync RUN_DIR`` replays a journal), ``runs`` (finding runs and their
 files), ``plots`` (the figures a run logs) and ``constants`` (file names shared by everyone).
 Imports nothing else of the pipeline.
 """

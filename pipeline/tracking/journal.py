@@ -37,7 +37,7 @@ FALLBACK_ARTIFACTS = "mlflow_fallback_artifacts"
 STAGING_DIR = "tracking_artifacts"         # files made by log_dict/log_figure, copies of buffered ones
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The ops of a journal (none if it does not exist)."""
     ops = []
     try:
@@ -73,10 +73,11 @@ def read_state(run_dir: str) -> dict:
         return json.load(f)
 
 
-def append_jsonl(path: str, ops: Iterable[dict]) -> None:
-    """Append ops to a journal, on disk before this returns."""
+def append_jsonl(path: str | os.PathLike, ops: Iterable[dict], *, after_torn_line: bool = False) -> None:
+    """Append ops to a journal, on disk before this returns. ``after_torn_line``: the file ends in a line
+    a kill cut short; start on a new line so that the first op is not glued to it."""
     with open(path, "a") as f:
-        f.write("".join(json.dumps(op) + "\n" for op in ops))
+        f.write(("\n" if after_torn_line else "") + "".join(json.dumps(op) + "\n" for op in ops))
         f.flush()
         os.fsync(f.fileno())
 

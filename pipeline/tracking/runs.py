@@ -6,7 +6,7 @@
   :class:`RunLookupError` with a one-line message (the CLIs print it and exit 2).
 * :func:`run_file`: a file of a finished run, from its run folder (tag ``tracking.run_dir``,
   written by the engine's Tracker) when it is reachable, else downloaded from its artifacts.
-* :func:`run_id_from_dir`: the run id a training run folder names.
+* :func:`recorded_run_id`, :func:`run_id_from_dir`: the run id a training run folder names.
 * :func:`study_runs`: every run tagged ``study=<id>`` (optionally one ``stage``) in any experiment.
 """
 from __future__ import annotations
@@ -70,12 +70,19 @@ def run_file(mlflow_client, run, name: str, dst_dir: str | Path) -> Path | None:
     return Path(mlflow_client.download_artifacts(run.info.run_id, name, str(dst_dir)))
 
 
-def run_id_from_dir(run_dir: str | Path) -> str:
+def recorded_run_id(run_dir: str | Path) -> str | None:
+    """The MLflow run id a run folder's ``RUN_ID_FILE`` holds (written by the launcher or the trainer), or None."""
     path = Path(run_dir) / RUN_ID_FILE
-    if not path.is_file():
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def run_id_from_dir(run_dir: str | Path) -> str:
+    """:func:`recorded_run_id` of a folder that must name one (a RunLookupError otherwise)."""
+    run_id = recorded_run_id(run_dir)
+    if run_id is None:
         raise RunLookupError(f"{run_dir}: no {RUN_ID_FILE} file (not a finished training run folder); "
                              f"train it first or pass its MLflow run id")
-    return path.read_text().strip()
+    return run_id
 
 
 def all_experiment_ids(mlflow_client) -> list[str]:

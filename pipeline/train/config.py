@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from pipeline.tracking import store
 from pipeline.train.schema import SchemaError, merge, merge_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +72,10 @@ class ModelConfig:
     stem_convs: int = 0  # extra conv layers between the stem and layer1 (>= 0)
     stem_conv_width: int = 256  # their filters (>= 1; not scaled by width_multiplier)
     bn_momentum: float = 0.1  # of every BatchNorm, branches included (PyTorch's convention and default)
+
+
+#: the methods whose branches classify groups of the classes (groupings from method.groups_file / num_groups)
+GROUPED_METHODS = ("ssal", "gapcat")
 
 
 @dataclass
@@ -133,7 +138,7 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str = ""  # "" = the local SQLite store runs/mlflow.db; or http://host:port of a server
+    uri: str = ""  # "" = the SQLite store <runs_root>/mlflow.db; or http://host:port of a server
     experiment: str = "ssal-pipeline"  # one experiment per study
     run_name: str = ""  # "" = <dataset>-<arch>-<method>
     tags: dict[str, str] = field(default_factory=dict)
@@ -191,6 +196,11 @@ def resolve_path(path: str | Path) -> Path:
     """Relative paths in configs are relative to the repository root, not the cwd."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The run's tracking store: ``tracking.uri``, else the SQLite store under ``runs_root`` (created)."""
+    return cfg.tracking.uri or store.default_tracking_uri(resolve_path(cfg.runs_root))
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -299,7 +309,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.topk: every k must be >= 1, got {cfg.eval.topk}")
     if cfg.tracking.uri:
         check_tracking_uri(cfg.tracking.uri)
-    if cfg.method.name in ("ssal", "gapcat") and not cfg.method.groups_file and not cfg.method.num_groups:
+    if cfg.method.name in GROUPED_METHODS and not cfg.method.groups_file and not cfg.method.num_groups:
         raise ConfigError("method.num_groups: SSAL needs groupings: set method.groups_file or method.num_groups")
     if cfg.method.groups_file and not resolve_path(cfg.method.groups_file).is_file():
         raise ConfigError(f"method.groups_file: no such file {cfg.method.groups_file}; compute it from a baseline "
@@ -307,7 +317,7 @@ def validate(cfg: Config) -> None:
 
 
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
-_URI_FIX = "use http://HOST:PORT (a tracking server), sqlite:////abs/path/mlflow.db, or leave it empty for runs/mlflow.db"
+_URI_FIX = "use http://HOST:PORT (a tracking server), sqlite:////abs/path/mlflow.db, or leave it empty for <runs_root>/mlflow.db"
 
 
 def check_tracking_uri(uri: str) -> None:

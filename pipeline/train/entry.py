@@ -4,7 +4,7 @@ The same entry runs as one process, under torchrun (one process per GPU), and in
 started by submitit (``pipeline/launch/task.py``). It reads the arguments and the config, sets the
 process up (signal handlers, process group, torch flags, the run folder's lock), runs a
 :class:`pipeline.train.trainer.Trainer`, and turns the outcome into the exit code: 0 done, 2 bad
-input (one line), 3 stopped with a checkpoint (``preemption.EXIT_PREEMPTED``), 4 non-finite loss,
+input (one line), 3 stopped with a checkpoint, 4 non-finite loss (``exit_codes``),
 1 anything else.
 """
 from __future__ import annotations
@@ -23,10 +23,9 @@ from pipeline.train import config as config_lib
 from pipeline.train import dist as dist_util
 from pipeline.train import engine, preemption, run_lock
 from pipeline.train.config import Config, ConfigError
+from pipeline.train.exit_codes import EXIT_NONFINITE, EXIT_USAGE
 from pipeline.train.trainer import AgreedConfigError, Trainer, raise_if_any_rank
 
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_lib.load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     preemption.install_handlers()
     info = dist_util.init_distributed_mode(cfg.train.device)
     configure_torch(cfg)
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ckpt.CheckpointError) as err:
         if info.is_main or not isinstance(err, AgreedConfigError):
             print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_USAGE
     except engine.Preempted as reason:
         # the checkpoint holds every rank's share of the interrupted epoch's sums; after the
         # resume rank 0 carries them on and the other ranks start from zero (no double count)
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.save()
         except ckpt.CheckpointError as err:
             print(f"error: {err}", file=sys.stderr)
-            return EXIT_CONFIG
+            return EXIT_USAGE
         if preemption.will_requeue():
             status = None  # the requeued job continues this MLflow run
             if info.is_main:
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, OSError) and ckpt.is_disk_full(err):
             print(f"error: {err.filename or cfg.run_dir}: not written, no space left on device; free space, then "
                   f"continue with --resume auto", file=sys.stderr, flush=True)
-            return EXIT_CONFIG
+            return EXIT_USAGE
         print(f"error: rank {info.rank} of {info.world_size} failed:\n{traceback.format_exc()}", file=sys.stderr,
               flush=True)
         return 1

@@ -1,7 +1,7 @@
 """What a run is built from, for the trainer and the post-hoc stages alike.
 
 The trainer builds a run from these, and so do the tools that look at a finished run again (``fit_lc``,
-``explain``, ``pipeline.tracking.runs``), which import this module rather than the worker entry:
+``explain``, ``pipeline.stages.common``), which import this module rather than the worker entry:
 
 * the model with its method (``build_model``: ``model.*`` and ``method.*``, MAXL's psi file read by
   ``method_options``, every BatchNorm's momentum);

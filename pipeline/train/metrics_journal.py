@@ -11,11 +11,12 @@ disk, and replays the checkpoint's own epoch at resume (a kill between the save 
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Mapping
+
+from pipeline.tracking.journal import append_jsonl, read_jsonl
 
 JOURNAL = "metrics_journal.jsonl"
 
@@ -45,11 +46,8 @@ class MetricsJournal:
         if entry is None:
             entry = {"key": key, "step": int(step), "ts": int(time.time() * 1000),
                      "metrics": {name: float(value) for name, value in metrics.items()}}
-            with open(self.path, "a") as handle:
-                handle.write(("\n" if self._torn_tail else "") + json.dumps(entry) + "\n")
-                self._torn_tail = False
-                handle.flush()
-                os.fsync(handle.fileno())
+            append_jsonl(self.path, [entry], after_torn_line=self._torn_tail)
+            self._torn_tail = False
             self.entries[key] = entry
         self.tracker.log_metrics(entry["metrics"], step=entry["step"], timestamp_ms=entry["ts"])
 
@@ -58,19 +56,9 @@ class MetricsJournal:
 
 
 def _read_entries(path: Path) -> list[dict]:
-    entries = []
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return entries
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a kill mid-append: that call was never sent
-            continue
-        if isinstance(entry, dict) and {"key", "step", "ts", "metrics"} <= entry.keys():
-            entries.append(entry)
-    return entries
+    """The journal's whole entries (a line torn by a kill mid-append is skipped: that call was never sent)."""
+    return [entry for entry in read_jsonl(path)
+            if isinstance(entry, dict) and {"key", "step", "ts", "metrics"} <= entry.keys()]
 
 
 def _ends_without_newline(path: Path) -> bool:

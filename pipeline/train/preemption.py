@@ -15,9 +15,9 @@ Protocol (shared by the engine and the SLURM task, ``pipeline/launch/task.py``):
 * The engine polls ``requested()`` once per iteration, all-reduces it across ranks, and when set: rank 0
   writes an atomic, resumable checkpoint (mid-epoch, with the iteration), the process group is torn down,
   and ``pipeline.train.entry.main`` returns ``EXIT_PREEMPTED``.
-* The engine marks the MLflow run KILLED unless ``will_requeue()`` (USR2 seen *and* a requeuer registered by
-  ``allow_requeue()``: the SLURM task, below): then the run stays open/RUNNING-to-be-continued and the requeued
-  job resumes it with ``--resume auto``. A USR2 outside such a task (a local run, torchrun) is a plain stop.
+* The worker entry (``pipeline.train.entry``) marks the MLflow run KILLED unless ``will_requeue()`` (USR2 seen
+  *and* a requeuer registered by ``allow_requeue()``: the SLURM task, below): then the run stays
+  open/RUNNING-to-be-continued and the requeued job resumes it with ``--resume auto``. A USR2 outside such a task (a local run, torchrun) is a plain stop.
 * The launcher's task then requeues the job (rank 0, ``scontrol requeue``) when ``requeue_pending()``,
   and just exits otherwise.
 """
@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-EXIT_PREEMPTED = 3  # pipeline.train.entry.main's return code after a checkpoint-and-stop
+from pipeline.train.exit_codes import EXIT_PREEMPTED
 
 PREEMPT = "preempt"  # USR2: checkpoint, then requeue (same run continues)
 KILLED = "killed"  # TERM: checkpoint if there is time, no requeue (run marked KILLED)

@@ -23,14 +23,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from pipeline.tracking import runs
 from pipeline.tracking.constants import RUN_ID_FILE
-from pipeline.tracking.store import default_tracking_uri
 from pipeline.tracking.tracker import NullTracker, Tracker
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import config as config_lib
 from pipeline.train import data_access, engine, preemption
 from pipeline.train import dist as dist_util
-from pipeline.train.config import Config, ConfigError, resolve_path
+from pipeline.train.config import Config, ConfigError, tracking_uri
 from pipeline.train.factory import (Relabelled, arch_label, build_model, data_problem, ensure_dataset, holdout_split,
                                      label_space, load_groupings, method_training_class)
 from pipeline.train.metrics_journal import MetricsJournal
@@ -42,8 +42,7 @@ def make_tracker(cfg: Config, info: dist_util.DistInfo, run_dir: Path):
     """Rank 0's MLflow tracker (a NullTracker on other ranks, or with tracking.enabled false)."""
     if not (cfg.tracking.enabled and info.is_main):
         return NullTracker()
-    uri = cfg.tracking.uri or default_tracking_uri(str(resolve_path(cfg.runs_root)))
-    return Tracker(uri=uri, experiment=cfg.tracking.experiment, run_dir=str(run_dir))
+    return Tracker(uri=tracking_uri(cfg), experiment=cfg.tracking.experiment, run_dir=str(run_dir))
 
 
 def run_tags(cfg: Config, info: dist_util.DistInfo, groupings) -> dict[str, str]:
@@ -105,8 +104,8 @@ class Trainer:
                               f"write the data set with `python datasets/write_ffcv.py {cfg.data.dataset} --out {data_root}`")
         raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
         self.num_classes, self.class_names, label_table = label_space(cfg, manifest)
-        needs_groups = cfg.method.name in ("ssal", "gapcat")
-        self.groupings = load_groupings(cfg, self.num_classes) if needs_groups else None
+        grouped = cfg.method.name in config_lib.GROUPED_METHODS
+        self.groupings = load_groupings(cfg, self.num_classes) if grouped else None
         ckpt.seed_everything(cfg.train.seed)
         model = build_model(cfg, self.num_classes, self.groupings)
 
@@ -197,9 +196,8 @@ class Trainer:
         self.run_id = None
         if self.resume_path is not None:
             self._load(self.resume_path)
-        run_id_file = self.run_dir / RUN_ID_FILE
-        if self.run_id is None and run_id_file.is_file():  # preempted before the first checkpoint
-            self.run_id = run_id_file.read_text().strip() or None
+        if self.run_id is None:  # preempted before the first checkpoint: the launcher's / first start's run
+            self.run_id = runs.recorded_run_id(self.run_dir)
         self.tracker = make_tracker(cfg, info, self.run_dir)
         self.journal = MetricsJournal(self.run_dir, self.tracker, enabled=info.is_main and cfg.tracking.enabled)
         self.trained = False  # whether this process trained (a finished run resumed only re-evaluates)
