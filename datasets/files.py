@@ -1,4 +1,5 @@
-"""Files written whole or not at all: the project's one atomic write.
+"""Files written whole or not at all: the project's one atomic write; and the lock that keeps two
+processes from writing one folder at once.
 
 It lives here, in the lowest layer, because both the dataset writer (manifest, rejects list) and
 the pipeline (checkpoints, configs, tracking state) need it and ``ssal_datasets`` imports nothing
@@ -8,12 +9,14 @@ is flushed to disk, then renamed over the target, and the rename itself is made 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Iterator, Union
 
-__all__ = ["atomic_write", "temporary_path", "temporaries_in", "TEMPORARY_NAME"]
+__all__ = ["atomic_write", "temporary_path", "temporaries_in", "TEMPORARY_NAME", "exclusive_lock", "Busy"]
 
 #: What to write: text (UTF-8), bytes, or a function that writes into the open binary file.
 Content = Union[str, bytes, Callable[[BinaryIO], None]]
@@ -72,3 +75,33 @@ def atomic_write(path: str | os.PathLike, content: Content, *,
     finally:
         os.close(dir_fd)
     return path
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock; ``holder`` is its pid as it wrote it (None: unknown)."""
+
+    def __init__(self, path: Path, holder: int | None):
+        super().__init__(f"{path} is held by {'pid ' + str(holder) if holder else 'another process'}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, wait: bool) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing) while the block runs; the
+    kernel drops it when the process dies, so a killed holder leaves no stale lock. ``wait=False``
+    raises :class:`Busy` at once if another process holds it. The file stays (removing a lock file that
+    others may have opened lets two processes hold "the" lock at once) and holds the holder's pid."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise Busy(path, int(text) if text.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock

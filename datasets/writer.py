@@ -14,6 +14,7 @@ sample's index in its split, equal to its position in the beton).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import multiprocessing as mp
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssal_datasets.files import atomic_write, temporaries_in, temporary_path
+from ssal_datasets.files import Busy, atomic_write, exclusive_lock, temporaries_in, temporary_path
 from ssal_datasets.images import Reject, load_rgb, probe
 from ssal_datasets.layouts import DataError, Source
 from ssal_datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, quick_digest, sha256_file,
@@ -34,6 +35,9 @@ from ssal_datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME,
 OUTPUT_NAMES = (MANIFEST_NAME, REJECTS_NAME, "train.beton", "val.beton")
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 MIN_PAGE = 1 << 21
+#: Held by the process writing a folder (see :func:`prepare_out_dir`); a hidden file that stays.
+WRITE_LOCK = ".write.lock"
+_claimed_out_dirs: dict[Path, contextlib.ExitStack] = {}
 
 
 @dataclass
@@ -67,7 +71,9 @@ class WriterSettings:
 
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Create ``out`` or check it may be written; with ``overwrite`` drop the previous outputs."""
+    """Create ``out`` or check it may be written; with ``overwrite`` drop the previous outputs. This
+    process then holds the folder's :data:`WRITE_LOCK` until it ends: a second writer of the same folder
+    stops with a one-line error instead of removing the first one's temporaries under it."""
     p = Path(out).expanduser()
     if p.exists() and not p.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
@@ -80,6 +86,7 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise DataError(f"--out {out}: cannot create ({err.strerror or err})") from None
     if not os.access(p, os.W_OK):
         raise DataError(f"--out {out}: not writable")
+    _claim(p, out)
     if overwrite and (p / MANIFEST_NAME).exists():
         (p / MANIFEST_NAME).unlink()  # the manifest goes first: a crash leaves no stale manifest behind
     for stale in [path for path, _ in temporaries_in(p)] + glob.glob(str(p / ".late-fail-*")):
@@ -91,6 +98,20 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     return p.resolve()
 
+
+
+def _claim(folder: Path, shown: str | os.PathLike) -> None:
+    key = folder.resolve()
+    if key in _claimed_out_dirs:
+        return
+    claim = contextlib.ExitStack()
+    try:
+        claim.enter_context(exclusive_lock(folder / WRITE_LOCK, wait=False))
+    except Busy as busy:
+        who = f"pid {busy.holder}" if busy.holder else "another process"
+        raise DataError(f"--out {shown}: {who} is writing this folder now; wait for it to end or choose another "
+                        f"--out") from None
+    _claimed_out_dirs[key] = claim  # released when the process ends
 
 # ---------------------------------------------------------------- pass 1: check
 def _probe_one(args):

@@ -5,14 +5,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.train.factory import FIRST_USE_LOCK
 from ssal_datasets import write_ffcv
+from ssal_datasets.files import exclusive_lock
 from ssal_datasets.manifest import ManifestError, class_names, read_manifest, superclasses
 from ssal_datasets.synth import make_imagenet_tree, make_tiny_tree
+from ssal_datasets.writer import WRITE_LOCK
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "datasets" / "write_ffcv.py"
@@ -81,7 +85,7 @@ def test_imagenet_layout_with_bad_files(imagenet_written):
     assert all("_truncated" in n or "_empty" in n for n in reasons)  # CMYK, gray, PNG-as-JPEG were converted
     assert m["writer"]["write_mode"] == "proportion" and m["writer"]["max_resolution"] == 500
     assert m["source_root"] == str((base / "src").resolve())
-    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary files left
+    assert [p for p in os.listdir(out) if p.startswith(".")] == [WRITE_LOCK]  # no temporary files left
 
 
 def test_verify_ok_then_detects_corruption(imagenet_written, capsys, tmp_path):
@@ -184,6 +188,52 @@ def test_demo_writer(tmp_path, capsys):
     assert [p.read_bytes() for p in jpegs] == [p.read_bytes() for p in again]
     assert read_manifest(tmp_path / "demo2")["classes"] == m["classes"]
 
+
+def test_a_second_writer_of_a_folder_stops_and_leaves_the_first_ones_files(tmp_path, capsys):
+    """While a writer works in --out (here: this test holds the folder's lock), another write_ffcv into it
+    stops with one line naming the holder, exit 2, and leaves the first writer's temporaries alone (it used
+    to delete them as leftovers, failing both). Once the folder is free, a write goes through."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", out, "--num-classes", "4", "--num-superclasses", "2", "--images-per-class", "3",
+            "--val-images-per-class", "1", "--image-size", "32", "--workers", "1"]
+    live = [out / ".demo-src-live" / "a.JPEG", out / f".train.beton.tmp-{os.getpid()}"]
+    for path in live:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"being written")
+    with exclusive_lock(out / WRITE_LOCK, wait=False):
+        rc, _, err = run_cli(argv, capsys)
+        assert rc == 2, err
+        assert error_line(err) == [f"write_ffcv.py: error: --out {out}: pid {os.getpid()} is writing this folder "
+                                   "now; wait for it to end or choose another --out"]
+        assert all(path.read_bytes() == b"being written" for path in live)
+        assert not (out / "manifest.json").exists()
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert read_manifest(out)["splits"]["train"]["per_class"] == [3] * 4
+    assert not any(path.exists() for path in live)  # stale now that nobody holds the folder: cleaned
+
+def test_runs_started_together_take_turns_writing_the_demo_set(tmp_path, capsys):
+    """A run whose demo data.root is missing while another run writes it there (here: this test holds
+    the first-use lock, then writes a small demo set) waits, says so, and then uses that set instead of
+    writing its own over it."""
+    root, log = tmp_path / "demo", tmp_path / "run.log"
+    code = ("from pipeline.train.config import load_config; from pipeline.train.dist import DistInfo; "
+            "from pipeline.train.factory import ensure_dataset; "
+            f"print('root', ensure_dataset(load_config(None, ['data.root={root}']), DistInfo()))")
+    with exclusive_lock(root / FIRST_USE_LOCK, wait=False), open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 120
+        while "waiting" not in log.read_text() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert log.read_text().strip() == f"demo dataset missing: pid {os.getpid()} is writing it to {root}; waiting"
+        rc, _, err = run_cli(["demo", "--out", root, "--num-classes", "4", "--num-superclasses", "2",
+                              "--images-per-class", "3", "--val-images-per-class", "1", "--image-size", "32",
+                              "--workers", "1"], capsys)
+        assert rc == 0, err
+    assert run.wait(timeout=120) == 0, log.read_text()
+    assert log.read_text().strip().splitlines()[1:] == [f"root {root}"]  # no "writing it" line: not rewritten
+    assert read_manifest(root)["splits"]["train"]["per_class"] == [3] * 4
 
 def test_demo_render_is_hierarchical():
     """Classes of one super-class share shape + hue; the fine cue is the stripe frequency."""

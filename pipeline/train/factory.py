@@ -19,6 +19,7 @@ run from its ``config.yaml`` gets the model, labels and split the trainer had.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import subprocess
@@ -33,25 +34,47 @@ from torch import nn
 from pipeline.train import dist as dist_util
 from pipeline.train import engine
 from pipeline.train.config import REPO_ROOT, Config, ConfigError, resolve_path
+from ssal_datasets.files import Busy, exclusive_lock
 from ssal_datasets.manifest import class_names, quick_check, superclasses
 
 # methods that train differently from engine.StandardTraining (module:class, imported on use)
 METHOD_TRAININGS = {"maxl": "pipeline.train.maxl_training:MaxlTraining"}
 
 
+#: In data.root while a run writes the demo set there on first use (a hidden file that stays)
+FIRST_USE_LOCK = ".first-use.lock"
+
+
 def ensure_dataset(cfg: Config, info: dist_util.DistInfo) -> Path:
-    """The dataset folder; the demo set is written on first use (rank 0, others wait)."""
+    """The dataset folder; the demo set is written on first use (rank 0, others wait). Runs started
+    together on a fresh machine (a study's local jobs, seeds side by side) take turns through
+    ``FIRST_USE_LOCK``: the first writes, the others wait and then find the set written."""
     root = resolve_path(cfg.data.root)
     if not (root / "manifest.json").is_file():
         if cfg.data.dataset != "demo" or not cfg.data.write_demo_if_missing:
             raise ConfigError(f"data.root: {root} has no manifest.json; write it with "
                               f"`python datasets/write_ffcv.py {cfg.data.dataset} --out {root} ...`")
         if info.is_main:
-            print(f"demo dataset missing: writing it to {root}", flush=True)
-            writer = REPO_ROOT / "datasets" / "write_ffcv.py"
-            subprocess.run([sys.executable, str(writer), "demo", "--out", str(root)], check=True)
+            with _first_use(root / FIRST_USE_LOCK):
+                if not (root / "manifest.json").is_file():
+                    print(f"demo dataset missing: writing it to {root}", flush=True)
+                    writer = REPO_ROOT / "datasets" / "write_ffcv.py"
+                    subprocess.run([sys.executable, str(writer), "demo", "--out", str(root)], check=True)
         dist_util.barrier()
     return root
+
+
+@contextlib.contextmanager
+def _first_use(lock: Path):
+    try:
+        with exclusive_lock(lock, wait=False):
+            yield
+            return
+    except Busy as busy:
+        who = f"pid {busy.holder}" if busy.holder else "another run"
+        print(f"demo dataset missing: {who} is writing it to {lock.parent}; waiting", flush=True)
+    with exclusive_lock(lock, wait=True):
+        yield
 
 
 def data_problem(cfg: Config, data_root: Path, manifest: dict) -> str | None:
