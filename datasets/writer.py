@@ -99,7 +99,6 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     return p.resolve()
 
 
-
 def _claim(folder: Path, shown: str | os.PathLike) -> None:
     key = folder.resolve()
     if key in _claimed_out_dirs:
@@ -112,6 +111,7 @@ def _claim(folder: Path, shown: str | os.PathLike) -> None:
         raise DataError(f"--out {shown}: {who} is writing this folder now; wait for it to end or choose another "
                         f"--out") from None
     _claimed_out_dirs[key] = claim  # released when the process ends
+
 
 # ---------------------------------------------------------------- pass 1: check
 def _probe_one(args):
