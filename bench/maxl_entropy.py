@@ -11,7 +11,7 @@ Runs ``python -m pipeline.train`` once per lambda, one after the other, with the
 each run's per-epoch metrics from its checkpoint history and prints one table: per epoch, the
 used-label fraction of each lambda (counted over the epoch's training samples), and at the end
 the entropy term, the validation top-1 of the main head and the auxiliary accuracy.  Minutes on
-a CPU per lambda (``configs/demo_maxl.yaml``: 4 epochs of 40 steps); not part of the tests.
+a CPU per lambda (``configs/demo_maxl.yaml``: 2 epochs of 40 steps); not part of the tests.
 
 Measured (2 shared CPU cores, seed 0; "Label %" of the last epoch's 2560 training samples,
 160 auxiliary classes; 0.88 already at the random initialisation), with the config as it was
