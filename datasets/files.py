@@ -81,8 +81,13 @@ class Busy(RuntimeError):
     """Another process holds the lock; ``holder`` is its pid as it wrote it (None: unknown)."""
 
     def __init__(self, path: Path, holder: int | None):
-        super().__init__(f"{path} is held by {'pid ' + str(holder) if holder else 'another process'}")
         self.path, self.holder = path, holder
+        super().__init__(f"{path} is held by {self.who}")
+
+    @property
+    def who(self) -> str:
+        """The holder as a message names it: ``pid N``, or ``another process``."""
+        return f"pid {self.holder}" if self.holder else "another process"
 
 
 @contextlib.contextmanager

@@ -107,9 +107,8 @@ def _claim(folder: Path, shown: str | os.PathLike) -> None:
     try:
         claim.enter_context(exclusive_lock(folder / WRITE_LOCK, wait=False))
     except Busy as busy:
-        who = f"pid {busy.holder}" if busy.holder else "another process"
-        raise DataError(f"--out {shown}: {who} is writing this folder now; wait for it to end or choose another "
-                        f"--out") from None
+        raise DataError(f"--out {shown}: {busy.who} is writing this folder now; wait for it to end or choose "
+                        f"another --out") from None
     _claimed_out_dirs[key] = claim  # released when the process ends
 
 

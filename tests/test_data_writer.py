@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "datasets" / "write_ffcv.py"
 BAD = {("train", 0): ["cmyk", "truncated"], ("train", 1): ["gray", "empty"], ("train", 2): ["png"],
        ("val", 1): ["truncated", "cmyk"]}
+#: a demo set of 4 classes in 2 super-classes, 3 + 1 images each: seconds to write
+TINY_DEMO = ["--num-classes", "4", "--num-superclasses", "2", "--images-per-class", "3", "--val-images-per-class",
+             "1", "--image-size", "32", "--workers", "1"]
 
 
 def run_cli(argv, capsys):
@@ -194,8 +197,7 @@ def test_a_second_writer_of_a_folder_stops_and_leaves_the_first_ones_files(tmp_p
     stops with one line naming the holder, exit 2, and leaves the first writer's temporaries alone (it used
     to delete them as leftovers, failing both). Once the folder is free, a write goes through."""
     out = tmp_path / "demo"
-    argv = ["demo", "--out", out, "--num-classes", "4", "--num-superclasses", "2", "--images-per-class", "3",
-            "--val-images-per-class", "1", "--image-size", "32", "--workers", "1"]
+    argv = ["demo", "--out", out, *TINY_DEMO]
     live = [out / ".demo-src-live" / "a.JPEG", out / f".train.beton.tmp-{os.getpid()}"]
     for path in live:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +214,7 @@ def test_a_second_writer_of_a_folder_stops_and_leaves_the_first_ones_files(tmp_p
     assert read_manifest(out)["splits"]["train"]["per_class"] == [3] * 4
     assert not any(path.exists() for path in live)  # stale now that nobody holds the folder: cleaned
 
+
 def test_runs_started_together_take_turns_writing_the_demo_set(tmp_path, capsys):
     """A run whose demo data.root is missing while another run writes it there (here: this test holds
     the first-use lock, then writes a small demo set) waits, says so, and then uses that set instead of
@@ -227,13 +230,12 @@ def test_runs_started_together_take_turns_writing_the_demo_set(tmp_path, capsys)
         while "waiting" not in log.read_text() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert log.read_text().strip() == f"demo dataset missing: pid {os.getpid()} is writing it to {root}; waiting"
-        rc, _, err = run_cli(["demo", "--out", root, "--num-classes", "4", "--num-superclasses", "2",
-                              "--images-per-class", "3", "--val-images-per-class", "1", "--image-size", "32",
-                              "--workers", "1"], capsys)
+        rc, _, err = run_cli(["demo", "--out", root, *TINY_DEMO], capsys)
         assert rc == 0, err
     assert run.wait(timeout=120) == 0, log.read_text()
     assert log.read_text().strip().splitlines()[1:] == [f"root {root}"]  # no "writing it" line: not rewritten
     assert read_manifest(root)["splits"]["train"]["per_class"] == [3] * 4
+
 
 def test_demo_render_is_hierarchical():
     """Classes of one super-class share shape + hue; the fine cue is the stripe frequency."""

@@ -71,8 +71,7 @@ def _first_use(lock: Path):
             yield
             return
     except Busy as busy:
-        who = f"pid {busy.holder}" if busy.holder else "another run"
-        print(f"demo dataset missing: {who} is writing it to {lock.parent}; waiting", flush=True)
+        print(f"demo dataset missing: {busy.who} is writing it to {lock.parent}; waiting", flush=True)
     with exclusive_lock(lock, wait=True):
         yield
 
