@@ -7,6 +7,7 @@ Layout problems raise :class:`DataError` with a one-line message.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,10 @@ def class_folders(train: Path, shown: str) -> tuple[list[str], list[tuple[str, i
     wnids = [e.name for e in train_dirs if e.is_dir()]
     if not wnids:
         raise DataError(f"{shown}: {train.name}/ has no class directories")
-    return wnids, [(p, k) for k, w in enumerate(wnids) for p in _class_files(train / w, "train")]
+    from tqdm import tqdm
+
+    listed = tqdm(wnids, desc=f"list {train.name}", unit="class", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return wnids, [(p, k) for k, w in enumerate(listed) for p in _class_files(train / w, "train")]
 
 
 def loose_images(folder: Path) -> list[str]:

@@ -19,6 +19,8 @@ from typing import Iterator
 
 #: members streamed by one check job: neighbours in one inner tar, read in one go
 RUN_MEMBERS = 64
+#: a larger gap between two wanted members starts a new run (``--subset`` wants few members of each tar)
+RUN_GAP = 1 << 22
 _open_files: dict[str, int] = {}  # per process: tar path -> file descriptor (pread needs no shared offset)
 
 
@@ -97,9 +99,15 @@ def _headers(path: str, start: int, length: int) -> Iterator[tarfile.TarInfo]:
 
 def index_flat_tar(path: str) -> list[TarMember]:
     """Every file of a tar of images (the val tar)."""
+    from tqdm import tqdm
+
     base = os.path.basename(path)
-    return [TarMember(path, 0, m.offset, m.offset_data, m.size, f"{base}:{m.name}")
-            for m in _headers(path, 0, os.path.getsize(path))]
+    with tqdm(desc=f"index {base}", unit="file", file=sys.stderr, dynamic_ncols=True, miniters=1000) as bar:
+        found = []
+        for m in _headers(path, 0, os.path.getsize(path)):
+            found.append(TarMember(path, 0, m.offset, m.offset_data, m.size, f"{base}:{m.name}"))
+            bar.update(1)
+    return found
 
 
 def index_nested_tar(path: str) -> dict[str, list[TarMember]]:
@@ -123,12 +131,14 @@ def index_nested_tar(path: str) -> dict[str, list[TarMember]]:
 
 def runs(indexed: list[tuple[int, TarMember]]) -> list[list[tuple[int, TarMember]]]:
     """Split ``(item index, member)`` pairs into runs a check job streams: members of one container, in the
-    order of their bytes, at most :data:`RUN_MEMBERS` each."""
+    order of their bytes, at most :data:`RUN_MEMBERS` each and no more than :data:`RUN_GAP` bytes apart."""
     ordered = sorted(indexed, key=lambda t: (t[1].tar, t[1].offset))
     out: list[list[tuple[int, TarMember]]] = []
     for item in ordered:
         last = out[-1][-1][1] if out else None
-        if last is None or len(out[-1]) >= RUN_MEMBERS or (last.tar, last.container) != (item[1].tar, item[1].container):
+        member = item[1]
+        if last is None or len(out[-1]) >= RUN_MEMBERS or (last.tar, last.container) != (member.tar, member.container) \
+                or member.header - (last.offset + last.size) > RUN_GAP:
             out.append([])
         out[-1].append(item)
     return out
