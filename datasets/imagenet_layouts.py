@@ -55,6 +55,8 @@ def detect(root: Path) -> str:
 
 def scan(root=None, *, train_tar=None, val_tar=None, devkit=None) -> Source:
     """The :class:`Source` of ``--root`` (layout by :func:`detect`) or of the tar paths given."""
+    if root is not None and (train_tar or val_tar):
+        raise DataError("imagenet: give --root DIR or --train-tar / --val-tar, not both")
     if root is None:
         if not (train_tar and val_tar):
             raise DataError("imagenet: give --root DIR, or both --train-tar and --val-tar (and --devkit)")

@@ -19,6 +19,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif")
 MAX_SIDE = 65535  # FFCV stores width/height as uint16
+DRAFT_SIDE = 8  # load_rgb(draft=True) asks libjpeg for at least this many pixels a side
 
 
 class Reject(Exception):
@@ -76,8 +77,9 @@ def load_rgb(source, max_resolution: int | None = None, draft: bool = False) -> 
                 if w < 1 or h < 1:
                     raise Reject(f"bad size {w}x{h}")
                 if draft and img.format == "JPEG":
-                    target = max_resolution or 64
-                    img.draft(img.mode if img.mode != "CMYK" else "CMYK", (target, target))
+                    # the smallest DCT scale (1/8): every coefficient is still entropy-decoded, so damage is
+                    # still found, but the inverse DCT is a DC term: the check pass costs less than a decode
+                    img.draft(img.mode if img.mode != "CMYK" else "CMYK", (DRAFT_SIDE, DRAFT_SIDE))
                 img.load()
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)

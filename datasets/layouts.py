@@ -119,8 +119,11 @@ def class_folders(train: Path, shown: str) -> tuple[list[str], list[tuple[str, i
         raise DataError(f"{shown}: {train.name}/ has no class directories")
     from tqdm import tqdm
 
-    listed = tqdm(wnids, desc=f"list {train.name}", unit="class", file=sys.stderr, dynamic_ncols=True, leave=False)
-    return wnids, [(p, k) for k, w in enumerate(listed) for p in _class_files(train / w, "train")]
+    files = []
+    with tqdm(wnids, desc=f"list {train.name}", unit="class", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+        for k, w in enumerate(bar):  # the bar is closed (its line cleared) before an error is printed
+            files += [(p, k) for p in _class_files(train / w, "train")]
+    return wnids, files
 
 
 def loose_images(folder: Path) -> list[str]:
@@ -141,7 +144,8 @@ def scan_imagenet(root: str | os.PathLike) -> Source:
     loose = loose_images(r / "val")
     if loose:
         raise DataError(f"--root {root}: val/ holds images directly (e.g. {loose[0]}) but no devkit was found "
-                        f"(ILSVRC2012_devkit_t12/ or its tar, next to val/); add it or sort val/ into val/<wnid>/")
+                        f"(ILSVRC2012_devkit_t12/ or its tar, next to val/); add it or sort val/ into val/<wnid>/ (Kaggle's "
+                        f"CLS-LOC: give the folder holding ILSVRC/ and LOC_val_solution.csv)")
     val = []
     for e in _listdir(r / "val"):
         if not e.is_dir():

@@ -57,7 +57,7 @@ class _Window(io.RawIOBase):
 
     def __init__(self, path: str, start: int, length: int):
         super().__init__()
-        self._f = open(path, "rb")
+        self._f = open(path, "rb", buffering=0)  # the index reads 512-byte headers far apart: no read-ahead
         self._start, self._length, self._pos = start, length, 0
 
     def readable(self) -> bool:

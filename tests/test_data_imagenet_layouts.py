@@ -121,11 +121,13 @@ def test_tar_member_is_a_byte_range_of_the_outer_tar(written):
         assert member.read() == inner.extractfile(member.basename).read()
 
 
-@pytest.mark.parametrize("case", ["no_layout", "flat_val_without_devkit", "one_tar_only", "bad_ground_truth"])
+@pytest.mark.parametrize("case", ["no_layout", "flat_val_without_devkit", "one_tar_only", "bad_ground_truth",
+                                  "root_and_tars"])
 def test_layout_errors_are_one_line(case, written, tmp_path, capsys):
     import shutil
     base, _, _ = written
     root = tmp_path / "root"
+    extra = []
     if case == "no_layout":
         (root / "images").mkdir(parents=True)
         expected = f"no ImageNet layout found; looked for {LAYOUTS_LOOKED_FOR}"
@@ -137,11 +139,15 @@ def test_layout_errors_are_one_line(case, written, tmp_path, capsys):
         root.mkdir()
         shutil.copy(base / "src" / "tars" / "ILSVRC2012_img_train.tar", root)
         expected = "holds the ILSVRC2012 tars but not ILSVRC2012_img_val.tar"
+    elif case == "root_and_tars":
+        shutil.copytree(base / "src" / "tars", root)
+        extra = ["--val-tar", root / "ILSVRC2012_img_val.tar"]
+        expected = "give --root DIR or --train-tar / --val-tar, not both"
     else:
         shutil.copytree(base / "src" / "devkit", root)
         (root / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n77\n")
         expected = "ILSVRC2012_validation_ground_truth.txt line 2: '77' is not an ILSVRC2012_ID of meta.mat"
-    rc, _, err = write(["imagenet", "--root", root, "--out", tmp_path / "out", "--workers", "1"], capsys)
+    rc, _, err = write(["imagenet", "--root", root, "--out", tmp_path / "out", "--workers", "1", *extra], capsys)
     assert rc == 2, err
     lines = [line for line in err.splitlines() if line.startswith("write_ffcv.py: error")]
     assert len(lines) == 1 and expected in lines[0], err
