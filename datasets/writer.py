@@ -2,9 +2,11 @@
 
 Two passes per split:
 
-1. *check*: every candidate file is decoded (libjpeg DCT-scaled for speed) in a process pool;
-   what cannot be decoded goes to ``rejects.txt`` with its reason.
-2. *write*: FFCV's ``DatasetWriter`` (its own worker processes) writes the good files to a
+1. *check*: every candidate file is decoded (libjpeg DCT-scaled for speed) in a process pool,
+   32 files a job, or a run of up to 64 neighbouring members of a tar streamed once
+   (:mod:`ssal_datasets.tars`); what cannot be decoded goes to ``rejects.txt`` with its reason.
+2. *write*: FFCV's ``DatasetWriter`` (its own worker processes; a tar member is read by its
+   offset) writes the good files to a
    temporary name in the output folder, renamed at the end. The dataset object handed to
    FFCV never raises (an exception inside an FFCV writer worker hangs the parent forever):
    a file that fails here although it passed the check is recorded and the write aborts.
@@ -29,10 +31,10 @@ import numpy as np
 from ssal_datasets.files import Busy, atomic_write, exclusive_lock, temporaries_in, temporary_path
 from ssal_datasets.images import Reject, load_rgb, probe
 from ssal_datasets.layouts import DataError, Source
-from ssal_datasets.tars import TarMember, stream_run
-from ssal_datasets.tars import runs as tar_runs
 from ssal_datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, quick_digest, sha256_file,
                                     write_manifest)
+from ssal_datasets.tars import TarMember, stream_run
+from ssal_datasets.tars import runs as tar_runs
 
 OUTPUT_NAMES = (MANIFEST_NAME, REJECTS_NAME, "train.beton", "val.beton")
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
