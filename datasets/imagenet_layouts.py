@@ -210,11 +210,8 @@ def scan_tars(train_tar: Path, val_tar: Path, devkit=None, root: Path | None = N
         raise DataError(f"{val_tar}: its labels are in the devkit; put {DEVKIT}.tar.gz (or {GROUND_TRUTH} and "
                         f"{META}) next to it, or pass --devkit")
     labels, names = read_devkit(kit)
-    try:
-        per_class = index_nested_tar(str(train_tar))
-        val_members = index_flat_tar(str(val_tar))
-    except (tarfile.TarError, OSError) as err:
-        raise DataError(f"{train_tar.parent}: cannot read the ILSVRC2012 tars ({err})") from None
+    per_class = _indexed(index_nested_tar, train_tar)
+    val_members = _indexed(index_flat_tar, val_tar)
     if not per_class:
         raise DataError(f"{train_tar}: holds no per-class tars (<wnid>.tar)")
     wnids = sorted(per_class)
@@ -225,6 +222,14 @@ def scan_tars(train_tar: Path, val_tar: Path, devkit=None, root: Path | None = N
     found = [(m, m.basename) for m in val_members]
     val, rejects = _labelled(found, _wnid_by_number(labels), {w: i for i, w in enumerate(wnids)}, GROUND_TRUTH)
     return _source("ilsvrc-tars", root or train_tar.parent, wnids, names, f"{kit} ({META})", train, val, rejects)
+
+
+def _indexed(index, path: Path):
+    try:
+        return index(str(path))
+    except (tarfile.TarError, OSError) as err:
+        raise DataError(f"{path}: not a readable tar, cut short or damaged ({err}); check its size and checksum "
+                        f"against the download's") from None
 
 
 def known_count_warning(source: Source) -> str | None:

@@ -152,3 +152,22 @@ def test_layout_errors_are_one_line(case, written, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("write_ffcv.py: error")]
     assert len(lines) == 1 and expected in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cut_train_tar_is_one_line(written, tmp_path, capsys):
+    """A train tar cut inside a class tar (an interrupted download) stops before writing, naming the tar."""
+    import shutil
+    base, info, _ = written
+    root = tmp_path / "root"
+    shutil.copytree(base / "src" / "tars", root)
+    from ssal_datasets.tars import index_nested_tar
+    stored = index_nested_tar(str(root / "ILSVRC2012_img_train.tar"))[info["wnids"][1]]
+    with open(root / "ILSVRC2012_img_train.tar", "r+b") as f:
+        f.truncate(max(m.offset for m in stored) + 10)  # inside the second class tar's last-stored image
+    rc, _, err = write(["imagenet", "--root", root, "--out", tmp_path / "out", "--workers", "1"], capsys)
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("write_ffcv.py: error")]
+    assert lines == [f"write_ffcv.py: error: {root.resolve() / 'ILSVRC2012_img_train.tar'}: not a readable tar, cut "
+                     f"short or damaged (unexpected end of data); check its size and checksum against the "
+                     f"download's"], err
+    assert not (tmp_path / "out").exists()
