@@ -91,6 +91,18 @@ def repository_copy(dst: Path) -> tuple[Path, dict[str, str]]:
     return dst, env
 
 
+def run_blocks(blocks: list[str], cwd: Path, env: dict[str, str]) -> str | None:
+    """Run the blocks in order (bash -e: the first failing command fails its block); the first failure,
+    described with the block and its output's tail, or None."""
+    for number, block in enumerate(blocks, 1):
+        proc = subprocess.run(["bash", "-euxo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=900)
+        if proc.returncode != 0:
+            return (f"runnable block {number} failed (rc={proc.returncode}):\n{block}\n"
+                    f"--- output (tail) ---\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return None
+
+
 def _pages_with_commands() -> list[Path]:
     return [page for page in PAGES if runnable_blocks(page.read_text(), page.name)]
 
@@ -109,6 +121,13 @@ def test_runnable_blocks_are_found_and_a_stray_marker_is_refused():
         runnable_blocks(f"{MARKER}\n\n```bash\nls\n```\n")
     with pytest.raises(DocsError, match="never closed"):
         runnable_blocks(f"{MARKER}\n```bash\nls\n")
+
+
+def test_a_failing_command_fails_its_block(tmp_path):
+    assert run_blocks(["echo one > a", "test -f a"], tmp_path, dict(os.environ)) is None
+    failure = run_blocks(["true", "false\necho never", "true"], tmp_path, dict(os.environ))
+    assert failure is not None and failure.startswith("runnable block 2 failed (rc=1)")
+    assert run_blocks(["false | true"], tmp_path, dict(os.environ)) is not None  # pipefail
 
 
 def test_every_page_parses_and_the_readme_has_runnable_commands():
@@ -159,8 +178,5 @@ def test_runnable_commands_of_the_page_succeed(page, tiny_demo, tmp_path):
     blocks = runnable_blocks(page.read_text(), _rel(page))
     if not any("write_ffcv.py demo" in block for block in blocks):
         shutil.copytree(tiny_demo, root / "data" / "demo")
-    for number, block in enumerate(blocks, 1):
-        proc = subprocess.run(["bash", "-euxo", "pipefail", "-c", block], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert proc.returncode == 0, (f"{_rel(page)}, runnable block {number} failed (rc={proc.returncode}):\n"
-                                      f"{block}\n--- output (tail) ---\n{(proc.stdout + proc.stderr)[-4000:]}")
+    failure = run_blocks(blocks, root, env)
+    assert failure is None, f"{_rel(page)}, {failure}"
