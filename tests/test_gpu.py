@@ -1,7 +1,7 @@
 """The CUDA path: the loader's GPU conversion, AMP + channels-last steps of every method, NCCL /
 torchrun with checkpoint -> resume, torch.compile, peak memory. Every test here is marked `gpu` and
 skips where no CUDA device is visible (tests/conftest.py); bench/gpu_check.sh runs them, then the
-benchmarks, on a GPU machine (README "Tests and benchmarks").
+benchmarks, on a GPU machine (docs/benchmarks.md, "The GPU check").
 
 Figures a test measures go to `record_property` (bench/gpu_check.sh copies them from the JUnit XML
 into gpu_check.json).
