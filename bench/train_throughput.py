@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.train import dist as dist_util
-from pipeline.train.config import GROUPED_METHODS, REPO_ROOT, load_config
+from pipeline.train.config import GROUPED_METHODS, REPO_ROOT, load_config, resolve_path
 from pipeline.train.entry import configure_torch
 from pipeline.train.trainer import Trainer
 from ssal_datasets.manifest import read_manifest
@@ -103,7 +103,7 @@ class TimedFeed:
     def __iter__(self):
         feed = {1: "ffcv", 2: "synthetic"}.get(self.epoch)
         source = self._source()
-        started = None
+        started, complete = None, False
         caught = warnings.catch_warnings(record=True)
         try:
             for index in itertools.count():
@@ -115,6 +115,7 @@ class TimedFeed:
                         torch.cuda.set_sync_debug_mode("warn")
                     started = time.perf_counter()
                 if feed and index == self.warmup + self.steps:
+                    complete = True
                     break
                 batch = next(source, None)
                 if batch is None and not feed:
@@ -135,17 +136,23 @@ class TimedFeed:
                 if self.device.type == "cuda":
                     caught.__exit__(None, None, None)
                     syncs = sum(SYNC_WARNING in str(w.message) for w in seen)
-                batch = self.first[1].shape[0]
-                self.timings[feed] = {"img_s": self.steps * batch / seconds, "seconds": seconds,
-                                      "syncs_per_step": None if syncs is None else syncs / self.steps}
+                if complete:  # not an epoch that ended early (an error, a stop)
+                    batch = self.first[1].shape[0]
+                    self.timings[feed] = {"img_s": self.steps * batch / seconds, "seconds": seconds,
+                                          "syncs_per_step": None if syncs is None else syncs / self.steps}
             close = getattr(source, "close", None)
             if close is not None:
                 close()
 
 
+def recipe_file(recipe: str | Path) -> Path:
+    """A recipe named from the working directory, else from the repository's root (the defaults)."""
+    return Path(recipe) if Path(recipe).is_file() else resolve_path(recipe)
+
+
 def recipe_config(recipe: str | Path):
     """The recipe as written, but for its groups file (computed from a real baseline run: not here)."""
-    return load_config(recipe, ["method.groups_file="])
+    return load_config(recipe_file(recipe), ["method.groups_file="])
 
 
 def real_loop(recipe: str | Path, data_root: Path, work: Path, *, info: dist_util.DistInfo, batch: int | None,
@@ -162,7 +169,7 @@ def real_loop(recipe: str | Path, data_root: Path, work: Path, *, info: dist_uti
         settings["data.batch_size"] = batch
     if recipe_config(recipe).method.name in GROUPED_METHODS:  # SSAL's 200/334/500 of 1000 classes, to scale
         settings["method.num_groups"] = "[" + ",".join(str(max(2, manifest["num_classes"] // d)) for d in (5, 3, 2)) + "]"
-    cfg = load_config(recipe, [f"{k}={v}" for k, v in settings.items()] + list(overrides))
+    cfg = load_config(recipe_file(recipe), [f"{k}={v}" for k, v in settings.items()] + list(overrides))
     configure_torch(cfg)
     trainer = Trainer(cfg, info, resume="")
     trainer.setup()

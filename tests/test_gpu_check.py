@@ -129,3 +129,16 @@ def test_train_throughput_times_the_real_loop_on_cpu(tiny_demo, tmp_path):
     assert row["syncs_per_step_fed"] is None  # counted on CUDA only (torch.cuda.set_sync_debug_mode)
     assert figures["p4_img_s"] == row["ffcv_fed_img_s"] and figures["p4_batch"] == 8
     assert "P3 " in result.stdout and "img/s" in result.stdout
+
+
+def test_the_part1_tests_stage_runs_its_selection_and_summarises_it(tmp_path):
+    """The stage as a GPU machine runs it (here every selected test skips: no CUDA): the JUnit XML
+    of exactly part 1's tests, summarised into the part's JSON."""
+    from tests.step_checks import CASES
+
+    check = gpu_check.Check(tmp_path, budget=280, name="gpu_check_part1")
+    gpu_check.run_stage(check, "tests_part1", 250, tmp_path)
+    stage = json.loads((tmp_path / "gpu_check_part1.json").read_text())["stages"]["tests_part1"]
+    assert stage["status"] == "passed" and stage["limit_s"] == 250, stage
+    assert stage["summary"]["skipped"] == 1 + len(CASES) and stage["summary"]["passed"] == 0, stage["summary"]
+    assert (tmp_path / "gpu_tests_part1.xml").is_file()
