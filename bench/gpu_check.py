@@ -240,7 +240,8 @@ def run_stage(check: Check, name: str, limit: float, out: Path) -> None:
     py = sys.executable
     if name.startswith("tests_part"):
         xml = out / f"gpu_tests_{name.split('_')[1]}.xml"
-        check.run(name, [py, "-m", "pytest", "-ra", "-p", "no:randomly", "-p", "no:cacheprovider", f"--junitxml={xml}",
+        # -v: a line per test as it ends, so a stage cut short by its limit still shows (in the log) what passed
+        check.run(name, [py, "-m", "pytest", "-v", "-ra", "-p", "no:randomly", "-p", "no:cacheprovider", f"--junitxml={xml}",
                          *pytest_selection(name[-1])], limit=limit)
         check.report["stages"][name]["summary"] = junit_summary(xml)
         check.save()
