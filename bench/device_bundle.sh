@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fill .device/ with the Python 3.12 wheels that a GPU machine without network (the device tool's:
 # Python 3.12 with torch, numpy, numba, opencv-python-headless, but no ffcv, mlflow, submitit, ...)
-# needs to run bench/gpu_check.sh, which installs them from there (README "Tests and benchmarks").
+# needs to run bench/gpu_check.sh, which installs them from there (docs/benchmarks.md, "The GPU check").
 #   bash bench/device_bundle.sh          # build .device/ here (needs network, Python 3.12, a C++
 #                                        # compiler, OpenCV's and libturbojpeg's dev files), then --check
 #   bash bench/device_bundle.sh --check  # only check an existing .device/

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole GPU path in one command (see bench/gpu_check.py for the stages and exit codes):
-#   bench/gpu_check.sh [OUT_DIR] [--gpus N] [--budget SECONDS] [--skip STAGE ...]
-# writes OUT_DIR/gpu_check.json (+ gpu_check.log, gpu_tests.xml, each benchmark's JSON); OUT_DIR
+# The GPU path in two calls of <= 5 minutes (see bench/gpu_check.py for the stages and exit codes):
+#   bench/gpu_check.sh [OUT_DIR] [--part 1|2|all] [--gpus N] [--budget SECONDS] [--skip STAGE ...]
+# part 1 first when only one call is possible; writes OUT_DIR/gpu_check_part<N>.json (gpu_check.json
+# without --part; + the .log, the gpu tests' JUnit XML, each benchmark's JSON); OUT_DIR
 # defaults to $OUT, else ./gpu_check_out. On a machine without CUDA it says so in one line and exits 2.
 # Python: $PYTHON if set, else the repo's .venv, else python3.
 # A .device/ folder (bash bench/device_bundle.sh) holds Python 3.12 wheels for a machine without

@@ -2,6 +2,7 @@
 
     StatelessQuasiRandom(loader)   the quasi-random sample order, reproducible per epoch and distributed
     reuse_batch_memory(graph)      keep FFCV's ring of batch buffers across epochs
+    wait_for_last_epoch()          the GPU done with the last epoch's buffers before the next epoch writes them
     EpochIter(ffcv_iter, threads, convert)
                                    one epoch's iterator: converted batches, a dead producer thread
                                    reported, the thread stopped cleanly when abandoned or at exit
@@ -66,12 +67,16 @@ def reuse_batch_memory(graph) -> None:
     images: 340 MB, most of it room for decoded JPEGs), so each epoch first-touches new pages
     (page faults and zeroing: ~10 % of the CPU loader here), and on CUDA pins them again. Keep the
     buffers while the requirements (shapes, dtypes; set_resolution changes them) stay the same.
-    Safe because an epoch's thread has ended before the next epoch's starts (the loaders'
-    __iter__ closes the previous EpochIter first)."""
+    The host side is safe because an epoch's thread has ended before the next epoch's starts (the
+    loaders' __iter__ closes the previous EpochIter first); the device side is :func:`wait_for_last_epoch`'s."""
     allocate = graph.allocate_memory
     held = {}
 
     def allocate_memory(batch_size, batches_ahead):
+        # FFCV's EpochIterator calls this in the consumer's thread, before it starts its producer thread:
+        # the one point per epoch where no copy of the new epoch has been queued yet
+        if held:
+            wait_for_last_epoch()
         key = (batch_size, batches_ahead, repr(graph.collect_requirements()[0]))
         if key not in held:
             held.clear()  # drop the old buffers before the new ones are allocated
@@ -79,6 +84,19 @@ def reuse_batch_memory(graph) -> None:
         return held[key]
 
     graph.allocate_memory = allocate_memory
+
+
+def wait_for_last_epoch() -> None:
+    """Before an epoch's first copy into the kept buffers: wait until the GPU is done with the last epoch.
+
+    FFCV guards a ring slot with an event recorded on the consumer stream, but starts every epoch with
+    no events (``EpochIterator.run``: ``events = [None, ...]``) and new copy streams. So epoch e+1's first
+    ``batches_ahead + 2`` copies would not wait for the consumer stream, which may still be reading the
+    same slots for epoch e's last steps (the kernels queued ahead of the GPU); and a copy that epoch e
+    queued for a batch nobody took (an epoch cut short) is ordered with no stream of epoch e+1. One device
+    synchronisation per epoch covers both; it costs the GPU's queue of a few steps once an epoch."""
+    if _FFCV_IS_CUDA and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------ iterator plumbing

@@ -77,7 +77,8 @@ def _add_writer_knobs(p: argparse.ArgumentParser, dataset: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     epilog="Run '%(prog)s SUB-COMMAND --help' for the knobs of each sub-command.",
+                                     epilog="Run '%(prog)s SUB-COMMAND --help' for the knobs of each sub-command.\n"
+                                            "more: docs/data.md (layouts, manifest, verify), datasets/README.md",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="SUB-COMMAND", required=True)
 

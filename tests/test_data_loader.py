@@ -141,6 +141,36 @@ def test_batch_buffers_are_kept_across_epochs_until_the_resolution_changes(beton
     assert all(torch.equal(u, v) for u, v in zip(a0, (x for x, _ in loader)))  # reused buffers, same batches
 
 
+def test_each_epoch_after_the_first_waits_once_for_the_last_epoch_before_its_thread_starts(betons, monkeypatch):
+    """The kept buffers' device race (datasets/epochs.py wait_for_last_epoch): the wait runs once per
+    epoch after the first, whole, cut short or at a new resolution, in the consumer's thread, when
+    the last epoch's FFCV thread has ended and the new one has not started (no copy queued yet).
+    On CPU the wait itself is a no-op; tests/test_gpu.py checks the race on a GPU."""
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    from ssal_datasets import epochs
+
+    waits = []
+
+    def record_wait():
+        alive = [t for t in threading.enumerate() if isinstance(t, EpochIterator) and t.is_alive()]
+        waits.append((threading.current_thread() is threading.main_thread(), len(alive)))
+
+    monkeypatch.setattr(epochs, "wait_for_last_epoch", record_wait)
+    loader = L.create_train_loader(betons[0] / "train.beton", batch_size=8, num_workers=1, resolution=24, device="cpu",
+                                   seed=1, order="sequential", drop_last=False, channels_last=False)
+    assert sum(1 for _ in loader) > 2 and waits == []  # the first epoch has nothing to wait for
+    sum(1 for _ in loader)
+    assert waits == [(True, 0)]
+    next(iter(loader))  # an epoch cut short: the next iter() closes it, then waits
+    loader.set_resolution(32)
+    sum(1 for _ in loader)
+    loader.close()
+    assert waits == [(True, 0)] * 3
+
+
 @pytest.mark.parametrize("bad, match", [([0, 99], "must be in"), ([-1, 2], "must be in"), ([1, 1], "duplicate"),
                                         ([0.5, 1.0], "integers"), ([[0, 1]], "1-D"), ([], "empty")])
 def test_indices_are_validated(betons, bad, match):

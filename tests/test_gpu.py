@@ -1,7 +1,7 @@
 """The CUDA path: the loader's GPU conversion, AMP + channels-last steps of every method, NCCL /
 torchrun with checkpoint -> resume, torch.compile, peak memory. Every test here is marked `gpu` and
 skips where no CUDA device is visible (tests/conftest.py); bench/gpu_check.sh runs them, then the
-benchmarks, on a GPU machine (README "Tests and benchmarks").
+benchmarks, on a GPU machine (docs/benchmarks.md, "The GPU check").
 
 Figures a test measures go to `record_property` (bench/gpu_check.sh copies them from the JUnit XML
 into gpu_check.json).
@@ -84,6 +84,27 @@ def test_cuda_loader_matches_the_cpu_loader(tiny_demo, cpu_reference, split, cha
             assert x.is_contiguous()
         difference = np.abs(_grey_levels(x) - _grey_levels(ref_x))
         assert difference.max() <= 1.0 + 1e-3, f"max difference {difference.max():.3f} grey levels"
+
+
+def test_cuda_loader_next_epoch_waits_for_the_last_epoch_still_queued_on_the_gpu(tiny_demo):
+    """The kept batch buffers (datasets/epochs.py wait_for_last_epoch): the consumer stream still has
+    epoch 0's last batch to convert, queued behind ~0.5 s of GPU work, when epoch 1 starts and its
+    producer copies into the same ring slots (FFCV starts an epoch with no events). The converted
+    batch must be epoch 0's, as a fully synchronised pass gives it."""
+    loader = _make_loader(tiny_demo, "train", "cuda", channels_last=True, os_cache=True)
+    reference = [(x.clone(), y.clone()) for x, y in loader]  # epoch 0, each batch converted before the next
+    torch.cuda.synchronize()
+    loader.set_epoch(0)
+    it = iter(loader)
+    for _ in range(len(reference) - 1):
+        next(it)
+    torch.cuda._sleep(1_000_000_000)  # 10^9 GPU cycles: ~0.5 s at an H100's ~2 GHz
+    last_images, last_labels = next(it)  # its conversion reads its ring slot after the sleep
+    taken = [batch for batch, _ in zip(iter(loader), range(len(reference)))]  # epoch 1 fills the ring
+    torch.cuda.synchronize()
+    loader.close()
+    assert len(taken) == len(reference)
+    assert torch.equal(last_labels, reference[-1][1]) and torch.equal(last_images, reference[-1][0])
 
 
 # ----------------------------------------------------------------------------- one step of every method

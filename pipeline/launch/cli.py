@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  python pipeline/launch.py --local --nproc 2 schedule.epochs=2      # 2 processes, gloo on CPU\n"
             "  python pipeline/launch.py --cluster example_gpu --nodes 4 --config configs/imagenet/resnet50_ssal3.yaml\n"
             "  python pipeline/launch.py --cluster testcluster --nodes 2 --wait   # slurm/testcluster.sh up first\n"
-            "  python pipeline/launch.py --cluster testcluster --array train.seed=0,1,2 --array-parallelism 2\n"),
+            "  python pipeline/launch.py --cluster testcluster --array train.seed=0,1,2 --array-parallelism 2\n\n"
+            "more: docs/slurm.md (launching, SLURM, scaling out), docs/configuration.md (recipes, overrides),\n"
+            "  docs/studies.md (--study), slurm/README.md (profiles, preemption, the SLURM test cluster)\n"),
     )
     group = parser.add_argument_group("what to run")
     group.add_argument("--config", help="YAML recipe (default: the embedded demo job)")

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python pipeline/study.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Show or run a study (a graph of training / groups / lc / explain / report stages). SLURM "
                     "submission: python pipeline/launch.py --study FILE [--cluster ...].",
-        epilog=study_file.__doc__.split("\n\n", 1)[1])  # the study file format
+        epilog=study_file.__doc__.split("\n\n", 1)[1] + "\n\nmore: docs/studies.md")  # the study file format
     parser.add_argument("study", help="study YAML (studies/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training stage")
     mode = parser.add_mutually_exclusive_group()

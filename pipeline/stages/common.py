@@ -28,6 +28,8 @@ from pipeline.train.exit_codes import EXIT_USAGE
 
 #: The store every tool uses when neither --tracking-uri nor $MLFLOW_TRACKING_URI is given.
 DEFAULT_STORE_PHRASE = f"sqlite:///<runs-root>/{store.DEFAULT_DB}"
+# The last lines of every stage tool's --help: where its docs page is.
+DOCS_EPILOG = "\n\nmore: docs/studies.md (studies, groupings, +LC, CAMs, the report)"
 
 
 class ToolError(Exception):

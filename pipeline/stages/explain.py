@@ -23,9 +23,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pipeline.stages.common import (ToolError, add_tracking_options, kept_output_dir, load_trained, log_stage_run,
-                                    parse_tags, resolve_run, run_cli, run_dataset, scratch_dir, source_experiment,
-                                    source_tags, store_uri)
+from pipeline.stages.common import (DOCS_EPILOG, ToolError, add_tracking_options, kept_output_dir, load_trained,
+                                    log_stage_run, parse_tags, resolve_run, run_cli, run_dataset, scratch_dir,
+                                    source_experiment, source_tags, store_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python pipeline/explain.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Draw class activation maps of the main head and each SSAL branch "
                     "(predicted class / group, with the group's class names).",
-        epilog=__doc__.split("\n\n", 2)[2])
+        epilog=__doc__.split("\n\n", 2)[2] + DOCS_EPILOG)
     src = parser.add_argument_group("trained run (exactly one)")
     src.add_argument("--run", metavar="RUN_ID", help="MLflow run id of a finished training run")
     src.add_argument("--run-dir", metavar="DIR", help="its run folder (config.yaml, final_weights.pt)")

@@ -20,16 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.stages.common import (ToolError, add_tracking_options, kept_output_dir, load_trained, log_stage_run,
-                                    parse_tags, resolve_run, run_cli, run_dataset, scratch_dir, source_experiment,
-                                    source_tags, store_uri)
+from pipeline.stages.common import (DOCS_EPILOG, ToolError, add_tracking_options, kept_output_dir, load_trained,
+                                    log_stage_run, parse_tags, resolve_run, run_cli, run_dataset, scratch_dir,
+                                    source_experiment, source_tags, store_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python pipeline/fit_lc.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fit the +LC head of a trained SSAL run (rest frozen) and log +LC accuracy to MLflow.",
-        epilog=__doc__.split("\n\n", 2)[2])
+        epilog=__doc__.split("\n\n", 2)[2] + DOCS_EPILOG)
     src = parser.add_argument_group("trained SSAL run (exactly one)")
     src.add_argument("--run", metavar="RUN_ID", help="MLflow run id of a finished SSAL training run")
     src.add_argument("--run-dir", metavar="DIR", help="its run folder (config.yaml, final_weights.pt)")

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.stages.common import (ToolError, add_tracking_options, log_stage_run, parse_tags, run_cli, scratch_dir,
-                                    source_experiment, source_tags, store_uri)
+from pipeline.stages.common import (DOCS_EPILOG, ToolError, add_tracking_options, log_stage_run, parse_tags, run_cli,
+                                    scratch_dir, source_experiment, source_tags, store_uri)
 from pipeline.tracking import runs
 from pipeline.tracking.constants import RUN_ID_FILE
 
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Compute SSAL class groupings (one per --k) from a trained run's confusion matrix and write "
                     "them as one human-readable JSON (class names per group), logged to MLflow.",
-        epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None)
+        epilog=(__doc__.split("\n\n", 2)[2] if __doc__ else "") + DOCS_EPILOG)
     src = parser.add_argument_group("confusion source (exactly one)")
     src.add_argument("--from-run", metavar="RUN_ID", help="MLflow run id of a finished (baseline) training run")
     src.add_argument("--from-run-dir", metavar="DIR", help=f"a training run folder (holds {RUN_ID_FILE} and the "

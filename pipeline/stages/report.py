@@ -27,8 +27,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from pipeline.stages.common import (ToolError, add_tracking_options, load_trained, log_stage_run, parse_tags,
-                                    run_cli, scratch_dir, store_uri)
+from pipeline.stages.common import (DOCS_EPILOG, ToolError, add_tracking_options, load_trained, log_stage_run,
+                                    parse_tags, run_cli, scratch_dir, store_uri)
 from pipeline.tracking import runs
 from pipeline.train import schema
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python pipeline/report.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Print (and save, and log to MLflow) the comparison table of a study.",
-        epilog=__doc__.split("\n\n", 2)[2])
+        epilog=__doc__.split("\n\n", 2)[2] + DOCS_EPILOG)
     parser.add_argument("--study", required=True, help="study id (the `study` tag of its runs)")
     parser.add_argument("--out", help="folder for report.md / .csv / .png (default: <runs-root>/studies/<id>/report)")
     parser.add_argument("--paper", metavar="STUDY.yaml", help="study file whose stages quote paper figures "

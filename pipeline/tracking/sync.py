@@ -34,7 +34,8 @@ def sync_run_dir(run_dir: str, uri: str | None = None, **tracker_kwargs) -> str 
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking",
+                                     epilog="more: docs/tracking.md, docs/reliability.md (no tracking call is lost)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sync_parser = sub.add_parser("sync", help="send a run directory's buffered tracking calls to the server")
     sync_parser.add_argument("run_dir")

@@ -117,7 +117,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["none", "bf16", "fp16"] = "bf16"  # GPU only; CPU runs in float32
     channels_last: bool = True  # GPU only
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the training model, static shapes (compiled once per resolution)
     ema_decay: float = 0.0  # 0 = no EMA of the weights; else e.g. 0.9999 (evaluated as its own head)
     deterministic: bool = True  # deterministic algorithms where torch offers them
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 caps it (quick trials, tests)

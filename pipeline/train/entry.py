@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Runs as one process, under torchrun, or in SLURM tasks (see pipeline/launch.py).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="overrides: section.key=value (value parsed as YAML), e.g. optim.lr=0.1 method.num_groups=[8,16]\n"
-               "keys and defaults:\n" + config_lib.describe_keys(),
+               "keys and defaults:\n" + config_lib.describe_keys()
+               + "\n\nmore: docs/configuration.md (recipes, overrides), docs/methods.md (method options)",
     )
     parser.add_argument("--config", help="YAML recipe (default: the embedded demo job)")
     parser.add_argument("--resume", default="", help="'auto': continue the run in the output dir if it has a "

@@ -179,7 +179,10 @@ class Trainer:
                 model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
                 broadcast_buffers=False)
         if cfg.train.compile:
-            train_model = torch.compile(train_model)
+            # static shapes: progressive resizing trains at a few resolutions, each compiled once for its
+            # own shapes (a guard fails at the new size and recompiles) instead of the one dynamic-shape graph
+            # that the default would fall back to at the second size (slower kernels, for the whole run)
+            train_model = torch.compile(train_model, dynamic=False)
         self.global_batch = batch * info.world_size
         self.peak_lr = scaled_lr(cfg.optim, self.global_batch)
         self.method_training = training_class(
