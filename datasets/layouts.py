@@ -157,8 +157,8 @@ def scan_imagenet(root: str | os.PathLike) -> Source:
         raise DataError(f"--root {root}: val/ has no class directories")
     names, names_from = imagenet_names(r, wnids)
     classes = [ClassInfo(w, names.get(w, w)) for w in wnids]
-    return Source("imagenet", str(r), classes, {"train": train, "val": val}, notes=[f"class names: {names_from}"],
-                  layout="imagefolder")
+    return Source("imagenet", str(r), classes, {"train": train, "val": val},
+                  notes=["layout: imagefolder", f"class names: {names_from}"], layout="imagefolder")
 
 
 def scan_tinyimagenet(root: str | os.PathLike) -> Source:

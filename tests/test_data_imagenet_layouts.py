@@ -50,10 +50,11 @@ def written(tmp_path_factory):
     results = {}
     for form in FORMS:
         err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        out = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             rc = write_ffcv.main(["imagenet", "--root", str(base / "src" / form), "--out", str(base / f"out-{form}"),
                                   "--workers", "2"])
-        results[form] = rc, err.getvalue()
+        results[form] = rc, err.getvalue(), out.getvalue()
     return base, info, results
 
 
@@ -61,8 +62,9 @@ def written(tmp_path_factory):
 def test_each_form_is_found_and_written(form, written):
     base, info, results = written
     out = base / f"out-{form}"
-    rc, err = results[form]
+    rc, err, printed = results[form]
     assert rc == 0, err
+    assert f"layout: {FORMS[form]}" in printed.splitlines()
     m = read_manifest(out)
     assert m["layout"] == FORMS[form] and m["dataset"] == "imagenet"
     assert [c["wnid"] for c in m["classes"]] == info["wnids"]
