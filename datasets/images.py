@@ -7,6 +7,7 @@ images, truncated and zero-byte files. :func:`load_rgb` turns everything decodab
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -18,6 +19,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif")
 MAX_SIDE = 65535  # FFCV stores width/height as uint16
+DRAFT_SIDE = 8  # load_rgb(draft=True) asks libjpeg for at least this many pixels a side
 
 
 class Reject(Exception):
@@ -45,28 +47,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK (incl. Adobe-inverted, handled by PIL), YCbCr, LAB, F ...
 
 
-def load_rgb(path: str, max_resolution: int | None = None, draft: bool = False) -> np.ndarray:
-    """Decode ``path`` to an ``(H, W, 3) uint8`` C-contiguous array, or raise :class:`Reject`.
+def _opened(source):
+    """``(what PIL opens, size in bytes)`` of a path, the bytes of an image, or a member of a tar file
+    (anything with ``read()``: :class:`ssal_datasets.tars.TarMember`)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            return source, os.path.getsize(source)
+        data = source if isinstance(source, bytes) else source.read()
+    except OSError as err:
+        raise Reject(f"unreadable: {err.strerror or err}") from None
+    return io.BytesIO(data), len(data)
+
+
+def load_rgb(source, max_resolution: int | None = None, draft: bool = False) -> np.ndarray:
+    """Decode ``source`` (a path, an image's bytes or a tar member) to an ``(H, W, 3) uint8`` C-contiguous
+    array, or raise :class:`Reject`.
 
     ``draft=True`` lets libjpeg decode at a reduced DCT scale (still reading every byte, so
     truncation is still detected); it is used for the fast validity pre-pass only.
     """
-    try:
-        size = os.path.getsize(path)
-    except OSError as err:
-        raise Reject(f"unreadable: {err.strerror or err}") from None
+    opened, size = _opened(source)
     if size == 0:
         raise Reject("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(opened) as img:
                 w, h = img.size
                 if w < 1 or h < 1:
                     raise Reject(f"bad size {w}x{h}")
                 if draft and img.format == "JPEG":
-                    target = max_resolution or 64
-                    img.draft(img.mode if img.mode != "CMYK" else "CMYK", (target, target))
+                    # the smallest DCT scale (1/8): every coefficient is still entropy-decoded, so damage is
+                    # still found, but the inverse DCT is a DC term: the check pass costs less than a decode
+                    img.draft(img.mode if img.mode != "CMYK" else "CMYK", (DRAFT_SIDE, DRAFT_SIDE))
                 img.load()
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)
@@ -92,12 +105,13 @@ def load_rgb(path: str, max_resolution: int | None = None, draft: bool = False) 
     return np.ascontiguousarray(arr)
 
 
-def probe(path: str, max_resolution: int | None) -> tuple[int, int]:
-    """Check that ``path`` decodes; return the (height, width) it will be stored at."""
-    arr = load_rgb(path, max_resolution, draft=True)
-    with Image.open(path) as img:
+def probe(source, max_resolution: int | None) -> tuple[int, int]:
+    """Check that ``source`` (as :func:`load_rgb`) decodes; return the (height, width) it will be stored at."""
+    if not isinstance(source, (str, os.PathLike, bytes)):
+        source = _opened(source)[0].getvalue()  # a tar member: read once
+    load_rgb(source, max_resolution, draft=True)
+    with Image.open(source if not isinstance(source, bytes) else io.BytesIO(source)) as img:
         w, h = img.size
-    del arr
     if max_resolution and max(h, w) > max_resolution:
         ratio = max_resolution / max(h, w)
         h, w = int(h * ratio), int(w * ratio)

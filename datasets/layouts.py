@@ -7,6 +7,7 @@ Layout problems raise :class:`DataError` with a one-line message.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class Source:
     # files found but not usable as samples for a layout reason (e.g. no label): (split, path, reason)
     layout_rejects: list[tuple[str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: how the files were found, named in manifest.json: imagefolder, devkit, kaggle, ilsvrc-tars, tinyimagenet
+    layout: str | None = None
 
 
 def _listdir(path: Path) -> list[os.DirEntry]:
@@ -49,11 +52,11 @@ def _class_files(class_dir: Path, what: str) -> list[str]:
     return files
 
 
-def _first_names(text: str) -> str:
+def first_names(text: str) -> str:
     return text.split(",")[0].strip() or text.strip()
 
 
-def _read_names_file(path: Path) -> dict[str, str]:
+def read_names_file(path: Path) -> dict[str, str]:
     """``words.txt`` (wnid<TAB>names) or ``LOC_synset_mapping.txt`` / ``synset_words.txt`` (wnid names)."""
     names = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -66,19 +69,19 @@ def _read_names_file(path: Path) -> dict[str, str]:
             wnid, rest = line.split(" ", 1)
         else:
             continue
-        names[wnid.strip()] = _first_names(rest)
+        names[wnid.strip()] = first_names(rest)
     return names
 
 
 NAME_FILES = ("words.txt", "LOC_synset_mapping.txt", "synset_words.txt")
 
 
-def _imagenet_names(root: Path, wnids: list[str]) -> tuple[dict[str, str], str]:
+def imagenet_names(root: Path, wnids: list[str]) -> tuple[dict[str, str], str]:
     for folder in (root, root.parent):
         for fname in NAME_FILES:
             p = folder / fname
             if p.is_file():
-                names = _read_names_file(p)
+                names = read_names_file(p)
                 if any(w in names for w in wnids):
                     return names, str(p)
     if len(wnids) == 1000 and all(w.startswith("n") and w[1:].isdigit() for w in wnids):
@@ -91,7 +94,7 @@ def _imagenet_names(root: Path, wnids: list[str]) -> tuple[dict[str, str], str]:
     return {}, "none (names = wnids)"
 
 
-def _check_root(root: str | os.PathLike) -> Path:
+def check_root(root: str | os.PathLike) -> Path:
     p = Path(root).expanduser()
     if not p.exists():
         raise DataError(f"--root {root}: no such directory")
@@ -104,30 +107,47 @@ def _looks_tiny(root: Path) -> bool:
     return (root / "wnids.txt").is_file() or (root / "val" / "val_annotations.txt").is_file()
 
 
+def class_folders(train: Path, shown: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """``train/<wnid>/*``: the sorted wnids and the ``(path, label)`` of every file, class-major, by name."""
+    train_dirs = _listdir(train)
+    if any(e.is_file() for e in train_dirs):
+        loose = next(e.name for e in train_dirs if e.is_file())
+        raise DataError(f"{shown}: {train.name}/ holds files directly (e.g. {loose}); expected {train.name}/<wnid>/ "
+                        f"folders")
+    wnids = [e.name for e in train_dirs if e.is_dir()]
+    if not wnids:
+        raise DataError(f"{shown}: {train.name}/ has no class directories")
+    from tqdm import tqdm
+
+    files = []
+    with tqdm(wnids, desc=f"list {train.name}", unit="class", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+        for k, w in enumerate(bar):  # the bar is closed (its line cleared) before an error is printed
+            files += [(p, k) for p in _class_files(train / w, "train")]
+    return wnids, files
+
+
+def loose_images(folder: Path) -> list[str]:
+    """The image files directly in ``folder`` (a flat val/), sorted by name."""
+    return [e.name for e in _listdir(folder) if e.is_file() and is_image_name(e.name)]
+
+
 def scan_imagenet(root: str | os.PathLike) -> Source:
     """ImageFolder layout: ``train/<wnid>/*``, ``val/<wnid>/*``."""
-    r = _check_root(root)
+    r = check_root(root)
     if _looks_tiny(r):
         raise DataError(f"--root {root}: this is a tiny-imagenet-200 layout (wnids.txt, val/val_annotations.txt); "
                         f"use the tinyimagenet sub-command")
     if not (r / "train").is_dir() or not (r / "val").is_dir():
         raise DataError(f"--root {root}: not an ImageNet layout (expected train/<wnid>/*.JPEG and val/<wnid>/*.JPEG)")
-    train_dirs = [e for e in _listdir(r / "train")]
-    if any(e.is_file() for e in train_dirs):
-        loose = next(e.name for e in train_dirs if e.is_file())
-        raise DataError(f"--root {root}: train/ holds files directly (e.g. {loose}); expected train/<wnid>/ folders")
-    wnids = [e.name for e in train_dirs if e.is_dir()]
-    if not wnids:
-        raise DataError(f"--root {root}: train/ has no class directories")
+    wnids, train = class_folders(r / "train", f"--root {root}")
     index = {w: i for i, w in enumerate(wnids)}
-    train = [(p, index[w]) for w in wnids for p in _class_files(r / "train" / w, "train")]
-    val_entries = _listdir(r / "val")
-    loose = [e.name for e in val_entries if e.is_file() and is_image_name(e.name)]
+    loose = loose_images(r / "val")
     if loose:
-        raise DataError(f"--root {root}: val/ holds images directly (e.g. {loose[0]}); sort them into val/<wnid>/ "
-                        f"folders first (the ILSVRC devkit's valprep.sh does this)")
+        raise DataError(f"--root {root}: val/ holds images directly (e.g. {loose[0]}) but no devkit was found "
+                        f"(ILSVRC2012_devkit_t12/ or its tar, next to val/); add it or sort val/ into val/<wnid>/ (Kaggle's "
+                        f"CLS-LOC: give the folder holding ILSVRC/ and LOC_val_solution.csv)")
     val = []
-    for e in val_entries:
+    for e in _listdir(r / "val"):
         if not e.is_dir():
             continue
         if e.name not in index:
@@ -135,14 +155,15 @@ def scan_imagenet(root: str | os.PathLike) -> Source:
         val += [(p, index[e.name]) for p in _class_files(Path(e.path), "val")]
     if not val:
         raise DataError(f"--root {root}: val/ has no class directories")
-    names, names_from = _imagenet_names(r, wnids)
+    names, names_from = imagenet_names(r, wnids)
     classes = [ClassInfo(w, names.get(w, w)) for w in wnids]
-    return Source("imagenet", str(r), classes, {"train": train, "val": val}, notes=[f"class names: {names_from}"])
+    return Source("imagenet", str(r), classes, {"train": train, "val": val},
+                  notes=["layout: imagefolder", f"class names: {names_from}"], layout="imagefolder")
 
 
 def scan_tinyimagenet(root: str | os.PathLike) -> Source:
     """The official ``tiny-imagenet-200`` layout."""
-    r = _check_root(root)
+    r = check_root(root)
     need = [r / "wnids.txt", r / "train", r / "val" / "images", r / "val" / "val_annotations.txt"]
     missing = [str(p.relative_to(r)) for p in need if not p.exists()]
     if missing:
@@ -193,10 +214,11 @@ def scan_tinyimagenet(root: str | os.PathLike) -> Source:
         notes.append(f"{r / 'test'}: skipped (the test split has no labels)")
     names = {}
     if (r / "words.txt").is_file():
-        names = _read_names_file(r / "words.txt")
+        names = read_names_file(r / "words.txt")
         notes.append(f"class names: {r / 'words.txt'}")
     classes = [ClassInfo(w, names.get(w, w)) for w in wnids]
-    return Source("tinyimagenet", str(r), classes, {"train": train, "val": val}, layout_rejects, notes)
+    return Source("tinyimagenet", str(r), classes, {"train": train, "val": val}, layout_rejects, notes,
+                  layout="tinyimagenet")
 
 
 def take_subset(source: Source, n: int) -> Source:

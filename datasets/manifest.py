@@ -4,6 +4,7 @@ Layout (written by ``datasets/write_ffcv.py``, read by the training engine)::
 
     {"format": 1,
      "dataset": "demo" | "imagenet" | "tinyimagenet",
+     "layout": "imagefolder" | "devkit" | "kaggle" | "ilsvrc-tars" | "tinyimagenet" | null,
      "num_classes": C,
      "classes": [{"index": i, "wnid": str, "name": str,
                   "superclass": int | null, "superclass_name": str | null}, ...],

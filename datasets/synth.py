@@ -9,6 +9,9 @@ reads, optionally with the bad files real collections contain (:data:`BAD_KINDS`
 * ``truncated``  a JPEG cut in half     -> rejected
 * ``empty``      a zero-byte ``.JPEG``  -> rejected
 
+:func:`make_ilsvrc_forms` writes one miniature ImageNet in the four forms ImageNet comes in
+(ImageFolder, devkit, Kaggle, the ILSVRC2012 tars) for the layout tests.
+
 Image content: a smooth random colour field with a class-dependent bright square, so files of
 different classes differ; each file's label is recoverable from its folder.
 """
@@ -160,3 +163,87 @@ def make_bench_tree(root: str | os.PathLike, *, num_classes: int = 10, per_class
             (d / f"img{k:05d}.JPEG").write_bytes(_jpeg_bytes(arr, quality=quality))
             n += 1
     return n
+
+
+def _tar_bytes(files: dict[str, bytes], *, gzip: bool = False) -> bytes:
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gzip else "w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _meta_mat(wnids: list[str], ids: list[int]) -> bytes:
+    """A devkit ``meta.mat``: the leaf synsets (classes) with the given ILSVRC2012_IDs, and one group synset."""
+    import scipy.io
+    fields = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images")
+    rows = [(i, w, f"thing {w}, other name", "a thing", 0, np.zeros(0), 0, 3) for w, i in zip(wnids, ids)]
+    rows.append((len(wnids) + 1, "n00001740", "entity", "the root", 2, np.array(ids[:2]), 3, 0))
+    synsets = np.empty(len(rows), dtype=[(f, object) for f in fields])
+    for k, row in enumerate(rows):
+        synsets[k] = row
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"synsets": synsets})
+    return buf.getvalue()
+
+
+def make_ilsvrc_forms(base: str | os.PathLike, *, num_classes: int = 3, train_per_class: int = 3,
+                      val_per_class: int = 2, seed: int = 0) -> dict:
+    """One miniature ImageNet (the same JPEG bytes, plus one truncated train file) in the four forms ImageNet
+    comes in, under ``base``: ``imagefolder/`` (train/<wnid>, val/<wnid>), ``devkit/`` (flat val/ +
+    ILSVRC2012_devkit_t12/), ``kaggle/`` (ILSVRC/Data/CLS-LOC + LOC_*), ``tars/`` (the ILSVRC2012 tars, inner
+    tars' members in shuffled order). The devkit's ILSVRC2012_IDs run against sorted-wnid order.
+    Returns {"wnids", "train", "val": {split: per-class good counts}, "rejects": train rejects}."""
+    base = Path(base)
+    rng = np.random.default_rng(seed)
+    wnids = [f"n0{1440764 + 9973 * i:07d}" for i in range(num_classes)]
+    train: dict[str, dict[str, bytes]] = {}
+    for c, w in enumerate(wnids):
+        numbers = rng.choice(99999, size=train_per_class, replace=False) + 1
+        train[w] = {f"{w}_{n}.JPEG": _jpeg_bytes(synth_image(rng, c, *size))
+                    for n, size in zip(numbers, _sizes(rng, train_per_class, (24, 48)))}
+    truncated = _jpeg_bytes(synth_image(rng, 0, 32, 32))
+    train[wnids[0]][f"{wnids[0]}_0.JPEG"] = truncated[: len(truncated) // 2]
+    val_labels = rng.permutation(np.repeat(np.arange(num_classes), val_per_class))
+    val = {f"ILSVRC2012_val_{n:08d}.JPEG": (wnids[c], _jpeg_bytes(synth_image(rng, c, *size)))
+           for n, (c, size) in enumerate(zip(val_labels, _sizes(rng, len(val_labels), (24, 48))), 1)}
+    ids = list(range(num_classes, 0, -1))  # the devkit's ids are not sorted-wnid order
+    id_of = dict(zip(wnids, ids))
+    truth = "".join(f"{id_of[w]}\n" for w, _ in val.values()).encode()
+    meta = _meta_mat(wnids, ids)
+    names = "".join(f"{w} thing {w}, other name\n" for w in wnids).encode()
+    kaggle_csv = "ImageId,PredictionString\n" + "".join(f"{Path(n).stem},{w} 1 2 20 20 {w} 3 3 9 9 \n"
+                                                          for n, (w, _) in val.items())
+
+    def put(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    for form, train_dir in (("imagefolder", "train"), ("devkit", "train"), ("kaggle", "ILSVRC/Data/CLS-LOC/train")):
+        for w, files in train.items():
+            for name, data in files.items():
+                put(base / form / train_dir / w / name, data)
+    for name, (w, data) in val.items():
+        put(base / "imagefolder" / "val" / w / name, data)
+        put(base / "devkit" / "val" / name, data)
+        put(base / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC" / "val" / name, data)
+    put(base / "devkit" / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt", truth)
+    put(base / "devkit" / "ILSVRC2012_devkit_t12" / "data" / "meta.mat", meta)
+    put(base / "kaggle" / "LOC_val_solution.csv", kaggle_csv.encode())
+    put(base / "kaggle" / "LOC_synset_mapping.txt", names)
+    inner = {}
+    for w, files in train.items():
+        shuffled = list(files.items())
+        rng.shuffle(shuffled)
+        inner[f"{w}.tar"] = _tar_bytes(dict(shuffled))
+    put(base / "tars" / "ILSVRC2012_img_train.tar", _tar_bytes(inner))
+    put(base / "tars" / "ILSVRC2012_img_val.tar", _tar_bytes({n: data for n, (_, data) in val.items()}))
+    put(base / "tars" / "ILSVRC2012_devkit_t12.tar.gz", _tar_bytes(
+        {"ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": truth,
+         "ILSVRC2012_devkit_t12/data/meta.mat": meta}, gzip=True))
+    return {"wnids": wnids, "train": [train_per_class] * num_classes,
+            "val": [val_per_class] * num_classes, "rejects": 1}

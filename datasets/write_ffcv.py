@@ -2,7 +2,10 @@
 """Write image datasets to FFCV betons (train.beton, val.beton) + manifest.json + rejects.txt.
 
 Sub-commands:
-  imagenet      --root DIR --out DIR   ImageNet layout: train/<wnid>/*.JPEG, val/<wnid>/*.JPEG
+  imagenet      --root DIR --out DIR   ImageNet as it comes, the layout found by looking: ImageFolder
+                                       (train/<wnid>/, val/<wnid>/), devkit (flat val/ + ILSVRC2012_devkit_t12),
+                                       Kaggle (ILSVRC/Data/CLS-LOC + LOC_val_solution.csv) or the ILSVRC2012
+                                       tars read in place (also: --train-tar F --val-tar F [--devkit P])
   tinyimagenet  --root DIR --out DIR   official tiny-imagenet-200 layout (wnids.txt, words.txt,
                                        train/<wnid>/images/*.JPEG, val/images + val/val_annotations.txt;
                                        test/ has no labels and is skipped)
@@ -79,13 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="SUB-COMMAND", required=True)
 
-    p = sub.add_parser("imagenet", help="ImageNet layout: train/<wnid>/*.JPEG, val/<wnid>/*.JPEG",
-                       description="Write an ImageNet-layout folder (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG; val "
-                                   "sorted into class folders) to train.beton / val.beton. Class i is the i-th wnid "
-                                   "in sorted order; names come from words.txt / LOC_synset_mapping.txt / "
-                                   "synset_words.txt in the root or its parent, else torchvision's ImageNet-1k list "
-                                   "(1000 classes), else the wnid.")
-    p.add_argument("--root", required=True, help="dataset folder holding train/ and val/")
+    p = sub.add_parser("imagenet", help="ImageNet as it comes: ImageFolder, devkit, Kaggle or the ILSVRC2012 tars",
+                       description="Write ImageNet to train.beton / val.beton, the layout found by looking at --root "
+                                   "and named in manifest.json: imagefolder (train/<wnid>/*, val/<wnid>/*); devkit "
+                                   "(train/<wnid>/*, a flat val/ of ILSVRC2012_val_*.JPEG, and ILSVRC2012_devkit_t12/ "
+                                   "or its tar, whose ground truth and meta.mat give the val labels); kaggle "
+                                   "(ILSVRC/Data/CLS-LOC/{train/<wnid>,val} + LOC_val_solution.csv); ilsvrc-tars "
+                                   "(ILSVRC2012_img_train.tar + ILSVRC2012_img_val.tar + the devkit, read in place: "
+                                   "nothing is extracted). Class i is the i-th train wnid in sorted order in every "
+                                   "layout; names come from the devkit's meta.mat / LOC_synset_mapping.txt / words.txt, "
+                                   "else torchvision's ImageNet-1k list (1000 classes), else the wnid. Counts other "
+                                   "than ImageNet-1k's (1,281,167 train, 50,000 val, 1,000 classes) give one warning "
+                                   "line. Layouts and figures: docs/data.md.")
+    p.add_argument("--root", default=None, help="the dataset folder, in any of the layouts above")
+    p.add_argument("--train-tar", default=None, metavar="FILE",
+                   help="instead of --root: the path of ILSVRC2012_img_train.tar (with --val-tar)")
+    p.add_argument("--val-tar", default=None, metavar="FILE", help="instead of --root: ILSVRC2012_img_val.tar")
+    p.add_argument("--devkit", default=None, metavar="PATH",
+                   help="ILSVRC2012_devkit_t12 (folder or tar) for the val labels of a flat val/ or of the val tar "
+                        "(default: found next to val/ or the val tar)")
     p.add_argument("--out", required=True, help="output folder for the betons, manifest.json and rejects.txt")
     _add_writer_knobs(p, "imagenet")
 
@@ -145,9 +160,18 @@ def run(args, log=print) -> int:
         return 0
 
     settings = _settings(args)
-    if args.command in ("imagenet", "tinyimagenet"):
-        scan = layouts.scan_imagenet if args.command == "imagenet" else layouts.scan_tinyimagenet
-        source = scan(args.root)  # layout errors before touching --out
+    if args.command == "imagenet":
+        from ssal_datasets import imagenet_layouts
+        source = imagenet_layouts.scan(args.root, train_tar=args.train_tar, val_tar=args.val_tar,
+                                       devkit=args.devkit)  # layout errors before touching --out
+        warning = imagenet_layouts.known_count_warning(source)
+        if warning:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        out = writer.prepare_out_dir(args.out, args.overwrite)
+        writer.write_source(source, out, settings, log=log)
+        return 0
+    if args.command == "tinyimagenet":
+        source = layouts.scan_tinyimagenet(args.root)  # layout errors before touching --out
         out = writer.prepare_out_dir(args.out, args.overwrite)
         writer.write_source(source, out, settings, log=log)
         return 0

@@ -2,9 +2,11 @@
 
 Two passes per split:
 
-1. *check*: every candidate file is decoded (libjpeg DCT-scaled for speed) in a process pool;
-   what cannot be decoded goes to ``rejects.txt`` with its reason.
-2. *write*: FFCV's ``DatasetWriter`` (its own worker processes) writes the good files to a
+1. *check*: every candidate file is decoded (libjpeg DCT-scaled for speed) in a process pool,
+   32 files a job, or a run of up to 64 neighbouring members of a tar streamed once
+   (:mod:`ssal_datasets.tars`); what cannot be decoded goes to ``rejects.txt`` with its reason.
+2. *write*: FFCV's ``DatasetWriter`` (its own worker processes; a tar member is read by its
+   offset) writes the good files to a
    temporary name in the output folder, renamed at the end. The dataset object handed to
    FFCV never raises (an exception inside an FFCV writer worker hangs the parent forever):
    a file that fails here although it passed the check is recorded and the write aborts.
@@ -31,10 +33,13 @@ from ssal_datasets.images import Reject, load_rgb, probe
 from ssal_datasets.layouts import DataError, Source
 from ssal_datasets.manifest import (FORMAT_VERSION, MANIFEST_NAME, REJECTS_NAME, quick_digest, sha256_file,
                                     write_manifest)
+from ssal_datasets.tars import TarMember, stream_run
+from ssal_datasets.tars import runs as tar_runs
 
 OUTPUT_NAMES = (MANIFEST_NAME, REJECTS_NAME, "train.beton", "val.beton")
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 MIN_PAGE = 1 << 21
+FILES_PER_JOB = 32  # files checked by one job of the check pass
 #: Held by the process writing a folder (see :func:`prepare_out_dir`); a hidden file that stays.
 WRITE_LOCK = ".write.lock"
 _claimed_out_dirs: dict[Path, contextlib.ExitStack] = {}
@@ -113,10 +118,9 @@ def _claim(folder: Path, shown: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------- pass 1: check
-def _probe_one(args):
-    i, path, max_res = args
+def _probe_one(i, source, max_res):
     try:
-        h, w = probe(path, max_res)
+        h, w = probe(source, max_res)
         return i, h, w, None
     except Reject as err:
         return i, 0, 0, str(err)
@@ -124,32 +128,49 @@ def _probe_one(args):
         return i, 0, 0, f"unexpected error: {type(err).__name__}: {err}"
 
 
+def _check_job(job):
+    """One job of the check pass: a few files, or a run of tar members streamed once (:mod:`tars`)."""
+    run, max_res = job
+    if isinstance(run[0][1], TarMember):
+        return [_probe_one(i, data, max_res) if data is not None else (i, 0, 0, "unreadable: the tar ends or is "
+                "damaged before this member") for i, data in stream_run(run)]
+    return [_probe_one(i, path, max_res) for i, path in run]
+
+
+def _check_jobs(items: list[tuple[object, int]], max_res) -> list:
+    members = [(i, ref) for i, (ref, _) in enumerate(items) if isinstance(ref, TarMember)]
+    files = [(i, ref) for i, (ref, _) in enumerate(items) if not isinstance(ref, TarMember)]
+    return [(run, max_res) for run in tar_runs(members)] + \
+        [(files[k:k + FILES_PER_JOB], max_res) for k in range(0, len(files), FILES_PER_JOB)]
+
+
 def _pool(workers: int):
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     return ctx.Pool(workers)
 
 
-def check_files(items: list[tuple[str, int]], settings: WriterSettings, desc: str):
+def check_files(items: list[tuple[object, int]], settings: WriterSettings, desc: str):
     from tqdm import tqdm
 
     shapes = np.zeros((len(items), 2), dtype=np.int64)
     reasons: dict[int, str] = {}
-    jobs = [(i, p, settings.max_resolution) for i, (p, _) in enumerate(items)]
-    bar = tqdm(total=len(jobs), desc=f"check {desc}", unit="img", file=sys.stderr, dynamic_ncols=True)
-    workers = min(settings.n_workers, max(1, len(jobs) // 32))
+    jobs = _check_jobs(items, settings.max_resolution)
+    bar = tqdm(total=len(items), desc=f"check {desc}", unit="img", file=sys.stderr, dynamic_ncols=True)
+    workers = min(settings.n_workers, max(1, len(items) // FILES_PER_JOB))
     if workers <= 1:
-        results = map(_probe_one, jobs)
+        results = map(_check_job, jobs)
         pool = None
     else:
         pool = _pool(workers)
-        results = pool.imap_unordered(_probe_one, jobs, chunksize=32)
+        results = pool.imap_unordered(_check_job, jobs)
     try:
-        for i, h, w, reason in results:
-            if reason is None:
-                shapes[i] = (h, w)
-            else:
-                reasons[i] = reason
-            bar.update(1)
+        for done in results:
+            for i, h, w, reason in done:
+                if reason is None:
+                    shapes[i] = (h, w)
+                else:
+                    reasons[i] = reason
+            bar.update(len(done))
     finally:
         bar.close()
         if pool is not None:
@@ -171,15 +192,15 @@ class _BetonSource:
         return len(self.items)
 
     def __getitem__(self, i):
-        path, label = self.items[i]
+        source, label = self.items[i]
         # RGBImageField draws np.random for 'proportion' right after this call: seed it per sample,
         # so which images are stored as JPEG does not depend on which worker wrote them.
         np.random.seed((self.seed * 1_000_003 + i) % (2**32))
         try:
-            img = load_rgb(path)
+            img = load_rgb(source)
         except Exception as err:  # noqa: BLE001 - must not raise inside an FFCV worker
             with open(f"{self.fail_prefix}{os.getpid()}", "a", encoding="utf-8") as f:
-                f.write(f"{path}\t{str(err).splitlines()[0] if str(err) else type(err).__name__}\n")
+                f.write(f"{source}\t{str(err).splitlines()[0] if str(err) else type(err).__name__}\n")
             img = np.zeros((8, 8, 3), dtype=np.uint8)
         return img, int(label), int(i)
 
@@ -255,7 +276,7 @@ def write_source(source: Source, out_dir: Path, settings: WriterSettings, *, ext
         shapes, reasons = check_files(items, settings, split)
         good = [(p, lab) for i, (p, lab) in enumerate(items) if i not in reasons]
         good_shapes = shapes[[i for i in range(len(items)) if i not in reasons]] if items else shapes
-        rejected = [(split, items[i][0], r) for i, r in sorted(reasons.items())]
+        rejected = [(split, str(items[i][0]), r) for i, r in sorted(reasons.items())]
         rejected += [t for t in source.layout_rejects if t[0] == split]
         per_class = np.bincount([lab for _, lab in good], minlength=c).tolist() if good else [0] * c
         if split == "train":
@@ -285,6 +306,7 @@ def write_source(source: Source, out_dir: Path, settings: WriterSettings, *, ext
     manifest = {
         "format": FORMAT_VERSION,
         "dataset": source.dataset,
+        "layout": source.layout,
         "num_classes": c,
         "classes": [{"index": i, "wnid": ci.wnid, "name": ci.name, "superclass": ci.superclass,
                      "superclass_name": ci.superclass_name} for i, ci in enumerate(source.classes)],
