@@ -119,7 +119,9 @@ class TrainConfig:
     channels_last: bool = True  # GPU only
     compile: bool = False  # torch.compile the model
     ema_decay: float = 0.0  # 0 = no EMA of the weights; else e.g. 0.9999 (evaluated as its own head)
-    deterministic: bool = True  # deterministic algorithms where torch offers them
+    # deterministic algorithms where torch offers them, and a bit-exact resume at any number of ranks (DDP with
+    # find_unused_parameters, BN statistics averaged every step: docs/reliability.md)
+    deterministic: bool = True
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 caps it (quick trials, tests)
     log_every: int = 20  # iterations between plain log lines when not on a TTY
     # steps between the ranks' agreement on "a loss was non-finite" / "stop requested": the one host-device
