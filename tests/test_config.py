@@ -35,6 +35,7 @@ def test_yaml_then_overrides(tmp_path):
     ("optim.lr=-1", "optim.lr: must be a positive number"),
     ("train.amp=fp8", "train.amp: 'fp8' is not one of"),
     ("data.batch_size=0", "data.batch_size: must be > 0"),
+    ("train.sync_every=0", "train.sync_every: must be > 0"),
     ("data.min_res=64", "data.min_res (64) must be <= data.max_res"),
     ("method.name=magic", "method.name: 'magic' is not one of"),
     ("method.groups_file=nowhere.json", "method.groups_file: no such file nowhere.json"),

@@ -169,7 +169,9 @@ def test_torchrun_demo_config_two_epochs_checkpoint_and_resume(tiny_demo, tmp_pa
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["world_size"] == str(nproc)
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val/top1/main")) == [1, 2]
-    assert runs[0].data.metrics["train/peak_gpu_memory_gib"] > 0
+    peaks = {phase: [m.value for m in client.get_metric_history(runs[0].info.run_id, f"{phase}/peak_gpu_memory_gib")]
+             for phase in ("train", "val")}
+    assert all(len(values) == 2 and min(values) > 0 for values in peaks.values()), peaks  # each phase, each epoch
     assert runs[0].data.metrics["val/samples"] == 16 * 4  # every val image once, over all ranks
 
 

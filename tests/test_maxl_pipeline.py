@@ -225,6 +225,7 @@ def tiny_overrides(data_root: Path, work: Path, **extra) -> list[str]:
         "data.min_res": 32, "data.max_res": 32, "data.val_res": 32, "runs_root": str(work / "runs"),
         "tracking.experiment": "maxl-test", "train.log_every": 1, "schedule.epochs": 2,
         "train.max_steps_per_epoch": 4, "output_dir": str(work / "run"),
+        "train.sync_every": 2,  # a stop is seen inside an epoch of 4 steps
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

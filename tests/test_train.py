@@ -23,7 +23,7 @@ def tiny_overrides(data_root: Path, work: Path, **extra) -> list[str]:
         "data.min_res": 32, "data.max_res": 32, "data.val_res": 32, "runs_root": str(work / "runs"),
         "tracking.experiment": "engine-test", "train.log_every": 1, "method.num_groups": "[4]",
         "schedule.epochs": 2, "schedule.peak_epoch": 1, "train.max_steps_per_epoch": 4,
-        "output_dir": str(work / "run"),
+        "output_dir": str(work / "run"), "train.sync_every": 2,  # a stop is seen inside an epoch of 4 steps
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -143,6 +143,36 @@ def test_resume_mid_epoch_gives_the_same_weights(tiny_demo, tmp_path):
         assert len(steps) == len(set(steps)), (key, steps)
     straight_client, straight_run = only_run(straight)
     assert run.data.metrics["train/loss"] == pytest.approx(straight_run.data.metrics["train/loss"], rel=1e-6)
+
+
+def test_images_per_second_after_a_two_process_mid_epoch_resume(tiny_demo, tmp_path):
+    """The resumed epoch's rate = all ranks' images of the epoch / rank 0's seconds (interrupted part + rest):
+    rank 0 carries the other ranks' share of the interrupted part, which must not count world-size times."""
+    steps, batch = 6, 16
+    overrides = tiny_overrides(tiny_demo, tmp_path, **{"schedule.epochs": 1, "train.max_steps_per_epoch": steps})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "pipeline.train"]
+    proc = subprocess.Popen(torchrun + overrides, cwd=REPO_ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_line(proc, f"epoch 1/1 step 1/{steps}", timeout=300)
+        for worker in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            os.kill(int(worker), signal.SIGUSR2)
+        rest = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert "checkpoint saved" in rest, rest[-3000:]  # the workers exit 3, torchrun 1
+    state = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert 1 <= state["step_in_epoch"] < steps and state["meter"]["samples"] == state["step_in_epoch"] * batch * 2
+
+    result = subprocess.run(torchrun + ["--resume", "auto", *overrides], cwd=REPO_ROOT, env=env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, run = only_run(tmp_path)
+    metrics = run.data.metrics
+    assert metrics["train/epoch_seconds"] > state["meter"]["seconds"]  # the interrupted part's time carried on
+    assert metrics["train/images_per_second"] == pytest.approx(steps * batch * 2 / metrics["train/epoch_seconds"],
+                                                                rel=1e-6)
 
 
 def test_nan_loss_stops_keeps_last_checkpoint_and_fails_the_run(tiny_demo, tmp_path):

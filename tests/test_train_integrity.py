@@ -45,8 +45,10 @@ def evaluate_saved_model(run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def test_two_process_validation_metrics_are_those_of_the_saved_model(tiny_demo, tmp_path):
-    overrides = tiny_overrides(tiny_demo, tmp_path, **SMALL, **{"train.ema_decay": 0.9})
+@pytest.mark.parametrize("deterministic", ["true", "false"])  # BN statistics averaged every step / when read
+def test_two_process_validation_metrics_are_those_of_the_saved_model(tiny_demo, tmp_path, deterministic):
+    overrides = tiny_overrides(tiny_demo, tmp_path, **SMALL, **{"train.ema_decay": 0.9,
+                                                                "train.deterministic": deterministic})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "pipeline.train", *overrides]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=900)

@@ -119,9 +119,17 @@ class TrainConfig:
     channels_last: bool = True  # GPU only
     compile: bool = False  # torch.compile the training model, static shapes (compiled once per resolution)
     ema_decay: float = 0.0  # 0 = no EMA of the weights; else e.g. 0.9999 (evaluated as its own head)
-    deterministic: bool = True  # deterministic algorithms where torch offers them
+    # deterministic algorithms where torch offers them, and a bit-exact resume at any number of ranks (DDP with
+    # find_unused_parameters, BN statistics averaged every step: docs/reliability.md)
+    deterministic: bool = True
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 caps it (quick trials, tests)
     log_every: int = 20  # iterations between plain log lines when not on a TTY
+    # steps between the ranks' agreement on "a loss was non-finite" / "stop requested": the one host-device
+    # synchronisation of a training step. 8: a GPU step of the recipes takes 0.1-0.3 s, so a stop (SLURM's
+    # pre-end signal comes a minute or more ahead) is seen within 1-2 s, and the GPU waits for the host once
+    # per 8 steps instead of several times a step. The epoch's last step is always checked (no non-finite
+    # state is checkpointed); 1 = every step, as before.
+    sync_every: int = 8
     threads: int = 0  # torch intra-op threads on CPU (0 = number of cores / processes)
 
 
@@ -256,6 +264,7 @@ def validate(cfg: Config) -> None:
     positive = [
         "data.batch_size", "data.val_batch_size", "data.min_res", "data.max_res", "data.val_res",
         "schedule.epochs", "eval.every_n_epochs", "checkpoint.every_n_epochs", "train.log_every",
+        "train.sync_every",
     ]
     for key in positive:
         if flat[key] <= 0:

@@ -96,21 +96,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def average_bn_statistics(model: torch.nn.Module) -> None:
-    """Make every rank's BatchNorm running statistics the mean over ranks (in place; no-op
-    without a process group), so that evaluation, the EMA copy and every checkpoint see the
-    same model on every rank (timm's `distribute_bn`, reduce mode).
+def average_bn_statistics(*models: torch.nn.Module) -> None:
+    """Make every rank's BatchNorm running statistics of ``models`` the mean over ranks (in place, one
+    all-reduce per dtype for all of them; no-op without a process group), so that evaluation and every
+    checkpoint see the same model on every rank (timm's `distribute_bn`, reduce mode).
 
-    Mean, not a broadcast of rank 0's: the statistics then come from every rank's images, not
-    1/world of them. They are exponential averages, linear in the batch statistics, so
-    averaging after every step gives the same values as averaging once before each evaluation;
-    doing it every step (one small all-reduce, in place of DDP's per-forward buffer broadcast,
-    which the trainer turns off) keeps the ranks identical at any moment, so a checkpoint
-    written mid-epoch holds the whole state and the resume stays exact. Training itself does
-    not read the running statistics: the weights are unaffected."""
+    Mean, not a broadcast of rank 0's: the statistics then come from every rank's images, not 1/world of
+    them. They are exponential averages, linear in the batch statistics, so averaging once before they are
+    read gives the values that averaging after every step gives (up to rounding); the trainer does the
+    former, or the latter in deterministic mode (Trainer.average_bn_statistics). DDP's per-forward buffer
+    broadcast is off (the trainer's broadcast_buffers=False)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    buffers = [buffer for module in model.modules()
+    buffers = [buffer for model in models for module in model.modules()
                if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.track_running_stats
                for buffer in (module.running_mean, module.running_var) if buffer is not None]
     world_size = dist.get_world_size()
@@ -139,10 +137,9 @@ def _in_flat_messages(tensors: list[torch.Tensor], collective) -> None:
     for group in by_dtype.values():
         flat = torch.cat([tensor.detach().reshape(-1) for tensor in group])
         collective(flat)
-        offset = 0
-        for tensor in group:
-            tensor.data.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
-            offset += tensor.numel()
+        pieces = flat.split([tensor.numel() for tensor in group])
+        with torch.no_grad():  # one kernel launch for all of them (hundreds of BN buffers), not one copy_ each
+            torch._foreach_copy_(group, [piece.view_as(tensor) for piece, tensor in zip(pieces, group)])
 
 
 def barrier() -> None:

@@ -39,36 +39,85 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class EpochMeter:
-    """Sums of a training epoch, kept in the checkpoint so a mid-epoch resume logs the full epoch."""
+    """Sums of a training epoch, kept in the checkpoint so a mid-epoch resume logs the full epoch.
+
+    The loss sums stay on the model's device (a float after a resume or a reduction): adding a step's loss
+    is a kernel, not a host-device synchronisation; they become floats when reduced or checkpointed."""
     samples: int = 0
-    loss_sum: float = 0.0
-    parts_sum: dict[str, float] = field(default_factory=dict)
+    loss_sum: float | torch.Tensor = 0.0
+    parts_sum: dict[str, float | torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def update(self, batch: int, loss: float, parts: dict[str, float]) -> None:
+    def update(self, batch: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         self.samples += batch
-        self.loss_sum += loss * batch
+        self.loss_sum = self.loss_sum + loss.detach().double() * batch
         for name, value in parts.items():
-            self.parts_sum[name] = self.parts_sum.get(name, 0.0) + value * batch
+            self.parts_sum[name] = self.parts_sum.get(name, 0.0) + value.detach().double() * batch
 
     def summed_over_ranks(self, device: torch.device) -> "EpochMeter":
-        """The sums of every rank (for a mid-epoch checkpoint, which only rank 0 writes).
+        """The sums of every rank, as floats (for a mid-epoch checkpoint, which only rank 0 writes).
         Collective: every rank must call it. `seconds` stays this rank's."""
         names = sorted(self.parts_sum)
-        sums = torch.tensor([self.samples, self.loss_sum] + [self.parts_sum[n] for n in names],
-                            dtype=torch.float64, device=device)
+        sums = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
+                            for value in [self.samples, self.loss_sum] + [self.parts_sum[n] for n in names]])
         dist_util.all_reduce_sum(sums)
         values = sums.tolist()
         return EpochMeter(samples=int(values[0]), loss_sum=values[1],
                           parts_sum={n: values[2 + i] for i, n in enumerate(names)}, seconds=self.seconds)
 
     def reduced(self, device: torch.device) -> dict[str, float]:
-        """Means over every rank's samples (sums all-reduced, then divided once). Collective."""
+        """Means over every rank's samples (sums all-reduced, then divided once) and the images per second.
+        Collective."""
         total = self.summed_over_ranks(device)
         samples = max(total.samples, 1)
-        metrics = {"train/loss": total.loss_sum / samples}
+        # all ranks' images in rank 0's time (each rank trains its share in the same time); after a mid-epoch
+        # resume rank 0's sums carry the other ranks' share of the interrupted part: no world-size factor
+        metrics = {"train/loss": total.loss_sum / samples, "train/epoch_seconds": total.seconds,
+                   "train/images_per_second": total.samples / max(total.seconds, 1e-9)}
         metrics.update({f"train/{name}": value / samples for name, value in total.parts_sum.items()})
         return metrics
+
+    def state(self) -> dict:
+        """The checkpoint's copy: plain floats (this rank's sums; see summed_over_ranks)."""
+        return {"samples": self.samples, "loss_sum": float(self.loss_sum),
+                "parts_sum": {n: float(v) for n, v in self.parts_sum.items()}, "seconds": self.seconds}
+
+
+class RankFlags:
+    """The non-finite and stop flags, agreed across ranks every ``sync_every`` steps.
+
+    A step records on the device only: its loss and parts, kept if they are the first non-finite ones of the
+    window. :meth:`agree` all-reduces "non-finite here" with each rank's stop request and reads the result:
+    one host-device synchronisation per window instead of several per step. Every rank calls it at the
+    same steps, so every rank leaves the loop at the same step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending = 0  # steps recorded since the last agreement
+        self.part_names: list[str] = []
+        self.first_bad: torch.Tensor | None = None  # [step, loss, *parts]; step NaN while every step was finite
+
+    def record(self, step: int, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        self.part_names = list(parts)
+        values = torch.stack([loss.detach().float().reshape(())] + [v.detach().float().reshape(()) for v in parts.values()])
+        here = torch.cat([values.new_full((1,), float(step)), values])
+        if self.first_bad is None:
+            self.first_bad = torch.full_like(here, float("nan"))
+        keep = torch.isnan(self.first_bad[0]) & ~torch.isfinite(values).all()
+        self.first_bad = torch.where(keep, here, self.first_bad)
+        self.pending += 1
+
+    def agree(self, stop_requested: bool) -> tuple[bool, bool, int | None, str]:
+        """(some rank had a non-finite loss, some rank asked to stop, this rank's first non-finite step (0-based)
+        or None, its values as "loss=..., part=..."). Collective."""
+        first_bad = self.first_bad if self.first_bad is not None else torch.full((1,), float("nan"), device=self.device)
+        flags = torch.stack([(~torch.isnan(first_bad[0])).float(), torch.tensor(float(stop_requested), device=self.device)])
+        dist_util.all_reduce_sum(flags)
+        values = torch.cat([flags, first_bad]).tolist()  # the window's one synchronisation
+        self.pending, self.first_bad = 0, None
+        seen_here = values[2] == values[2]  # not NaN: this rank had one
+        detail = ", ".join(f"{name}={value:.4g}" for name, value in zip(["loss"] + self.part_names, values[3:]))
+        return values[0] > 0, values[1] > 0, int(values[2]) if seen_here else None, detail
 
 
 class StandardTraining:
@@ -117,7 +166,8 @@ class StandardTraining:
                           params: Iterable[torch.Tensor]) -> None:
         """Gradients of ``loss`` from zero, their norm over ``params`` clipped (optim.grad_clip_norm > 0),
         one step of ``optimizer``. fp16: through the GradScaler, which unscales before clipping and
-        skips the step when a gradient is inf/NaN."""
+        skips the step when a gradient is inf/NaN; deciding that reads its inf flag on the host, a
+        synchronisation every step on CUDA that no window removes (bf16, the GPU recipes' amp, has none)."""
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -172,17 +222,22 @@ def train_one_epoch(
     stop_requested: Callable[[], bool],
     on_step_end: Callable[[], None] | None = None,
     progress=None,
+    sync_every: int = 1,
 ) -> int:
     """Train `steps` iterations of one epoch, skipping the first `start_step` (mid-epoch resume).
 
-    Returns the global step reached. Raises NonFiniteLoss (every rank, together) on a
-    NaN/Inf loss and Preempted (every rank, together) when a stop was requested.
+    Returns the global step reached. Raises NonFiniteLoss (every rank, together) on a NaN/Inf loss and
+    Preempted (every rank, together) when a stop was requested. Both are agreed across ranks after every
+    step whose number (from the epoch's start) is a multiple of `sync_every`, and after the epoch's last
+    step, so the caller never checkpoints a non-finite step: a step is neither read nor synchronised on
+    between those points (train.sync_every, pipeline/train/config.py).
     """
     method_training.train_model.train()
     method_training.begin_epoch(epoch)
-    device = method_training.device
+    flags = RankFlags(method_training.device)
     iterator = iter(loader)
     started = time.perf_counter()
+    step = start_step - 1
     try:
         for step, (images, labels) in enumerate(iterator):
             if step >= steps:
@@ -193,28 +248,36 @@ def train_one_epoch(
             if method_training.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             loss, parts = method_training.step(images, labels)
-            # one small all-reduce per step agrees across ranks on "stop" and "non-finite",
-            # so that every rank leaves the loop at the same iteration (no hang in a collective)
-            flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop_requested() else 0.0],
-                                 device=device)
-            dist_util.all_reduce_sum(flags)
-            if flags[0] > 0:
-                detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {step + 1} (global step {global_step}): "
-                                    f"loss={loss.item():.4g} on this rank; parts: {detail}")
-            meter.update(labels.shape[0], loss.item(), {k: v.item() for k, v in parts.items()})
+            flags.record(step, loss, parts)
+            meter.update(labels.shape[0], loss, parts)
             global_step += 1
             if on_step_end is not None:
                 on_step_end()
             if progress is not None:
-                progress.update(step, loss.item(), method_training.lr)
-            if flags[1] > 0:
-                meter.seconds += time.perf_counter() - started
-                raise Preempted(f"stop requested at epoch {epoch + 1} step {step + 1}")  # 1-based, as progress
+                progress.update(step, loss, method_training.lr)
+            if (step + 1) % sync_every == 0 or step + 1 == steps:
+                _agree_or_raise(flags, stop_requested(), epoch, step, global_step, meter, started)
     finally:
         close_iterator(iterator)
+    if flags.pending:  # the loader ended before `steps`: the last steps are checked all the same
+        _agree_or_raise(flags, stop_requested(), epoch, step, global_step, meter, started)
     meter.seconds += time.perf_counter() - started
     return global_step
+
+
+def _agree_or_raise(flags: RankFlags, stop_requested: bool, epoch: int, step: int, global_step: int,
+                    meter: EpochMeter, started: float) -> None:
+    """Agree on the window's flags; a non-finite loss wins over a stop (no checkpoint of that state)."""
+    non_finite, stop, first_bad_step, detail = flags.agree(stop_requested)
+    if non_finite:
+        agreed = f"agreed after step {step + 1}, global step {global_step}"
+        if first_bad_step is None:
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} by step {step + 1} on another rank ({agreed})")
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1} step {first_bad_step + 1} on this rank ({agreed}): "
+                            f"{detail}")
+    if stop:
+        meter.seconds += time.perf_counter() - started
+        raise Preempted(f"stop requested at epoch {epoch + 1} step {step + 1}")  # 1-based, as progress
 
 
 def close_iterator(iterator) -> None:
@@ -300,7 +363,8 @@ def evaluate(
 
 
 class Progress:
-    """A tqdm bar on a TTY, plain log lines every `log_every` steps otherwise (SLURM logs)."""
+    """A tqdm bar on a TTY (its loss and img/s postfix refreshed every `log_every` steps), plain log lines
+    every `log_every` steps otherwise (SLURM logs)."""
 
     def __init__(self, enabled: bool, epoch: int, epochs: int, steps: int, start_step: int, batch: int,
                  log_every: int):
@@ -314,17 +378,22 @@ class Progress:
             self.bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{epochs}",
                             dynamic_ncols=True, leave=False)
 
-    def update(self, step: int, loss: float, lr: float) -> None:
+    def update(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        """`loss` is read (a host-device synchronisation) only on the steps that print it."""
         if not self.enabled:
             return
         self.done += 1
-        rate = self.done * self.batch / max(time.perf_counter() - self.started, 1e-9)
+        printing = (step + 1) % self.log_every == 0 or step + 1 == self.steps
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
-        elif (step + 1) % self.log_every == 0 or step + 1 == self.steps:
+        if not printing:
+            return
+        rate = self.done * self.batch / max(time.perf_counter() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
+        else:
             eta = (self.steps - step - 1) * self.batch / max(rate, 1e-9)
-            print(f"epoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss {loss:.4f} "
+            print(f"epoch {self.epoch + 1}/{self.epochs} step {step + 1}/{self.steps} loss {float(loss):.4f} "
                   f"lr {lr:.4g} {rate:.0f} img/s eta {eta:.0f}s", flush=True)
 
     def close(self) -> None:

@@ -229,12 +229,14 @@ class MaxlTraining(StandardTraining):
                                                      net_optimizer=self.optimizers["net"], grad_scale=scale,
                                                      accumulate=False, gather=self.gather)
         grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self.generator_params]
-        bad = 0.0 if bool(stats["finite"]) else 1.0
         flat = torch.cat([grad.reshape(-1).float() for grad in grads]
                          + [stats["meta_loss"].reshape(1).float(), stats["entropy_term"].reshape(1).float(),
-                            torch.tensor([bad], device=self.device)])
+                            (~stats["finite"]).float().reshape(1)])
         dist_util.all_reduce_sum(flat)
         world = dist.get_world_size() if _distributed() else 1
+        # the one host read of the meta step here (whether every rank steps the generator's optimiser);
+        # ssal_models' generator_step reads its own finite flag, and the first-order step its norm
+        # (tests/test_sync_free_step.py counts them)
         if flat[-1].item() > 0:  # non-finite on some rank: every rank skips this step
             self.sums[_GENERATOR_SKIPPED] += 1
         else:

@@ -169,15 +169,18 @@ class Trainer:
         training_class.prepare_model(model)  # before DDP wraps it (MAXL: the generator stays out of DDP)
         train_model: nn.Module = model
         if info.distributed:
-            # find_unused_parameters=True keeps DDP's first gradient buckets for the whole run. Otherwise DDP
-            # re-buckets after the first iteration of every *process*, so the first step after a resume summed
-            # the ranks' gradients in another order than the uninterrupted run did: bit-exact with 2 ranks
-            # (a + b = b + a), not with more (bench/slurm_scale.sh, 16 ranks). Costs one autograd-graph walk a step.
-            # No buffer broadcast before each forward: BN statistics are averaged after every step instead
-            # (dist_util.average_bn_statistics, called in fit).
+            # train.deterministic: find_unused_parameters=True keeps DDP's first gradient buckets for the whole
+            # run. Otherwise DDP re-buckets after the first iteration of every *process*, so the first step after a
+            # resume sums the ranks' gradients in another order than the uninterrupted run did: bit-exact with 2
+            # ranks (a + b = b + a), not with more (bench/slurm_scale.sh, 16 ranks). It costs an autograd-graph
+            # walk every step, so a run that is not deterministic (the GPU recipes: NCCL and cuDNN are not
+            # bit-exact anyway) goes without; every method uses all its DDP parameters every step
+            # (tests/test_sync_free_step.py). No buffer broadcast before each forward: BN statistics are
+            # averaged over ranks when read (Trainer.average_bn_statistics).
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
-                broadcast_buffers=False)
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.train.deterministic, broadcast_buffers=False,
+                gradient_as_bucket_view=True)
         if cfg.train.compile:
             # static shapes: progressive resizing trains at a few resolutions, each compiled once for its
             # own shapes (a guard fails at the new size and recompiles) instead of the one dynamic-shape graph
@@ -204,6 +207,19 @@ class Trainer:
         self.tracker = make_tracker(cfg, info, self.run_dir)
         self.journal = MetricsJournal(self.run_dir, self.tracker, enabled=info.is_main and cfg.tracking.enabled)
         self.trained = False  # whether this process trained (a finished run resumed only re-evaluates)
+        self.bn_averaged = True  # every rank holds the same BN statistics (same seed, or the same checkpoint)
+
+    def average_bn_statistics(self) -> None:
+        """Make the BN running statistics (the model's and the EMA copy's) the mean over ranks before they are
+        read: evaluation, checkpoint. Collective. train.deterministic averages after every step instead
+        (after_step in fit): the ranks then never differ, and a mid-epoch resume stays bit-exact, since an
+        average taken at a save would round differently from the uninterrupted run's. Both give the same
+        values up to rounding: the running statistics, and the EMA of them (use_buffers=True), are linear in
+        the batch statistics. Training reads batch statistics only: the weights are unaffected."""
+        if self.bn_averaged:
+            return
+        dist_util.average_bn_statistics(self.model_without_ddp, *([self.ema.module] if self.ema is not None else []))
+        self.bn_averaged = True
 
     # -- checkpoints
 
@@ -216,7 +232,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "loader_epoch": self.epoch,
-            "meter": self.meter.__dict__.copy(),
+            "meter": self.meter.state(),
             "best_top1": self.best_top1,
             "history": self.history,
             "rng": ckpt.rng_state(),
@@ -226,6 +242,8 @@ class Trainer:
         }
 
     def save(self, name: str = ckpt.LAST) -> None:
+        """Collective (the BN statistics are averaged first); rank 0 writes."""
+        self.average_bn_statistics()
         if self.info.is_main:
             self._note_run_id()
             ckpt.save_checkpoint(self._state(), self.run_dir / name)
@@ -302,7 +320,9 @@ class Trainer:
                 self.step_in_epoch += 1
                 self.global_step += 1
                 self.trained = True
-                dist_util.average_bn_statistics(self.model_without_ddp)
+                self.bn_averaged = False
+                if cfg.train.deterministic:
+                    self.average_bn_statistics()
                 if self.ema is not None:
                     self.ema.update_parameters(self.model_without_ddp)
 
@@ -312,22 +332,20 @@ class Trainer:
                     start_step=start_step, meter=self.meter, global_step=self.global_step,
                     stop_requested=preemption.requested,
                     lr_factor_at=lambda iteration: lr_factor(cfg.schedule, iteration, self.steps_per_epoch),
-                    on_step_end=after_step, progress=progress)
+                    on_step_end=after_step, progress=progress, sync_every=cfg.train.sync_every)
             finally:
                 progress.close()
             metrics = self.meter.reduced(info.device)
-            metrics["train/epoch_seconds"] = self.meter.seconds
-            metrics["train/images_per_second"] = images_per_second(self.meter, info)
             metrics["train/resolution"] = float(resolution)
             metrics["train/lr"] = self.method_training.lr
             metrics.update(self.method_training.epoch_metrics())
-            if info.device.type == "cuda":
-                metrics["train/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics.update(peak_gpu_memory(info.device, "train"))
             last_epoch = epoch + 1 == epochs
             confusion = None
             if (epoch + 1) % cfg.eval.every_n_epochs == 0 or last_epoch:
                 val, confusion = self.evaluate()
                 metrics.update(val)
+                metrics.update(peak_gpu_memory(info.device, "val"))
             self.epoch, self.step_in_epoch, self.meter = epoch + 1, 0, engine.EpochMeter()
             for name, value in metrics.items():
                 self.history.setdefault(name, []).append((epoch + 1, value))
@@ -352,6 +370,7 @@ class Trainer:
             last_metrics, self.confusion = self.evaluate()
         self.holdout_confusion = None
         if self.holdout_loader is not None:
+            self.average_bn_statistics()
             self.holdout_soft_confusion = torch.zeros(self.num_classes, self.num_classes)
             holdout, self.holdout_confusion = engine.evaluate(
                 self.model_without_ddp, self.holdout_loader, device=self.info.device, amp=self.amp,
@@ -388,6 +407,7 @@ class Trainer:
             self.journal.log("initial", metrics, step=0)
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
+        self.average_bn_statistics()
         kwargs = dict(device=self.info.device, amp=self.amp, num_classes=self.num_classes,
                       topk=self.cfg.eval.topk, tta_flip=self.cfg.eval.tta_flip, channels_last=self.channels_last)
         self.soft_confusion = torch.zeros(self.num_classes, self.num_classes)  # of the last val evaluation
@@ -432,9 +452,14 @@ class Trainer:
             self.tracker.log_artifact(str(weights))
 
 
-def images_per_second(meter: engine.EpochMeter, info: dist_util.DistInfo) -> float:
-    """Images per second over all ranks (each rank trains its own share in the same time)."""
-    return meter.samples * info.world_size / max(meter.seconds, 1e-9)
+def peak_gpu_memory(device: torch.device, prefix: str) -> dict[str, float]:
+    """``{prefix}/peak_gpu_memory_gib`` since the last call (this rank's; the counter is reset), or nothing
+    off CUDA. Called after training and after evaluation: each phase's own peak, every epoch."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {f"{prefix}/peak_gpu_memory_gib": peak}
 
 
 class AgreedConfigError(ConfigError):
