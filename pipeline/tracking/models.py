@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Iterable
 
+from pipeline.tracking.store import DEFAULT_UI
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BEST_ALIAS", "log_saved_model", "run_model", "register_best", "registry_link"]
@@ -21,13 +23,15 @@ BEST_ALIAS = "best"
 
 
 @contextlib.contextmanager
-def _fluent_target(uri: str, experiment_id: str):
-    """``mlflow.<flavour>.log_model`` logs through MLflow's global tracking URI and experiment (its
-    ``run_id`` does not choose the experiment): point both at the run's for the call, then restore them."""
+def _fluent_target(uri: str, experiment_id: str | None = None):
+    """``mlflow.<flavour>.log_model`` logs through MLflow's global tracking URI and experiment (its ``run_id``
+    does not choose the experiment), and a model version's ``models:/m-<id>`` source is looked up in the global
+    store: point both at ours for the call, then restore them."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     old = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    if experiment_id is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
     try:
         with _use_tracking_uri(uri):
             yield
@@ -76,29 +80,31 @@ def register_best(client, model_name: str, candidates: Iterable[tuple[str, float
                   artifact: str = "model", alias: str = BEST_ALIAS) -> dict[str, str]:
     """Register the model ``artifact`` of each run of ``candidates`` ((run id, metric)) under ``model_name``
     (a run registered before keeps its version) and set ``alias`` on the version with the highest metric.
-    Returns {run id: version}; runs without a logged model are skipped."""
-    with contextlib.suppress(Exception):  # exists already (or another process made it now)
-        client.create_registered_model(model_name, description="trained by pipeline/study.py; "
-                                       f"alias '{alias}': the highest val/top1/main")
-    registered = {v.run_id: v.version for v in client.search_model_versions(f"name = '{model_name}'")}
+    Returns {run id: version} of every version of ``model_name``; runs without a logged model are skipped
+    (and a name none of them has is not created)."""
+    registered: dict[str, str] | None = None
     best: tuple[float, str] | None = None
     for run_id, metric in candidates:
         model = run_model(client, run_id, artifact)
         if model is None:
             continue
+        if registered is None:
+            with contextlib.suppress(Exception):  # exists already (or another process made it just now)
+                client.create_registered_model(model_name, description=f"alias '{alias}': the highest val/top1/main")
+            registered = {v.run_id: v.version for v in client.search_model_versions(f"name = '{model_name}'")}
         if run_id not in registered:
-            version = client.create_model_version(model_name, source=f"models:/{model.model_id}", run_id=run_id,
-                                                  model_id=model.model_id)
-            registered[run_id] = version.version
+            with _fluent_target(client.tracking_uri):
+                registered[run_id] = client.create_model_version(model_name, source=f"models:/{model.model_id}",
+                                                                 run_id=run_id, model_id=model.model_id).version
         if metric is not None and (best is None or metric > best[0]):
             best = (metric, registered[run_id])
     if best is not None:
         client.set_registered_model_alias(model_name, alias, best[1])
-    return {run_id: str(version) for run_id, version in registered.items()}
+    return {run_id: str(version) for run_id, version in (registered or {}).items()}
 
 
 def registry_link(uri: str, model_name: str) -> str:
-    """Where the registered model ``model_name`` is seen: its UI page for a server, else the models: URI."""
+    """How a user opens the registered model ``model_name`` of the store at ``uri`` in MLflow's UI."""
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/models/{model_name}"
-    return f"models:/{model_name}@{BEST_ALIAS}"
+    return f"mlflow ui --backend-store-uri {uri}  then open {DEFAULT_UI}/#/models/{model_name}"
