@@ -150,7 +150,7 @@ def test_the_logged_model_loads_in_a_fresh_process_and_gives_the_logged_top1(aut
     from mlflow.models import Model
 
     saved = Model.load(str(auth_run["work"] / "run" / "mlflow_model"))
-    assert saved.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 3, 32, 32]
+    assert list(saved.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
     assert set(saved.metadata["prediction_rules"]) == set(found["rules"]) and len(saved.metadata["class_names"]) == 16
 
 
