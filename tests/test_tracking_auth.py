@@ -212,3 +212,30 @@ def test_a_model_logged_while_the_server_is_away_is_journaled_then_synced(tmp_pa
     assert models.run_model(client, run_id, "model") is not None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert mlflow.pytorch.load_model(f"runs:/{run_id}/model").rules == ["main"]
+
+
+@pytest.mark.parametrize("method, options", [
+    ("baseline", {}), ("ssal", {"groupings": "two"}), ("gapcat", {"groupings": "two"}), ("dks", {}), ("ds", {}),
+    ("maxl", {"psi": 2}),
+])
+def test_every_method_saves_as_an_mlflow_model_whose_rules_match_predict(method, options, tmp_path, monkeypatch):
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    import ssal_models
+    from pipeline.train.model_export import save_mlflow_model
+
+    if options.get("groupings") == "two":
+        options = dict(options, groupings=[np.arange(4) % 2])
+    model = ssal_models.build_model("resnet18", method, 4, **options).eval()
+    saved = save_mlflow_model(model, tmp_path, resolution=32, method=method, class_names=list("abcd"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the load puts the model's code first on it
+    loaded = mlflow.pytorch.load_model(str(saved))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        rules = model.method.predict(model(images))
+        output = loaded(images)
+    assert loaded.rules[0] == "main" and set(loaded.rules) == set(rules)
+    for index, name in enumerate(loaded.rules):
+        torch.testing.assert_close(output[:, index], rules[name])
