@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from typing import Iterable
 
 from pipeline.tracking.store import DEFAULT_UI
@@ -67,11 +66,9 @@ def log_saved_model(client, run_id: str, local_path: str, name: str) -> str:
     saved = Model.load(local_path)
     code = os.path.join(local_path, saved.flavors["python_function"].get("code") or "code")
     code_paths = [os.path.join(code, entry) for entry in sorted(os.listdir(code))] if os.path.isdir(code) else None
-    search_path = list(sys.path)
-    try:
-        module = mlflow.pytorch.load_model(local_path)
-    finally:  # the load puts the model's code first on sys.path: not this process's business afterwards
-        sys.path[:] = search_path
+    # the load puts the model's copy of ssal_models first on the search path: the trainer has imported its own
+    # already, and a `sync` process imports the copy, the same code
+    module = mlflow.pytorch.load_model(local_path)
     with _fluent_target(client.tracking_uri, client.get_run(run_id).info.experiment_id):
         info = mlflow.pytorch.log_model(module, name=name, run_id=run_id, signature=saved.signature,
                                         input_example=saved.load_input_example(local_path),
