@@ -238,3 +238,13 @@ def test_every_method_saves_as_an_mlflow_model_whose_rules_match_predict(method,
     assert loaded.rules[0] == "main" and set(loaded.rules) == set(rules)
     for index, name in enumerate(loaded.rules):
         torch.testing.assert_close(output[:, index], rules[name])
+
+
+def test_sync_refuses_a_uri_with_credentials(tmp_path, capsys):
+    from pipeline.tracking import sync
+    from pipeline.tracking.journal import BUFFER_FILE
+
+    (tmp_path / BUFFER_FILE).write_text("")
+    assert sync.main(["sync", str(tmp_path), "--uri", f"http://{USER}:{PASSWORD}@127.0.0.1:5999"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --uri: ") and err.count("\n") == 1 and not secrets_in(err)

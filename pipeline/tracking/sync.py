@@ -43,6 +43,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.cmd == "sync":
+        if not any(os.path.exists(os.path.join(args.run_dir, f)) for f in (BUFFER_FILE, REJECTED_FILE)):
+            print(f"nothing to sync: no {BUFFER_FILE} or {REJECTED_FILE} in {args.run_dir}")
+            return 0
         try:
             if args.uri:
                 credentials.check_uri(args.uri, "--uri")
@@ -50,9 +53,6 @@ def main(argv: Iterable[str] | None = None) -> int:
         except (credentials.CredentialsError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        if not any(os.path.exists(os.path.join(args.run_dir, f)) for f in (BUFFER_FILE, REJECTED_FILE)):
-            print(f"nothing to sync: no {BUFFER_FILE} or {REJECTED_FILE} in {args.run_dir}")
-            return 0
         run_id = sync_run_dir(args.run_dir, args.uri)
         if run_id is None:
             print("tracking server still unreachable; nothing lost, try again later", file=sys.stderr)
