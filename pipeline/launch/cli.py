@@ -26,7 +26,7 @@ from pipeline.launch.local_workers import child_env, run_workers
 from pipeline.launch.slurm import (PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, follow, log_path,
                                    make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
 from pipeline.launch.task import TrainTask, resolve_entry
-from pipeline.tracking import runs, store
+from pipeline.tracking import credentials, runs, store
 from pipeline.tracking.constants import RUN_ID_FILE
 from pipeline.train import run_lock
 from pipeline.train.config import REPO_ROOT, Config, save_config, tracking_uri
@@ -201,6 +201,11 @@ def submit_slurm(args: argparse.Namespace) -> int:
         return 0
 
     uris = [tracking_uri(job.cfg) for job in jobs]
+    for uri in sorted({uri for job, uri in zip(jobs, uris) if job.cfg.tracking.enabled}):
+        try:  # before anything is submitted: a job would stop on it anyway
+            credentials.check_server_accepts(uri)
+        except credentials.CredentialsError as err:
+            raise LaunchError(str(err)) from None
     links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job, uri in zip(jobs, uris)]
     try:
         submitted = submit(lambda: make_executor(folder, settings, job_name), tasks, "submission")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from pipeline.tracking import runs
+from pipeline.tracking import credentials, runs
 from pipeline.train import schema
 from pipeline.train.config import REPO_ROOT, Config
 
@@ -113,6 +113,7 @@ def slurm_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise LaunchError(f"tasks_per_node ({settings['tasks_per_node']}) must equal gpus_per_node "
                           f"({settings['gpus_per_node']}): one task per GPU")
     settings["tasks_per_node"] = settings["gpus_per_node"] or settings["tasks_per_node"] or 1
+    check_no_secrets(settings)
     if settings["time"] is not None:
         settings["time"] = str(settings["time"])
         if not _TIME_RE.match(settings["time"]):
@@ -122,6 +123,20 @@ def slurm_settings(args: argparse.Namespace) -> dict[str, Any]:
         if not re.match(r"^\d+(\.\d+)?[KMGT]?B?$", settings["mem"], re.I):
             raise LaunchError(f"mem: '{settings['mem']}' is not a SLURM memory size (e.g. 64G, 500M, 0)")
     return settings
+
+
+def check_no_secrets(settings: dict[str, Any]) -> None:
+    """A password or token set in a profile would be written into the job's files (and printed by --dry-run):
+    the tasks get it from the environment that sbatch passes on instead (slurm/README.md)."""
+    lines = [("setup", str(line)) for line in settings["setup"]]
+    lines += [("sbatch", f"{key}={value}") for key, value in settings["sbatch"].items()]
+    written = [f"env.{key}" for key in settings["env"] if key in credentials.SECRET_VARIABLES]
+    written += [f"{where} '{name}=...'" for where, text in lines for name in credentials.SECRET_VARIABLES
+                if f"{name}=" in text]
+    if written:
+        raise LaunchError(f"{written[0]}: a secret in the SLURM profile would be written into the job script; "
+                          f"export it in the shell that submits (sbatch passes the environment to the tasks), or "
+                          f"`source` a 0600 file in setup (slurm/README.md)")
 
 
 def time_to_minutes(text: str) -> int:

@@ -448,8 +448,23 @@ class Trainer:
             self.tracker.log_artifact(str(path))
         weights = self.run_dir / "final_weights.pt"
         ckpt.atomic_torch_save(self.model_without_ddp.state_dict(), weights)
-        if self.cfg.tracking.log_model:
-            self.tracker.log_artifact(str(weights))
+        if self.cfg.tracking.log_model and self.cfg.tracking.enabled:
+            self.tracker.log_artifact(str(weights))  # the stage tools' input where the run folder is not at hand
+            self._log_mlflow_model()
+
+    def _log_mlflow_model(self) -> None:
+        """The final model as the run's MLflow model ``runs:/<id>/model`` (``model_export``)."""
+        from pipeline.train.model_export import MODEL_NAME, save_mlflow_model
+
+        try:
+            path = save_mlflow_model(engine.unwrap(self.model_without_ddp), self.run_dir,
+                                     resolution=self.cfg.data.val_res, method=self.cfg.method.name,
+                                     class_names=self.class_names)
+        except Exception as err:  # noqa: BLE001 - the run is trained and its weights saved: never fail it here
+            print(f"warning: the MLflow model was not saved ({type(err).__name__}: {err}); "
+                  f"final_weights.pt has the weights", file=sys.stderr, flush=True)
+            return
+        self.tracker.log_model(str(path), MODEL_NAME)
 
 
 def peak_gpu_memory(device: torch.device, prefix: str) -> dict[str, float]:
