@@ -222,10 +222,11 @@ class Trainer:
             "groupings": [g.tolist() for g in self.groupings] if self.groupings is not None else None,
         }
 
-    def save(self, name: str = ckpt.LAST) -> None:
+    def save(self, name: str = ckpt.LAST, *links: str) -> None:
+        """Rank 0 writes the checkpoint `name` once; each of `links` becomes a hard link to it."""
         if self.info.is_main:
             self._note_run_id()
-            ckpt.save_checkpoint(self._state(), self.run_dir / name)
+            ckpt.save_checkpoint(self._state(), self.run_dir / name, also=[self.run_dir / link for link in links])
 
     def _note_run_id(self) -> None:
         """The tracker may learn its run id late (server down at start): keep the newest one."""
@@ -333,12 +334,17 @@ class Trainer:
                                   if k.startswith("val/top1/") or k == "train/loss")
                 print(f"epoch {epoch + 1}/{epochs}  {heads}  {metrics['train/images_per_second']:.0f} img/s", flush=True)
             top1 = metrics.get("val/top1/main")
+            names = []
             if top1 is not None and top1 > self.best_top1:
                 self.best_top1 = top1
                 if cfg.checkpoint.keep_best:
-                    self.save(ckpt.BEST)
+                    names.append(ckpt.BEST)
             if (epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last_epoch:
-                self.save()
+                names.append(ckpt.LAST)
+            # best.pt first and last.pt a link to it: a kill between the two leaves the previous last.pt, whose
+            # resume redoes this epoch and saves its best again (last.pt first could leave a stale best.pt)
+            if names:
+                self.save(*names)
             # logged once the checkpoint is on disk: a kill or a full disk during the save makes
             # the resume redo this epoch, which is then logged for the first time
             self.journal.log(f"epoch {epoch + 1}", metrics, step=epoch + 1)
