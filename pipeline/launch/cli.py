@@ -23,8 +23,8 @@ from typing import Sequence
 from pipeline.launch import study_jobs
 from pipeline.launch.arrays import expand_jobs, load_job_config
 from pipeline.launch.local_workers import child_env, run_workers
-from pipeline.launch.slurm import (PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, follow, log_path,
-                                   make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
+from pipeline.launch.slurm import (PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, check_cpus_per_task, follow,
+                                   log_path, make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
 from pipeline.launch.task import TrainTask, resolve_entry
 from pipeline.tracking import runs, store
 from pipeline.tracking.constants import RUN_ID_FILE
@@ -174,6 +174,7 @@ def submit_slurm(args: argparse.Namespace) -> int:
     if args.resume not in (None, "", "auto"):
         raise LaunchError("--resume: SLURM jobs take only --resume auto (continue the run in --output-dir)")
     jobs = expand_jobs(args, args.output_dir)  # every config validated before anything is submitted
+    check_cpus_per_task(settings, jobs)
     for job in jobs:
         held = [name for name in (LAST, RUN_ID_FILE) if (job.run_dir / name).is_file()]
         if held and args.resume != "auto":

@@ -13,7 +13,6 @@ It raises ``engine.Preempted`` (every rank, at the same step) and ``engine.NonFi
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,7 +147,7 @@ class Trainer:
                 self.holdout_loader = Relabelled(self.holdout_loader, label_table)
         self.resolution_for_epoch = data_loader.resolution_for_epoch
         # FFCV sets torch's thread count to its worker count: reset it for CPU training
-        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, dist_util.local_world_size()))
+        threads = cfg.train.threads or dist_util.cpus_per_rank()
         torch.set_num_threads(threads)
 
         self.steps_per_epoch = len(self.train_loader)
