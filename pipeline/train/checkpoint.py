@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ssal_datasets.files import atomic_write, temporaries_in, temporary_path
+from ssal_datasets.files import atomic_link, atomic_write, temporaries_in
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -78,7 +78,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, also: Sequence[str 
     atomic_torch_save(content, path)
     for other in also:
         try:
-            link_atomically(path, other)
+            atomic_link(path, other, before_replace=_hold_if_asked)
         except OSError as err:
             if err.errno not in _NO_HARD_LINKS:
                 raise CheckpointError(f"{other}: not written ({_first_line(err)}); the previous {Path(other).name} "
@@ -88,28 +88,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, also: Sequence[str 
 
 # the errors of a filesystem (or a link count) that takes no more hard links: a full copy will do
 _NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
-
-
-def link_atomically(source: str | Path, path: str | Path) -> None:
-    """Make `path` a hard link to `source`, replacing what `path` held in one rename (like atomic_write: a crash
-    leaves the previous `path` intact). Later atomic saves of either name rename a new file over that name
-    and leave the other name on the old file."""
-    source, path = Path(source), Path(path)
-    tmp = temporary_path(path)
-    tmp.unlink(missing_ok=True)
-    os.link(source, tmp)
-    try:
-        _hold_if_asked(path)
-        os.replace(tmp, path)
-    finally:
-        # rename() of two links to one file does nothing and leaves `tmp`: path already is that file
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename durable
-    finally:
-        os.close(dir_fd)
 
 
 def to_cpu(obj: Any) -> Any:
