@@ -174,7 +174,7 @@ def slurm_cluster(tmp_path_factory):
     script = _Path(__file__).resolve().parents[1] / "slurm" / "testcluster.sh"
     directory = tmp_path_factory.mktemp("slurm") / "cluster"
     nodes = 2
-    env = dict(_os.environ, NODES=str(nodes), CPUS="2", GPUS="2", ACCOUNTING=_os.environ.get("TESTCLUSTER_ACCOUNTING", "1"),
+    env = dict(_os.environ, NODES=str(nodes), CPUS="6", GPUS="2", ACCOUNTING=_os.environ.get("TESTCLUSTER_ACCOUNTING", "1"),
                NS_PREFIX=f"pt{_os.getpid() % 100000}", CTL_PORT=str(free_port()), DBD_PORT=str(free_port()))
     up = _subprocess.run(["bash", str(script), "up", str(directory)], env=env, capture_output=True, text=True,
                          timeout=900)

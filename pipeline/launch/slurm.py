@@ -139,6 +139,26 @@ def check_no_secrets(settings: dict[str, Any]) -> None:
                           f"`source` a 0600 file in setup (slurm/README.md)")
 
 
+def check_cpus_per_task(settings: dict[str, Any], jobs: Sequence["JobSpec"]) -> None:
+    """Refuse a GPU job whose tasks would get too few CPUs: without cpus_per_task SLURM gives each task one,
+    and FFCV's ``data.num_workers`` decoding threads need cores of their own besides the main thread's, which
+    queues the GPU's work (a starved main thread leaves the GPU idle)."""
+    if not settings["gpus_per_node"]:
+        return
+    cpus = settings["cpus_per_task"]
+    for job in jobs:
+        workers = job.cfg.data.num_workers
+        where = f"{job.label}: " if job.label else ""
+        fix = (f"pass --cpus-per-task {workers + 2} (data.num_workers={workers} loader threads + 1-2 cores for the "
+               f"main thread) or set cpus_per_task in the --cluster profile")
+        if cpus is None:
+            raise LaunchError(f"{where}cpus_per_task: not set for a GPU job, SLURM would give each task 1 CPU: {fix}")
+        if workers >= cpus:
+            fewer = cpus - 2 if cpus > 2 else cpus - 1
+            raise LaunchError(f"{where}data.num_workers={workers} >= cpus_per_task={cpus} leaves no core for the "
+                              f"main thread: {fix}" + (f", or lower data.num_workers to {fewer}" if fewer else ""))
+
+
 def time_to_minutes(text: str) -> int:
     """SLURM time syntax -> minutes (rounded up): 'MM', 'MM:SS', 'HH:MM:SS', 'D-HH[:MM[:SS]]'."""
     days = 0
