@@ -52,6 +52,31 @@ def test_stage_graph_order_refs_and_commands(tmp_path):
     assert groups[groups.index("--matrix") + 1] == "soft" and groups[groups.index("--variant") + 1] == "paper"
 
 
+def test_seeds_expand_training_stages_and_wire_each_seed(tmp_path):
+    """seeds: 2 -> every training (and lc) stage twice, train.seed and the tags per seed; ${groups} is the one
+    grouping; lc fits each seed of its source; groups reads both baselines; cams draws the first."""
+    text = BASIC.replace("study: t1\n", "study: t1\nseeds: 2\n") + "  cams: {kind: explain, from: ssal}\n"
+    s = study_lib.load_study(write(tmp_path, text), [f"runs_root={tmp_path / 'runs'}"])
+    assert list(s.stages) == ["baseline.seed0", "baseline.seed1", "groups", "ssal.seed0", "ssal.seed1", "lc.seed0",
+                              "lc.seed1", "dks.seed0", "dks.seed1", "cams", "report"]
+    assert s.stages["groups"].deps == ["baseline.seed0", "baseline.seed1"]
+    groups = s.stages["groups"].argv
+    start = groups.index("--from-run-dir")
+    assert groups[start + 1:start + 3] == [str(s.stages[f"baseline.seed{i}"].output) for i in (0, 1)]
+    ssal1 = s.stages["ssal.seed1"]
+    assert ssal1.deps == ["groups"] and ssal1.output == tmp_path / "runs" / "studies" / "t1" / "ssal.seed1"
+    for item in ("train.seed=1", "tracking.tags.seed='1'", "tracking.tags.seeded_stage=ssal",
+                 "tracking.run_name=ssal.seed1", f"method.groups_file={s.stages['groups'].output}"):
+        assert item in ssal1.argv, item
+    assert s.stages["lc.seed1"].deps == ["ssal.seed1"] and "seed=1" in s.stages["lc.seed1"].argv
+    lc = s.stages["lc.seed1"].argv
+    assert lc[lc.index("--run-dir") + 1] == str(ssal1.output)
+    assert s.stages["cams"].deps == ["ssal.seed0"]
+    assert len(s.stages["report"].deps) == 10
+    with pytest.raises(study_lib.StudyError, match="seeds: must be >= 1"):
+        study_lib.load_study(write(tmp_path, text.replace("seeds: 2", "seeds: 0")), [f"runs_root={tmp_path}"])
+
+
 def test_groups_stage_variant_and_confusion_keys(tmp_path):
     text = BASIC.replace("groups: {kind: groups, from: baseline, k: [4]}",
                          "groups: {kind: groups, from: baseline, k: [4], variant: authors, confusion: hard}")
