@@ -329,3 +329,53 @@ def test_paper_studies_run_the_paper_recipes_and_quote_the_paper(tmp_path, name)
         assert figures["ssal3"] == {"main": (76.4, 93.3), "joint": (76.9, 93.7)}
         groups = " ".join(s.stages["groups"].argv)
         assert "authors" in groups and "hard" in groups and "200 334 500" in groups
+
+
+SEEDED_CI = """\
+study: ci2
+experiment: ci2-study
+seeds: 2
+base:
+  overrides:
+    data.batch_size: 32
+    data.val_batch_size: 64
+    data.num_workers: 1
+    schedule.epochs: 1
+    train.max_steps_per_epoch: 3
+    eval.holdout_fraction: 0.25
+stages:
+  baseline:
+    overrides: {method.name: baseline}
+  groups: {kind: groups, from: baseline, k: [4]}
+  ssal1:
+    overrides: {method.name: ssal, method.groups_file: "${groups}"}
+"""
+
+
+@pytest.mark.slow
+def test_seeded_study_end_to_end(tmp_path):
+    """seeds: 2 on the real engine, FFCV and MLflow (3 steps per run): each seed's run tagged and named, the
+    grouping from both baselines with each seed's ARI and the held-out image count, report rows mean ± sd."""
+    from tests.conftest import DemoStudy
+
+    study = DemoStudy(tmp_path)
+    study.study_file.write_text(SEEDED_CI)
+    study.write_data()
+    result = study.run(timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import runs
+
+    tagged = runs.study_runs(MlflowClient(tracking_uri=study.uri), "ci2")
+    by_stage = {r.data.tags["stage"]: r for r in tagged}
+    assert set(by_stage) == {"baseline.seed0", "baseline.seed1", "groups", "ssal1.seed0", "ssal1.seed1", "report"}
+    for name in ("baseline.seed1", "ssal1.seed1"):
+        run = by_stage[name]
+        assert run.info.run_name == name and run.data.tags["seed"] == "1" and run.data.params["train.seed"] == "1"
+    meta = json.loads((study.runs_root / "studies" / "ci2" / "groups" / "groups.json").read_text())["metadata"]
+    assert set(meta["ari_vs_planted_superclasses_per_seed"]) == {"0", "1"}
+    assert meta["num_samples_in_confusion"] == 2 * 192  # 25 % of 16 x 48 train images, per seed
+    report = (study.runs_root / "studies" / "ci2" / "report" / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert {"baseline", "ssal1", "groups"} <= set(rows) and "| 0,1 |" in rows["baseline"] and " ± " in rows["ssal1"]
+    assert "seed 1 k4 ARI" in report
