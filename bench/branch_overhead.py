@@ -46,17 +46,18 @@ def method_options(method: str, head: str = "light") -> dict:
 
 
 def count_flops(arch: str, method: str, resolution: int, head: str = "light") -> int:
-    """Forward + backward FLOPs of one image (meta device: shapes only, no compute)."""
+    """Forward + backward FLOPs of one image (meta device: shapes only, no compute); counted on two
+    images, as training-mode BN refuses one value per channel (1 x 1 maps at small resolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         model = ssal_models.build_model(arch, method, NUM_CLASSES, **method_options(method, head))
-        x = torch.empty(1, 3, resolution, resolution)
-        targets = torch.zeros(1, dtype=torch.long)
+        x = torch.empty(2, 3, resolution, resolution)
+        targets = torch.zeros(2, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         loss, _ = model.method.loss(model(x), targets)
         loss.backward()
-    return counter.get_total_flops()
+    return counter.get_total_flops() // 2
 
 
 def make_step(model, x, targets, autocast):

@@ -49,6 +49,13 @@ fp16 autocast).  Parts: ``ce/main``, ``ce/dks.i``, ``kl`` (the unweighted pair s
 
 Prediction rules: ``main``, each branch (``dks.i``), and ``ensemble`` (the mean of all
 classifiers' probabilities, main included).
+
+Speed on CPU: the branches' wide convolutions run on maps of a few positions (ResNet-18's C3 copy:
+1024 channels at 4x4 for a 112 px input), where oneDNN's convolution kernels reach about half the
+FLOP rate they reach on the backbone's maps.  The branches' convolutions are therefore
+:class:`SmallMapConv2d`: on CPU, an output map of at most ``SMALL_MAP_POSITIONS`` positions is
+computed as unfold + one matrix product (the same sum of products, so the same outputs and
+gradients up to float rounding); larger maps and GPUs use the ordinary convolution.
 """
 from __future__ import annotations
 
@@ -74,6 +81,39 @@ LAYER1_BLOCKS = [1, 1, 2]
 # planes of the stage copies of a branch on layer1 / layer2 / layer3 (layer3's is 2x layer4's)
 COPY_PLANES = {0: (128, 256, 512), 1: (256, 512), 2: (1024,)}
 BRANCH_STAGES = ("layer1", "layer2", "layer3")
+# output maps up to this many positions (4 x 4) go through the matrix product on CPU
+SMALL_MAP_POSITIONS = 16
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """A Conv2d (same parameters and state-dict keys) that, on CPU, computes a small output map as
+    unfold + one (N*positions) x (C*k*k) by (C*k*k) x O matrix product: for wide layers on maps of a
+    few positions that runs at the backbone's FLOP rate, where the convolution kernel does not."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        n, _, h, w = input.shape
+        kh, kw = self.kernel_size
+        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        plain = (input.device.type != "cpu" or self.groups != 1 or self.padding_mode != "zeros"
+                 or isinstance(self.padding, str) or out_h * out_w > SMALL_MAP_POSITIONS)
+        if plain:
+            return super()._conv_forward(input, weight, bias)
+        columns = F.unfold(input, self.kernel_size, self.dilation, self.padding, self.stride)  # N, C*k*k, L
+        rows = columns.transpose(1, 2).reshape(n * out_h * out_w, -1)
+        out = rows @ weight.reshape(weight.shape[0], -1).t()
+        if bias is not None:
+            out = out + bias
+        out = out.reshape(n, out_h, out_w, -1).permute(0, 3, 1, 2)  # a channels-last layout already
+        return out if input.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def small_map_convs(module: nn.Module) -> nn.Module:
+    """Turn every plain Conv2d of ``module`` into a :class:`SmallMapConv2d` in place (parameters kept)."""
+    for m in module.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = SmallMapConv2d
+    return module
 
 
 def default_blocks(arch: str, stage_index: int) -> List[int]:
@@ -92,7 +132,7 @@ class DKSBranch(nn.Module):
         for stage_planes, stage_blocks in zip(planes, blocks):
             stages.append(make_stage(block, inplanes, stage_planes, stage_blocks, stride=2))
             inplanes = stage_planes * block.expansion
-        self.stages = nn.Sequential(*stages)
+        self.stages = small_map_convs(nn.Sequential(*stages))
         self.fc = nn.Linear(inplanes, num_classes)
         init_like_torchvision(self.stages, zero_init_residual)
 

@@ -32,3 +32,26 @@ def test_cams_of_main_head_and_branch_with_group_names(demo_study, tmp_path):
     bad = subprocess.run(cmd[:4] + ["--images", str(tmp_path / "missing.png"), "--no-mlflow"], capture_output=True,
                          text=True, timeout=600, cwd=tmp_path)
     assert bad.returncode == 2 and "error: --images: cannot read" in bad.stderr
+
+
+def test_a_one_position_feature_map_is_said_not_drawn_flat():
+    """At 32 px the main head's layer4 map (and a late SSAL branch's) is 1x1: its CAM is flat, so the panel says
+    so instead of painting one colour over the image; a 2x2 map is drawn. A random tiny model, no training."""
+    import ssal_models
+    import torch
+
+    from pipeline.stages.explain import compute_cams, draw
+
+    torch.manual_seed(0)
+    groupings = [np.arange(8) % 2, np.arange(8) % 4]
+    model = ssal_models.build_model("resnet18", "ssal", 8, groupings=[g.tolist() for g in groupings],
+                                    stages=["layer2", "layer3"]).eval()
+    with torch.no_grad():  # as the stage runs it
+        cams = compute_cams(model, torch.randn(2, 3, 32, 32))
+    sizes = {name: size for name, _, _, _, size in cams}
+    assert sizes["main"] == (1, 1) and sizes["ssal.0"][0] > 1
+    shown = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    fig = draw(shown, cams, [f"c{i}" for i in range(8)], groupings, {"ssal.0": 0, "ssal.1": 1}, [0, 1], 4)
+    main_ax, branch_ax = fig.axes[1], fig.axes[2]
+    assert len(main_ax.images) == 1 and "no spatial map" in " ".join(t.get_text() for t in main_ax.texts)
+    assert len(branch_ax.images) == 2  # the image and its heat map

@@ -222,3 +222,61 @@ def test_soft_matrix_from_a_run_folder(tmp_path, capsys):
     (run_dir / "confusion_soft_holdout.npy").unlink()
     assert groups.main(argv + ["--matrix", "soft", "--split", "holdout"]) == 2
     assert "use --matrix hard" in capsys.readouterr().err
+
+
+def _seeded_run(tmp_path, uri, seed, soft, hard):
+    from pipeline.tracking.tracker import Tracker
+
+    run_dir = tmp_path / f"base.seed{seed}"
+    tracker = Tracker(uri=uri, experiment="g-test", run_dir=str(run_dir))
+    tracker.start(f"baseline.seed{seed}", params={"data.root": "", "train.seed": seed}, tags={})
+    np.save(run_dir / "confusion_holdout.npy", hard)
+    np.save(run_dir / "confusion_soft_holdout.npy", soft)
+    (run_dir / "mlflow_run_id").write_text(tracker.run_id)
+    tracker.end("FINISHED")
+    return run_dir
+
+
+def _manifest(root, superclass):
+    root.mkdir()
+    count = len(superclass)
+    split = {"beton": "train.beton", "count": count, "per_class": [1] * count, "rejected": 0, "found": count,
+             "sha256": ""}
+    classes = [{"index": i, "wnid": f"c{i}", "name": f"class{i}", "superclass": int(s)}
+               for i, s in enumerate(superclass)]
+    (root / "manifest.json").write_text(json.dumps({"dataset": "demo", "num_classes": count, "classes": classes,
+                                                    "splits": {"train": split}}))
+
+
+def test_seeds_mean_soft_confusion_image_count_and_ari_per_seed(tmp_path, capsys):
+    """Several run folders (the seeds of a study stage): the grouping comes from their mean soft confusion,
+    each seed's own grouping's ARI is printed and stored, and the image count is that of the hard twins
+    (a soft matrix sums to the number of classes)."""
+    from pipeline.tracking.store import default_tracking_uri
+
+    uri = default_tracking_uri(str(tmp_path / "runs"))
+    conf, truth = block_confusion(num_classes=16, blocks=4, chain=False)
+    clean = conf / conf.sum(axis=1, keepdims=True)
+    noisy = np.random.default_rng(1).dirichlet(np.ones(16), size=16)  # no block structure at all
+    hard = np.eye(16) * 3  # 48 images per run
+    dirs = [_seeded_run(tmp_path, uri, 0, clean, hard), _seeded_run(tmp_path, uri, 1, 0.3 * clean + 0.7 * noisy,
+                                                                     hard)]
+    _manifest(tmp_path / "data", truth)
+    out = tmp_path / "groups.json"
+    argv = ["--from-run-dir", *map(str, dirs), "--tracking-uri", uri, "--k", "4", "--out", str(out),
+            "--matrix", "soft", "--data-root", str(tmp_path / "data")]
+    assert groups.main(argv) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads(out.read_text())["metadata"]
+    assert meta["num_samples_in_confusion"] == 96 and "96 images" in printed
+    assert [s["seed"] for s in meta["source"]["runs"]] == ["0", "1"]
+    per_seed = meta["ari_vs_planted_superclasses_per_seed"]
+    assert per_seed["0"]["4"] == 1.0 and per_seed["1"]["4"] < 1.0
+    assert meta["ari_vs_planted_superclasses"]["4"] == 1.0  # the mean keeps seed 0's clear blocks
+    assert "seed 0 alone: k=4 ARI 1.000" in printed
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    [run] = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+             if r.data.tags.get("method") == "groups"]
+    assert run.data.metrics["groups/ari_seed0/k4"] == 1.0 and "groups/ari_seed1/k4" in run.data.metrics

@@ -5,10 +5,13 @@ from pipeline.tracking.store import default_tracking_uri
 from pipeline.tracking.tracker import Tracker
 
 
-def log_run(uri, tmp_path, stage, method, metrics, history=None, study="rep", model_dir=None):
-    tracker = Tracker(uri=uri, experiment="rep-exp", run_dir=str(tmp_path / stage))
-    tracker.start(stage, params={"model.arch": "resnet18"} if method != "groups" else {},
-                  tags={"study": study, "stage": stage, "method": method, "arch": "resnet18", "dataset": "demo"})
+def log_run(uri, tmp_path, stage, method, metrics, history=None, study="rep", model_dir=None, seed=None):
+    name = stage if seed is None else f"{stage}.seed{seed}"
+    seeded = {} if seed is None else {"seed": str(seed), "seeded_stage": stage}
+    tracker = Tracker(uri=uri, experiment="rep-exp", run_dir=str(tmp_path / name))
+    tracker.start(name, params={"model.arch": "resnet18"} if method != "groups" else {},
+                  tags={"study": study, "stage": name, "method": method, "arch": "resnet18", "dataset": "demo",
+                        **seeded})
     for step, values in enumerate(history or [], start=1):
         tracker.log_metrics(values, step=step)
     tracker.log_metrics(metrics, step=9)
@@ -118,3 +121,45 @@ def test_the_models_of_a_study_are_registered_with_best_on_the_highest_top1(tmp_
     assert "`rep-baseline`: `best` = version" in text and "(stage large)" in text and "models:/rep-baseline@best" in text
     assert report.main(["--study", "rep", "--tracking-uri", uri, "--out", str(out)]) == 0  # again: no new versions
     assert len(client.search_model_versions("name = 'rep-baseline'")) == 3
+
+
+def test_seeds_give_mean_sd_and_a_lead_only_beyond_two_standard_errors(tmp_path, capsys):
+    """Three seeds per stage: one row each, mean +- sd, the seeds listed, wall summed; ssal's joint is far
+    ahead (marked), its main is ahead by less than two standard errors (not marked); per-seed ARIs noted."""
+    uri = default_tracking_uri(str(tmp_path / "runs"))
+    tables = {"baseline": ("baseline", [{"val/top1/main": v} for v in (0.50, 0.52, 0.54)]),
+              "ssal1": ("ssal", [{"val/top1/main": m, "val/top1/joint": j}
+                                 for m, j in ((0.51, 0.60), (0.55, 0.61), (0.53, 0.62))])}
+    for stage, (method, per_seed) in tables.items():
+        for seed, metrics in enumerate(per_seed):
+            log_run(uri, tmp_path, stage, method, {**metrics, "model/params": 11e6, "run/wall_seconds": 60}, seed=seed)
+    log_run(uri, tmp_path, "groups", "groups", {"groups/ari/k8": 1.0, "groups/ari_seed0/k8": 0.95,
+                                                "groups/ari_seed1/k8": 1.0, "groups/ari_seed2/k8": 0.91})
+    out = tmp_path / "out"
+    assert report.main(["--study", "rep", "--tracking-uri", uri, "--out", str(out), "--no-mlflow"]) == 0
+    text = (out / "report.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = {r.strip("|").split("|")[0].strip(): dict(zip(header, [c.strip() for c in r.strip("|").split("|")]))
+            for r in table[1:]}
+    assert set(rows) == {"baseline", "ssal1", "groups"}
+    assert rows["baseline"]["seeds"] == "0,1,2" and rows["baseline"]["top1 main"] == "52.00 ± 2.00"
+    assert rows["baseline"]["wall (min)"] == "3.0"  # the three seeds' time together
+    assert rows["ssal1"]["top1 joint"] == "61.00 ± 1.00 ^"  # 9 points over two standard errors of 1.3
+    assert rows["ssal1"]["top1 main"] == "53.00 ± 2.00"  # 1 point: within the noise, not marked
+    assert "seed 0 k8 ARI 0.950" in text and "seed 2 k8 ARI 0.910" in text and "two standard errors" in text
+    assert (out / "report.png").stat().st_size > 5000
+
+
+def test_bar_chart_legend_beside_the_bars_and_labels_apart():
+    """The legend sits right of the axes (it covered the baseline bar), value labels are vertical (side by side
+    they overlapped)."""
+    rows = [{"stage": s, "run": s, "top1 main": v, "top1 joint": v + 3, "top1 ensemble": v + 1, "sd": {}}
+            for s, v in (("baseline", 70.8), ("ssal1", 72.3), ("ssal3", 72.2))]
+    fig = report.bar_chart(rows, ["stage", "top1 main", "top1 joint", "top1 ensemble"], "t")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+    labels = [t.get_window_extent() for t in ax.texts]
+    assert len(labels) == 9 and all(a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0
+                                    for i, a in enumerate(labels) for b in labels[i + 1:])

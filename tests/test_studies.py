@@ -52,6 +52,31 @@ def test_stage_graph_order_refs_and_commands(tmp_path):
     assert groups[groups.index("--matrix") + 1] == "soft" and groups[groups.index("--variant") + 1] == "paper"
 
 
+def test_seeds_expand_training_stages_and_wire_each_seed(tmp_path):
+    """seeds: 2 -> every training (and lc) stage twice, train.seed and the tags per seed; ${groups} is the one
+    grouping; lc fits each seed of its source; groups reads both baselines; cams draws the first."""
+    text = BASIC.replace("study: t1\n", "study: t1\nseeds: 2\n") + "  cams: {kind: explain, from: ssal}\n"
+    s = study_lib.load_study(write(tmp_path, text), [f"runs_root={tmp_path / 'runs'}"])
+    assert list(s.stages) == ["baseline.seed0", "baseline.seed1", "groups", "ssal.seed0", "ssal.seed1", "lc.seed0",
+                              "lc.seed1", "dks.seed0", "dks.seed1", "cams", "report"]
+    assert s.stages["groups"].deps == ["baseline.seed0", "baseline.seed1"]
+    groups = s.stages["groups"].argv
+    start = groups.index("--from-run-dir")
+    assert groups[start + 1:start + 3] == [str(s.stages[f"baseline.seed{i}"].output) for i in (0, 1)]
+    ssal1 = s.stages["ssal.seed1"]
+    assert ssal1.deps == ["groups"] and ssal1.output == tmp_path / "runs" / "studies" / "t1" / "ssal.seed1"
+    for item in ("train.seed=1", "tracking.tags.seed='1'", "tracking.tags.seeded_stage=ssal",
+                 "tracking.run_name=ssal.seed1", f"method.groups_file={s.stages['groups'].output}"):
+        assert item in ssal1.argv, item
+    assert s.stages["lc.seed1"].deps == ["ssal.seed1"] and "seed=1" in s.stages["lc.seed1"].argv
+    lc = s.stages["lc.seed1"].argv
+    assert lc[lc.index("--run-dir") + 1] == str(ssal1.output)
+    assert s.stages["cams"].deps == ["ssal.seed0"]
+    assert len(s.stages["report"].deps) == 10
+    with pytest.raises(study_lib.StudyError, match="seeds: must be >= 1"):
+        study_lib.load_study(write(tmp_path, text.replace("seeds: 2", "seeds: 0")), [f"runs_root={tmp_path}"])
+
+
 def test_groups_stage_variant_and_confusion_keys(tmp_path):
     text = BASIC.replace("groups: {kind: groups, from: baseline, k: [4]}",
                          "groups: {kind: groups, from: baseline, k: [4], variant: authors, confusion: hard}")
@@ -320,3 +345,53 @@ def test_demo_study_registers_each_training_stage_model_with_the_best_alias(demo
     assert registered == {"ci-baseline", "ci-ssal"}  # the lc and groups stages log no model
     report = (demo_study.runs_root / "studies" / "ci" / "report" / "report.md").read_text()
     assert 'models:/ci-ssal@best' in report and 'models:/ci-baseline@best' in report
+
+
+SEEDED_CI = """\
+study: ci2
+experiment: ci2-study
+seeds: 2
+base:
+  overrides:
+    data.batch_size: 32
+    data.val_batch_size: 64
+    data.num_workers: 1
+    schedule.epochs: 1
+    train.max_steps_per_epoch: 3
+    eval.holdout_fraction: 0.25
+stages:
+  baseline:
+    overrides: {method.name: baseline}
+  groups: {kind: groups, from: baseline, k: [4]}
+  ssal1:
+    overrides: {method.name: ssal, method.groups_file: "${groups}"}
+"""
+
+
+@pytest.mark.slow
+def test_seeded_study_end_to_end(tmp_path):
+    """seeds: 2 on the real engine, FFCV and MLflow (3 steps per run): each seed's run tagged and named, the
+    grouping from both baselines with each seed's ARI and the held-out image count, report rows mean ± sd."""
+    from tests.conftest import DemoStudy
+
+    study = DemoStudy(tmp_path)
+    study.study_file.write_text(SEEDED_CI)
+    study.write_data()
+    result = study.run(timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import runs
+
+    tagged = runs.study_runs(MlflowClient(tracking_uri=study.uri), "ci2")
+    by_stage = {r.data.tags["stage"]: r for r in tagged}
+    assert set(by_stage) == {"baseline.seed0", "baseline.seed1", "groups", "ssal1.seed0", "ssal1.seed1", "report"}
+    for name in ("baseline.seed1", "ssal1.seed1"):
+        run = by_stage[name]
+        assert run.info.run_name == name and run.data.tags["seed"] == "1" and run.data.params["train.seed"] == "1"
+    meta = json.loads((study.runs_root / "studies" / "ci2" / "groups" / "groups.json").read_text())["metadata"]
+    assert set(meta["ari_vs_planted_superclasses_per_seed"]) == {"0", "1"}
+    assert meta["num_samples_in_confusion"] == 2 * 192  # 25 % of 16 x 48 train images, per seed
+    report = (study.runs_root / "studies" / "ci2" / "report" / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert {"baseline", "ssal1", "groups"} <= set(rows) and "| 0,1 |" in rows["baseline"] and " ± " in rows["ssal1"]
+    assert "seed 1 k4 ARI" in report

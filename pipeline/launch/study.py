@@ -14,6 +14,7 @@ Study file (YAML)::
       overrides: {schedule.epochs: 4}          # mapping or list of "key=value"
     slurm: {time: "02:00:00"}      # optional: launcher profile keys for every stage's job
     report: true                   # add a final `report` stage (default true)
+    seeds: 3                       # train every training (and lc) stage 3 times, train.seed 0, 1, 2 (default 1)
     stages:                        # in order; each: kind (default train) + its keys
       baseline:
         overrides: {method.name: baseline, eval.holdout_fraction: 0.1}
@@ -35,6 +36,12 @@ Study file (YAML)::
         config: configs/imagenet/resnet50_dks2.yaml   # a stage may bring its own recipe
         slurm: {nodes: 8}          # and its own job resources
         paper: {main: [76.4, 93.3]}  # any stage: the paper's top-1 / top-5 per rule, shown by the report
+
+Seeds. ``seeds: N`` (N > 1) runs every training stage N times with ``train.seed`` 0..N-1, as stages
+``<name>.seed<s>`` (run name, ``stage`` tag and folder; tags ``seed`` and ``seeded_stage=<name>``); an
+``lc`` stage is fitted once per seed of its source; a ``${NAME}`` of a training stage means the same seed's
+run; a ``groups`` stage reads all seeds of its source (their mean confusion, and the grouping of each seed
+alone for its ARI); an ``explain`` stage draws the first seed. The report gives mean +- sd per stage.
 
 Stage kinds: ``train`` (the engine, ``pipeline.train``), ``groups``, ``lc``, ``explain``, ``report``.
 ``${NAME}`` inside an override value is the output of stage NAME (a groups stage: its JSON; a
@@ -67,7 +74,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -105,6 +112,7 @@ class StudyFile:
     stages: dict[str, Any] = field(default_factory=dict)  # name -> a spec of its kind's schema below
     report: bool = True  # add a final report stage
     slurm: dict[str, Any] = field(default_factory=dict)  # launcher profile keys for every stage's job
+    seeds: int = 1  # runs of every training (and lc) stage, train.seed 0..seeds-1
 
 
 StageKind = Literal["train", "groups", "lc", "explain", "report"]
@@ -168,6 +176,8 @@ class Stage:
     output: Path = Path()
     argv: list[str] = field(default_factory=list)
     slurm: dict = field(default_factory=dict)
+    seed: int | None = None  # a study with seeds: this run's train.seed (name = <seeded_stage>.seed<seed>)
+    seeded_stage: str = ""  # the study file's stage name this seeded run belongs to
 
     @property
     def entry(self) -> str:
@@ -232,6 +242,8 @@ def _study(path: Path, data: Any, cli_overrides: list[str]) -> Study:
         raise SchemaError("stages: needs a mapping of at least one stage (name: spec)")
     if spec.report and "report" not in spec.stages:
         spec.stages["report"] = {"kind": "report"}
+    if spec.seeds < 1:
+        raise SchemaError(f"seeds: must be >= 1 (runs of every training stage), got {spec.seeds!r}")
     stages: dict[str, Stage] = {}
     for name, raw in spec.stages.items():
         stage = Stage(name=name, kind="", spec=_stage_spec(name, raw))
@@ -240,6 +252,8 @@ def _study(path: Path, data: Any, cli_overrides: list[str]) -> Study:
         stage.output = study_dir / name / "groups.json" if stage.kind == "groups" else study_dir / name
         stages[name] = stage
     _link(stages)
+    if spec.seeds > 1:
+        stages = _seeded(stages, spec.seeds, study_dir)
     study = Study(id=spec.study, experiment=spec.experiment or f"study-{spec.study}", path=path.resolve(),
                   description=spec.description, stages={n: stages[n] for n in _topological(stages)},
                   runs_root=runs_root, uri=base_cfg.tracking.uri or store.sqlite_uri(runs_root),
@@ -298,6 +312,40 @@ def _link(stages: dict[str, Stage]) -> None:
         stage.deps = list(dict.fromkeys(stage.deps))
 
 
+SEEDED_KINDS = ("train", "lc")
+
+
+def seeded_name(name: str, seed: int) -> str:
+    return f"{name}.seed{seed}"
+
+
+def _seeded(stages: dict[str, Stage], seeds: int, study_dir: Path) -> dict[str, Stage]:
+    """Each training / lc stage as one stage per seed; dependencies on them point at the same seed, or
+    (groups, report) at every seed; an explain stage draws the first seed."""
+    def copies(name: str) -> list[str]:
+        return [seeded_name(name, s) for s in range(seeds)] if stages[name].kind in SEEDED_KINDS else [name]
+
+    out: dict[str, Stage] = {}
+    for name, stage in stages.items():
+        if stage.kind not in SEEDED_KINDS:
+            expanded = [d for dep in stage.deps for d in copies(dep)]
+            if stage.kind == "explain":  # one figure: the first seed's model
+                expanded = [copies(dep)[0] for dep in stage.deps]
+            out[name] = replace(stage, deps=list(dict.fromkeys(expanded)))
+            continue
+        for seed in range(seeds):
+            own = seeded_name(name, seed)
+            deps = [seeded_name(dep, seed) if stages[dep].kind in SEEDED_KINDS else dep for dep in stage.deps]
+            out[own] = replace(stage, name=own, deps=deps, output=study_dir / own, seed=seed, seeded_stage=name)
+    return out
+
+
+def sources_of(study: Study, stage: Stage) -> list[Stage]:
+    """The training stage(s) a from-stage reads: its source, or the source's seeded runs it depends on."""
+    source = stage.spec.source
+    return [study.stages[d] for d in stage.deps if d == source or study.stages[d].seeded_stage == source]
+
+
 def _config_path(config: str, study_path: Path, key: str) -> str | None:
     if not config:
         return None
@@ -327,10 +375,15 @@ def _topological(stages: dict[str, Stage]) -> list[str]:
     return order
 
 
-def _substitute(values: Sequence[str], study: Study, placeholder: Path | None = None) -> list[str]:
-    """${NAME} -> the output of stage NAME (a placeholder file when it does not exist yet and one is given)."""
+def _substitute(values: Sequence[str], study: Study, placeholder: Path | None = None,
+                seed: int | None = None) -> list[str]:
+    """${NAME} -> the output of stage NAME (a placeholder file when it does not exist yet and one is given);
+    with a seed, NAME's run of that seed when NAME is seeded."""
     def repl(match):
-        out = study.stages[match.group(1)].output
+        name = match.group(1)
+        if seed is not None and seeded_name(name, seed) in study.stages:
+            name = seeded_name(name, seed)
+        out = study.stages[name].output
         if placeholder is not None and not out.exists():
             return str(placeholder)
         return str(out)
@@ -347,29 +400,35 @@ def _build_argv(study: Study, stage: Stage, base_config: str, base_overrides: li
         forced = [f"tracking.experiment={study.experiment}", f"tracking.run_name={stage.name}",
                   f"tracking.tags.study={study.id}", f"tracking.tags.stage={stage.name}",
                   f"output_dir={stage.output}", f"runs_root={study.runs_root}"]
+        if stage.seed is not None:
+            forced += [f"train.seed={stage.seed}", f"tracking.tags.seed='{stage.seed}'",  # tags are strings
+                       f"tracking.tags.seeded_stage={stage.seeded_stage}"]
         if study.uri != store.sqlite_uri(study.runs_root):
             forced.append(f"tracking.uri={study.uri}")
         overrides = base_overrides + spec.overrides + cli + forced
         # validate now (a groups file a dependency will write is replaced by a placeholder file)
         with tempfile.NamedTemporaryFile("w", suffix=".json") as placeholder:
             try:
-                load_config(config, _substitute(overrides, study, Path(placeholder.name)))
+                load_config(config, _substitute(overrides, study, Path(placeholder.name), stage.seed))
             except ConfigError as err:
                 raise SchemaError(f"stages.{stage.name}: {err}") from None
-        stage.argv = (["--config", config] if config else []) + ["--resume", "auto"] + _substitute(overrides, study)
+        stage.argv = (["--config", config] if config else []) + ["--resume", "auto"] + _substitute(
+            overrides, study, seed=stage.seed)
     elif stage.kind == "groups":
-        stage.argv = ["--from-run-dir", str(study.stages[spec.source].output), "--k", *map(str, spec.k),
+        stage.argv = ["--from-run-dir", *(str(s.output) for s in sources_of(study, stage)), "--k", *map(str, spec.k),
                       "--criterion", spec.criterion, "--split", spec.split, "--variant", spec.variant,
                       "--matrix", spec.confusion, "--seed", str(spec.seed), "--restarts", str(max(1, spec.restarts)),
                       "--out", str(stage.output), "--run-name", stage.name, *common]
     elif stage.kind == "lc":
-        stage.argv = ["--run-dir", str(study.stages[spec.source].output), "--out", str(stage.output),
+        stage.argv = ["--run-dir", str(sources_of(study, stage)[0].output), "--out", str(stage.output),
                       "--run-name", stage.name, *common]
+        if stage.seed is not None:
+            stage.argv += ["--tag", f"seed={stage.seed}", "--tag", f"seeded_stage={stage.seeded_stage}"]
         for flag, value in (("--epochs", spec.epochs), ("--lr", spec.lr), ("--max-samples", spec.max_samples)):
             if value is not None:
                 stage.argv += [flag, str(value)]
     elif stage.kind == "explain":
-        stage.argv = ["--run-dir", str(study.stages[spec.source].output), "--out", str(stage.output / "cams.png"),
+        stage.argv = ["--run-dir", str(sources_of(study, stage)[0].output), "--out", str(stage.output / "cams.png"),
                       "--run-name", stage.name, *common]
         if spec.images is not None:
             stage.argv += ["--num-images", str(spec.images)]

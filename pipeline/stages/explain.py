@@ -104,8 +104,8 @@ def load_val_images(cfg, count: int, resolution: int):
 
 
 def compute_cams(model, images):
-    """[(head name, predicted index (N,), CAMs (N, R, R) in [0, 1], probability of it (N,))] for the main
-    head and every SSAL branch."""
+    """[(head name, predicted index (N,), CAMs (N, R, R) in [0, 1], probability of it (N,), the feature map's
+    (h, w))] for the main head and every SSAL branch."""
     import torch
     import torch.nn.functional as F
 
@@ -137,7 +137,7 @@ def compute_cams(model, images):
         # blowing rounding noise up to full range)
         cam = cam / cam.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
         prob = logits.softmax(1).gather(1, pred[:, None])[:, 0]
-        result.append((name, pred, cam, prob))
+        result.append((name, pred, cam, prob, tuple(fmap.shape[-2:])))
     return result
 
 
@@ -156,10 +156,14 @@ def draw(shown, cams, class_names, groupings, branch_index, labels, max_names: i
         truth = f"true: {class_names[labels[i]]}" if labels is not None else "input"
         ax.set_title(truth, fontsize=8)
         ax.axis("off")
-        for j, (name, pred, cam, prob) in enumerate(cams, start=1):
+        for j, (name, pred, cam, prob, map_size) in enumerate(cams, start=1):
             ax = axes[i, j]
             ax.imshow(shown[i])
-            ax.imshow(cam[i].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if map_size[0] * map_size[1] > 1:
+                ax.imshow(cam[i].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            else:  # one position (32 px through 32x down-sampling): a CAM has no "where" to show
+                ax.text(0.5, 0.5, f"1x1 feature map\nat {shown.shape[1]} px:\nno spatial map", ha="center",
+                        va="center", fontsize=7, transform=ax.transAxes, bbox={"facecolor": "white", "alpha": 0.7})
             ax.axis("off")
             p = int(pred[i])
             if name == "main":
@@ -206,7 +210,7 @@ def run(args) -> dict:
     print(f"saved {out}: {len(shown)} image(s) x heads {', '.join(heads)}")
     for i in range(len(shown)):
         parts = []
-        for name, pred, _, prob in cams:
+        for name, pred, _, prob, _ in cams:
             p = int(pred[i])
             if name == "main":
                 parts.append(f"main -> {names[p]} ({prob[i]:.2f})")

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(__doc__.split("\n\n", 2)[2] if __doc__ else "") + DOCS_EPILOG)
     src = parser.add_argument_group("confusion source (exactly one)")
     src.add_argument("--from-run", metavar="RUN_ID", help="MLflow run id of a finished (baseline) training run")
-    src.add_argument("--from-run-dir", metavar="DIR", help=f"a training run folder (holds {RUN_ID_FILE} and the "
-                                                           "confusion .npy files)")
+    src.add_argument("--from-run-dir", metavar="DIR", nargs="+",
+                     help=f"a training run folder (holds {RUN_ID_FILE} and the confusion .npy files); several (the "
+                          "seeds of one stage): their mean confusion, and each one's grouping's ARI alone")
     src.add_argument("--confusion", metavar="FILE.npy", help="a C x C confusion matrix (rows = true class)")
     src.add_argument("--import-authors", nargs="+", metavar="FILE",
                      help="the SSAL authors' label files (e.g. imagenet_200_group_similar_v2.txt), one grouping "
@@ -145,26 +146,36 @@ def load_confusion_file(path: str | Path) -> np.ndarray:
     return matrix.astype(np.float64)
 
 
-def confusion_from_run(args, mlflow_client, run, tmp: str) -> tuple[np.ndarray, str, str]:
-    """(confusion, split, where) from the run: holdout if logged (or asked), else val with a warning."""
+def _run_file(mlflow_client, run, run_dir: str | None, name: str, tmp: str) -> Path | None:
+    path = runs.run_file(mlflow_client, run, name, tmp) if mlflow_client is not None else None
+    if path is None and run_dir and (Path(run_dir) / name).is_file():
+        path = Path(run_dir) / name
+    return path
+
+
+def confusion_from_run(args, mlflow_client, run, tmp: str, run_dir: str | None = None
+                       ) -> tuple[np.ndarray, str, str, int | None]:
+    """(confusion, split, where, images) from the run: holdout if logged (or asked), else val with a warning.
+    ``images``: how many images the matrix comes from (a soft matrix is row-normalised: its hard twin's sum)."""
     wanted = {"auto": [HOLDOUT_FILE, VAL_FILE], "holdout": [HOLDOUT_FILE], "val": [VAL_FILE]}[args.split]
-    if args.matrix == "soft":
-        wanted = [SOFT_FILES[name] for name in wanted]
-    for name in wanted:
-        path = runs.run_file(mlflow_client, run, name, tmp) if mlflow_client is not None else None
-        if path is None and args.from_run_dir and (Path(args.from_run_dir) / name).is_file():
-            path = Path(args.from_run_dir) / name
+    for hard_name in wanted:
+        name = SOFT_FILES[hard_name] if args.matrix == "soft" else hard_name
+        path = _run_file(mlflow_client, run, run_dir, name, tmp)
         if path is None:
             continue
-        split = "holdout" if name in (HOLDOUT_FILE, SOFT_FILES[HOLDOUT_FILE]) else "val"
+        split = "holdout" if hard_name == HOLDOUT_FILE else "val"
+        hard = path if args.matrix == "hard" else _run_file(mlflow_client, run, run_dir, hard_name, tmp)
+        images = None if hard is None else int(round(float(np.load(hard).sum())))
         if split == "val" and args.split == "auto":
-            msg = (f"run {run.info.run_id if run else args.from_run_dir} has no {wanted[0]}: using the VAL "
+            msg = (f"run {run.info.run_id if run else run_dir} has no {wanted[0]}: using the VAL "
                    f"confusion ({name}); the groups then depend on the split the final numbers are measured on. "
                    f"Train the baseline with eval.holdout_fraction=0.1 to avoid this.")
             print(f"warning: {msg}", file=sys.stderr)
-        return np.load(path).astype(np.float64), split, str(path)
+        return np.load(path).astype(np.float64), split, str(path), images
+    if args.matrix == "soft":
+        wanted = [SOFT_FILES[name] for name in wanted]
     hint = " (runs logged before the soft confusion existed have none: use --matrix hard)" if args.matrix == "soft" else ""
-    raise ToolError(f"run {run.info.run_id if run else args.from_run_dir} has no {' or '.join(wanted)} "
+    raise ToolError(f"run {run.info.run_id if run else run_dir} has no {' or '.join(wanted)} "
                     f"(not a finished training run?{hint}); pass --confusion FILE.npy instead")
 
 
@@ -292,18 +303,31 @@ def run(args) -> dict:
         mlflow_client = runs.client(uri)
     source: dict = {}
     data_root = args.data_root
+    per_seed: dict[str, np.ndarray] = {}  # several run folders: seed -> that run's own confusion
     if args.confusion:
         confusion, split, where = load_confusion_file(args.confusion), "file", str(Path(args.confusion).resolve())
-        source = {"file": where}
+        source, images = {"file": where}, None
     else:
-        if args.from_run_dir and not Path(args.from_run_dir).is_dir():
-            raise ToolError(f"--from-run-dir: no such folder {args.from_run_dir}")
-        run_id = args.from_run or runs.run_id_from_dir(args.from_run_dir)
-        run_obj = runs.get_run(mlflow_client, run_id)
-        with scratch_dir("groups") as tmp:  # a downloaded confusion is read into memory
-            confusion, split, where = confusion_from_run(args, mlflow_client, run_obj, tmp)
-        source = {"run_id": run_id, "run_name": run_obj.info.run_name, "file": Path(where).name,
-                  "experiment_id": run_obj.info.experiment_id}
+        sources = []
+        for run_dir in args.from_run_dir or [None]:
+            if run_dir and not Path(run_dir).is_dir():
+                raise ToolError(f"--from-run-dir: no such folder {run_dir}")
+            run_id = args.from_run or runs.run_id_from_dir(run_dir)
+            run_obj = runs.get_run(mlflow_client, run_id)
+            with scratch_dir("groups") as tmp:  # a downloaded confusion is read into memory
+                matrix, split, where, count = confusion_from_run(args, mlflow_client, run_obj, tmp, run_dir)
+            seed = run_obj.data.params.get("train.seed", str(len(sources)))
+            sources.append({"run_id": run_id, "run_name": run_obj.info.run_name, "file": Path(where).name,
+                            "experiment_id": run_obj.info.experiment_id, "seed": seed, "images": count})
+            per_seed[seed] = matrix
+        # soft matrices are per-class means: their mean; hard counts add up
+        matrices = list(per_seed.values())
+        confusion = sum(matrices) / (len(matrices) if args.matrix == "soft" else 1)
+        counts = [src["images"] for src in sources]
+        images = None if None in counts else sum(counts)
+        source = sources[0] if len(sources) == 1 else {"runs": sources}
+        if len(sources) == 1:
+            per_seed = {}
         if not data_root:
             data_root = run_obj.data.params.get("data.root") or None
     num_classes = confusion.shape[0]
@@ -317,28 +341,38 @@ def run(args) -> dict:
         g, st = best_grouping(confusion, k, args.criterion, args.seed, args.restarts, args.variant)
         groupings.append(g)
         stats.append(st)
-    ari = None
+    ari = ari_per_seed = None
     if planted is not None:
         ari = {st["k"]: adjusted_rand(planted, g) for g, st in zip(groupings, stats)}
+        # each seed's grouping alone: is the recovery stable, or only on the mean?
+        ari_per_seed = {seed: {k: adjusted_rand(planted, best_grouping(matrix, k, args.criterion, args.seed,
+                                                                       args.restarts, args.variant)[0])
+                               for k in args.k} for seed, matrix in per_seed.items()}
     split_note = {"holdout": "held-out share of the train split (eval.holdout_fraction), never trained on",
                   "val": "val split (no holdout confusion was logged): the groups saw the evaluation split",
                   "file": "a confusion file given on the command line"}[split]
     metadata = {"criterion": args.criterion, "variant": args.variant, "matrix": args.matrix, "k": list(args.k),
                 "seed": args.seed, "restarts": args.restarts, "confusion_split": split, "confusion_split_note": split_note, "source": source,
-                "num_samples_in_confusion": int(round(float(confusion.sum()))), "data_root": root,
-                "groupings": stats}
+                "num_samples_in_confusion": images if args.matrix == "soft" else int(round(float(confusion.sum()))),
+                "data_root": root, "groupings": stats}
     if ari is not None:
         metadata["ari_vs_planted_superclasses"] = {str(k): round(v, 4) for k, v in ari.items()}
+    if ari_per_seed:
+        metadata["ari_vs_planted_superclasses_per_seed"] = {
+            seed: {str(k): round(v, 4) for k, v in by_k.items()} for seed, by_k in ari_per_seed.items()}
 
     from ssal_models.grouping import save_groupings
 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_groupings(out, groupings, names, metadata=metadata)
+    mean_of = f"mean of {len(per_seed)} runs' " if per_seed else ""
     print(f"wrote {out}: {len(groupings)} grouping(s) of {num_classes} classes, criterion {args.criterion}, "
-          f"variant {args.variant}, {args.matrix} confusion from {split} ({metadata['num_samples_in_confusion']} "
-          f"{'classes (rows)' if args.matrix == 'soft' else 'samples'}, {where})")
+          f"variant {args.variant}, {mean_of}{args.matrix} confusion from {split} "
+          f"({metadata['num_samples_in_confusion'] or 'an unknown number of'} images, {where})")
     for line in summary_lines(groupings, stats, names, ari):
         print(line)
+    for seed, by_k in (ari_per_seed or {}).items():
+        print(f"seed {seed} alone: " + ", ".join(f"k={k} ARI {v:.3f}" for k, v in by_k.items()))
 
     result = {"out": str(out), "split": split, "ari": ari, "stats": stats, "run_id": None}
     if not args.no_mlflow:
@@ -353,6 +387,8 @@ def run(args) -> dict:
         metrics = {f"groups/within_group_confusion/k{st['k']}": st["within_group_confusion"] for st in stats}
         if ari is not None:
             metrics.update({f"groups/ari/k{k}": v for k, v in ari.items()})
+        for seed, by_k in (ari_per_seed or {}).items():
+            metrics.update({f"groups/ari_seed{seed}/k{k}": v for k, v in by_k.items()})
         result["run_id"] = log_stage_run(uri, experiment, out.parent / f".{out.stem}-tracking", name, params=params,
                                          tags=tags, metrics=metrics, artifacts=[out])
     return result

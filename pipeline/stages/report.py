@@ -9,6 +9,14 @@ top-1 and top-5 (%) of every prediction rule any run logged (``val/top1/<rule>``
 rule), parameters (millions; the model rebuilt from the run's config on the meta device when the
 run did not log ``model/params``), training images/s (median over epochs), wall time (min).
 
+Seeds. A study with ``seeds: N`` tags each run with ``seed`` and ``seeded_stage``: its seeds make one
+row, each figure the mean +- the standard deviation over the seeds (column ``seeds``: which), wall
+time their sum. A top-1 cell is marked ``^`` (ahead of the baseline) only when its mean exceeds the
+baseline row's ``top1 main`` by more than two standard errors of the difference
+(``sqrt(sd^2/n + sd_b^2/n_b)``); with one seed on either side nothing is marked. The baseline row is
+the stage named ``baseline``, else the first row whose method is ``baseline``. A groups stage over
+several seeds notes each seed's grouping's ARI beside that of the mean confusion.
+
 With ``--paper STUDY.yaml`` (the study stage passes its own file), the figures a stage quotes
 from its paper (``paper: {rule: [top-1, top-5]}`` in the study file, e.g. ``{main: [76.4, 93.3],
 joint: [76.9, 93.7]}``; one number = top-1 only) appear beside ours, as ``paper top1 <rule>``
@@ -37,7 +45,8 @@ from pipeline.tracking import models, runs
 from pipeline.train import schema
 
 RULE_ORDER = ["main", "joint", "lc", "ensemble"]
-FIXED = ["stage", "run", "method", "arch", "status"]
+FIXED = ["stage", "run", "method", "arch", "status", "seeds"]
+AHEAD = " ^"  # marks a top-1 mean beyond two standard errors above the baseline's
 TAIL = ["params (M)", "img/s", "wall (min)"]
 
 
@@ -141,9 +150,16 @@ def collect(client, study: str, tmp: str) -> tuple[list[dict], list[str]]:
             for k in (1, 5):
                 value = m.get(f"val/top{k}/{rule}")
                 row[f"top{k} {rule}"] = None if value is None else 100 * value
+        row["seeds"] = tags.get("seed", "")
+        row["seeded_stage"] = tags.get("seeded_stage") or row["stage"]
         if tags.get("method") == "groups":
             row["note"] = ", ".join(f"{key.split('/')[-1]} ARI {value:.3f}" for key, value in sorted(m.items())
                                     if key.startswith("groups/ari/"))
+            per_seed = sorted((key.split("/")[1][len("ari_seed"):], key.split("/")[2], value)
+                              for key, value in m.items() if key.startswith("groups/ari_seed"))
+            if per_seed:
+                row["note"] += " (mean confusion); each seed alone: " + ", ".join(
+                    f"seed {seed} {k} ARI {value:.3f}" for seed, k, value in per_seed)
         params = count_params(client, run, tmp) if tags.get("method") not in ("groups",) else None
         row["params (M)"] = None if params is None else params / 1e6
         history = [x.value for x in client.get_metric_history(run.info.run_id, "train/images_per_second")] \
@@ -155,7 +171,55 @@ def collect(client, study: str, tmp: str) -> tuple[list[dict], list[str]]:
         row["wall (min)"] = None if wall is None else wall / 60
         rows.append(row)
     columns = FIXED + [f"top{k} {rule}" for rule in rules for k in (1, 5)] + TAIL
+    rows = merge_seeds(rows, columns)
+    mark_ahead(rows, columns)
+    if all(row["n"] == 1 for row in rows):  # a study without seeds: no column for them
+        columns.remove("seeds")
     return rows, columns
+
+
+def merge_seeds(rows: list[dict], columns: list[str]) -> list[dict]:
+    """One row per study stage: its seeds' figures as mean (``row[c]``) and sd (``row["sd"][c]``)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["seeded_stage"], []).append(row)
+    merged = []
+    for stage, items in groups.items():
+        if len(items) == 1:
+            merged.append({**items[0], "stage": stage, "n": 1, "sd": {}})
+            continue
+        items = sorted(items, key=lambda r: int(r["seeds"]) if str(r["seeds"]).isdigit() else 0)
+        row = {**items[0], "stage": stage, "run": f"{stage}.seed*", "n": len(items), "sd": {},
+               "seeds": ",".join(str(r["seeds"]) for r in items),
+               "status": "/".join(sorted({r["status"] for r in items})),
+               "run_id": ",".join(r["run_id"] for r in items)}
+        for column in columns:
+            values = [r[column] for r in items if isinstance(r.get(column), (int, float))]
+            if column in FIXED or not values:
+                continue
+            row[column] = sum(values) if column == "wall (min)" else statistics.mean(values)
+            if column != "wall (min)" and len(values) > 1:
+                row["sd"][column] = statistics.stdev(values)
+        merged.append(row)
+    return merged
+
+
+def mark_ahead(rows: list[dict], columns: list[str]) -> None:
+    """``row["ahead"]``: the top-1 columns whose mean is > 2 standard errors above the baseline's main."""
+    base = next((r for r in rows if r["stage"] == "baseline"), None) or next(
+        (r for r in rows if r.get("method") == "baseline"), None)
+    if base is None or base.get("top1 main") is None or "top1 main" not in base["sd"]:
+        return
+    for row in rows:
+        row["ahead"] = set()
+        if row is base:
+            continue
+        for column in (c for c in columns if c.startswith("top1 ")):
+            if row.get(column) is None or column not in row["sd"]:
+                continue
+            se = math.sqrt(row["sd"][column] ** 2 / row["n"] + base["sd"]["top1 main"] ** 2 / base["n"])
+            if row[column] - base["top1 main"] > 2 * se:
+                row["ahead"].add(column)
 
 
 def fmt(value, column: str) -> str:
@@ -172,13 +236,25 @@ def fmt(value, column: str) -> str:
     return str(value)
 
 
+def cell(row: dict, column: str) -> str:
+    """A figure, with its +- sd over seeds and the mark of a lead beyond two standard errors."""
+    text = fmt(row.get(column), column)
+    sd = row.get("sd", {}).get(column)
+    if text and sd is not None:
+        text += f" ± {fmt(sd, column)}"
+    return text + (AHEAD if column in row.get("ahead", ()) else "")
+
+
 def markdown(rows: list[dict], columns: list[str], study: str) -> str:
+    seeded = any(row.get("n", 1) > 1 for row in rows)
     lines = [f"# Study `{study}`", "", "Top-1 / top-5 in % on the val split; `main` = +TR, `joint` = +JP, `lc` = +LC"
-             + ("; `paper ...`: the figure the paper reports for that row." if any(c.startswith("paper ")
-                                                                                   for c in columns) else "."),
+             + ("; `paper ...`: the figure the paper reports for that row" if any(c.startswith("paper ")
+                                                                                  for c in columns) else "")
+             + ("; mean ± standard deviation over the seeds of column `seeds` (wall: their sum); `^`: top-1 ahead "
+                "of the baseline's main by more than two standard errors." if seeded else "."),
              "", "| " + " | ".join(columns) + " |", "|" + "|".join("---" if c in FIXED else "---:" for c in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c), c) for c in columns) + " |")
+        lines.append("| " + " | ".join(cell(row, c) for c in columns) + " |")
     notes = [f"- {row['stage']}: {row['note']}" for row in rows if row.get("note")]
     if notes:
         lines += ["", *notes]
@@ -194,21 +270,29 @@ def bar_chart(rows: list[dict], columns: list[str], study: str):
 
     rules = [c for c in columns if c.startswith("top1 ")]
     shown = [r for r in rows if any(r.get(c) is not None for c in rules)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * max(1, len(shown)) + 2), 4.2), dpi=110)
+    # wide enough for a label per bar; the legend sits right of the axes, never over a bar
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rules) * max(1, len(shown)) + 3), 4.6), dpi=110)
     width = 0.8 / max(1, len(rules))
     x = np.arange(len(shown))
     for i, col in enumerate(rules):
         values = [r.get(col) if r.get(col) is not None else 0 for r in shown]
-        bars = ax.bar(x + (i - (len(rules) - 1) / 2) * width, values, width, label=col.replace("top1 ", ""))
-        for bar, r in zip(bars, shown):
-            if r.get(col) is not None:
-                ax.annotate(f"{r[col]:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                            va="bottom", fontsize=7)
+        errors = [r.get("sd", {}).get(col, np.nan) for r in shown]  # nan: no error bar drawn
+        bars = ax.bar(x + (i - (len(rules) - 1) / 2) * width, values, width, yerr=errors, capsize=2,
+                      label=col.replace("top1 ", ""))
+        for bar, r, err in zip(bars, shown, errors):
+            if r.get(col) is not None:  # vertical, above the error bar: neighbours' labels cannot overlap
+                ax.annotate(f"{r[col]:.1f}", (bar.get_x() + bar.get_width() / 2,
+                                              bar.get_height() + np.nan_to_num(err)),
+                            xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                            rotation=90)
+    top = max((r[c] + r.get("sd", {}).get(c, 0) for r in shown for c in rules if r.get(c) is not None), default=1)
+    ax.set_ylim(0, top * 1.18)
     ax.set_xticks(x)
     ax.set_xticklabels([r["stage"] or r["run"] for r in shown], rotation=20, ha="right")
     ax.set_ylabel("val top-1 (%)")
-    ax.set_title(f"study {study}: top-1 per prediction rule")
-    ax.legend(title="rule", fontsize=8)
+    seeded = any(r.get("n", 1) > 1 for r in shown)
+    ax.set_title(f"study {study}: top-1 per prediction rule" + (" (mean ± sd over seeds)" if seeded else ""))
+    ax.legend(title="rule", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -255,7 +339,7 @@ def run(args) -> dict:
         writer = csv.writer(f)
         writer.writerow(columns + ["run_id"])
         for row in rows:
-            writer.writerow([fmt(row.get(c), c) for c in columns] + [row["run_id"]])
+            writer.writerow([cell(row, c) for c in columns] + [row["run_id"]])
     fig = bar_chart(rows, columns, args.study)
     fig.savefig(out / "report.png")
     print(text)
