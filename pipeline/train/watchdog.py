@@ -62,7 +62,7 @@ class Watchdog:
         self.step, self.progress_at, self.phase = 0, time.time(), "setup"
         self.step_started = self.slowest = 0.0
         self.steps_seen = 0
-        self.collective_timeout_set = self.explicit_timeout is not None
+        self.collective_timeout_set = self.explicit_timeout is not None  # then entry set it at init
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hang-watchdog", daemon=True)
         self.hold = os.environ.get(HANG_HOLD_ENV, "")
@@ -110,8 +110,9 @@ class Watchdog:
         self.phase, self.progress_at = "idle", time.time()
 
     def timeout(self) -> float | None:
+        """None (not judged) until this process finished its first step (loader start, compilation)."""
         if self.explicit_timeout is not None:
-            return self.explicit_timeout
+            return self.explicit_timeout if self.steps_seen >= 1 else None
         return max(AUTO_FLOOR_S, AUTO_FACTOR * self.slowest) if self.steps_seen >= 2 else None
 
     # -- the thread
@@ -149,7 +150,8 @@ class Watchdog:
         reporter = min(others) if others else culprit["rank"]
         silent_s = time.time() - (culprit["progress_at"] if answering else culprit["beat_at"])
         if self.rank == reporter:
-            state = "stuck between steps" if answering else "not answering (stopped, or its node gone)"
+            state = {"host": "stuck between steps", "step": "inside a step", "sync": "in the flag agreement"}.get(
+                culprit["phase"], culprit["phase"]) if answering else "not answering (stopped, or its node gone)"
             print(f"error: hang: rank {culprit['rank']} on {culprit['host']} (pid {culprit['pid']}) made no progress "
                   f"for {silent_s:.0f} s after finishing global step {culprit['step']}, {state} "
                   f"(train.hang_timeout_s {culprit['timeout'] or 0:.0f} s); exit {EXIT_HUNG}", file=sys.stderr,
@@ -176,7 +178,7 @@ def find_hung(beats: list[dict], now: float) -> tuple[dict, bool] | None:
     silent = [b for b in beats if now - b["beat_at"] > timeout and b["phase"] != "done"]
     if silent:
         return min(silent, key=lambda b: b["rank"]), False
-    if any(b["phase"] not in JUDGED_PHASES for b in beats):
+    if any(b["phase"] not in JUDGED_PHASES or not b["timeout"] for b in beats):
         return None
     stalled = [b for b in beats if now - b["progress_at"] > timeout]
     if not stalled:
