@@ -138,3 +138,4 @@ def test_the_hung_rank_is_the_silent_one_or_the_one_between_steps():
     assert find_hung([beat(0, 5, "step", progress_at=97.0), beat(1, 4, "host", progress_at=98.0)], now) is None  # progress
     assert find_hung([beat(0, 4, "step", beat_at=10.0), beat(1, 4, "done", beat_at=10.0)], now)[0]["rank"] == 0
     assert find_hung([{**waiting, "timeout": None}], now) is None  # auto timeout not known yet
+    assert find_hung([waiting, beat(1, 4, "step", beat_at=97.0)], now) is None  # stopped lately: named when silent

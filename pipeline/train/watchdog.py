@@ -118,7 +118,7 @@ class Watchdog:
     # -- the thread
 
     def _run(self) -> None:
-        while not self._stop.wait(min(5.0, max(0.1, (self.timeout() or 10.0) / 10))):
+        while not self._stop.wait(beat_interval_s(self.timeout() or 10.0)):
             try:
                 self._beat()
                 beats = self._read()
@@ -180,11 +180,18 @@ def find_hung(beats: list[dict], now: float) -> tuple[dict, bool] | None:
         return min(silent, key=lambda b: b["rank"]), False
     if any(b["phase"] not in JUDGED_PHASES or not b["timeout"] for b in beats):
         return None
+    if any(now - b["beat_at"] > 3 * beat_interval_s(timeout) for b in beats):
+        return None  # a rank stopped lately: it is named once its beat is older than the timeout (above)
     stalled = [b for b in beats if now - b["progress_at"] > timeout]
     if not stalled:
         return None
     between_steps = [b for b in stalled if b["phase"] == "host"]  # not waiting in a collective: the one stuck
     return min(between_steps or stalled, key=lambda b: (b["step"], b["progress_at"], b["rank"])), True
+
+
+def beat_interval_s(timeout_s: float) -> float:
+    """A tenth of the timeout (a hang is seen within 10 % of it), at most 5 s (a file write per rank), at least 0.1 s."""
+    return min(5.0, max(0.1, timeout_s / 10))
 
 
 def set_collective_timeout(seconds: float) -> None:
