@@ -14,7 +14,7 @@ import torch
 from pipeline.train.checkpoint_clock import SAVE_SECONDS_METRIC
 from pipeline.train.exit_codes import EXIT_HUNG
 from pipeline.train.watchdog import HANG_HOLD_ENV, HEARTBEAT_DIR, find_hung
-from tests.test_run_guards import LAUNCH, children, overrides, run, start, wait_gone
+from tests.test_run_guards import LAUNCH, children, overrides, run, runs_of, start, wait_gone
 from tests.test_train import _weights
 
 HANG_TIMEOUT_S = 5
@@ -53,8 +53,9 @@ def test_a_run_killed_after_a_timed_checkpoint_resumes_from_that_step_to_the_sam
     wait_gone(workers, timeout=30)
     assert launched.proc.returncode not in (0, 2, 3), out[-3000:]
     printed = [ln for ln in out.splitlines() if ln.startswith("checkpoint: ")]
-    assert printed[:3] == [f"checkpoint: epoch {e} step {s} saved to last.pt in" for e, s in ((1, 2), (1, 4), (2, 2))] \
-        or all(" saved to last.pt in " in ln and ln.endswith("s (checkpoint.every_minutes)") for ln in printed), out
+    assert any(ln.startswith("checkpoint: epoch 1 step 2 saved to last.pt in ") for ln in printed), out[-3000:]
+    assert any(ln.startswith("checkpoint: epoch 2 step 2 saved to last.pt in ") for ln in printed), out[-3000:]
+    assert all(ln.endswith(" s (checkpoint.every_minutes)") for ln in printed), printed
     state = torch.load(killed / "run" / "last.pt", map_location="cpu", weights_only=False)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 6)  # mid-epoch 2, not its start
 
@@ -66,7 +67,6 @@ def test_a_run_killed_after_a_timed_checkpoint_resumes_from_that_step_to_the_sam
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
-    from tests.test_run_guards import runs_of
     client, runs = runs_of(killed)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     costs = client.get_metric_history(runs[0].info.run_id, SAVE_SECONDS_METRIC)
