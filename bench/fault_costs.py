@@ -74,7 +74,7 @@ def main() -> None:
     print(f"ResNet-18 demo model, batch {args.batch}, 32 px, CPU, {torch.get_num_threads()} threads; "
           f"median of {args.repeats} rounds")
     for name, ms in medians.items():
-        print(f"{name:10s} {ms:10.4f} ms   {ms / medians['step']:9.5f} x a step")
+        print(f"{name:10s} {ms:10.4g} ms   {ms / medians['step']:9.3g} x a step")
 
 
 if __name__ == "__main__":
