@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gpu_memory.py                    # GPU: both tables below
     .venv/bin/python bench/gpu_memory.py --json out.json    # the figures also as JSON (bench/gpu_check.sh)
+    .venv/bin/python bench/gpu_memory.py --estimate configs/imagenet/*.yaml   # no GPU: each recipe's estimate
 
 (1) ResNet-50 SSAL x3 (1000 classes, groups 200/334/500) vs the plain backbone: batch 256, 224 px,
     bf16, channels-last.
@@ -85,6 +86,80 @@ def measure_step(arch: str, method: str, *, batch: int, resolution: int, amp: st
     return result
 
 
+# bytes per parameter that do not scale with the batch: fp32 weights, gradients, SGD momentum and DDP's gradient
+# buckets (4 each), autocast's bf16 weight copies (2)
+BYTES_PER_PARAMETER = 18
+PROBE_RESOLUTION = 64  # every feature map of a ResNet scales with the image's area (sizes divisible by 32)
+# the share of the GPU the estimate may fill: the saved activations leave out backward's gradient buffers, cuDNN's
+# workspaces and the allocator's fragmentation (calibration: FFCV trains ResNet-50 at 512 x 192 px on a 40 GB A100,
+# where this estimate says 17 GiB, i.e. 43 %)
+HEADROOM = 0.5
+
+
+def saved_activation_bytes(arch: str, method: str, *, batch: int, options: dict | None = None,
+                           blurpool: bool = False) -> tuple[int, int]:
+    """(bytes of the tensors autograd saves for backward, parameters) in one training step of `method` on CPU
+    under bf16 autocast at PROBE_RESOLUTION px: distinct storages, the parameters' own left out. Every graph
+    of the step counts (MAXL's meta step adds its graphs to the multi-task step's: an upper bound)."""
+    torch.manual_seed(0)
+    model = ssal_models.build_model(arch, method, NUM_CLASSES, blurpool=blurpool, **method_options(method, options))
+    cls = method_training_class(method)
+    cls.prepare_model(model)
+    training = cls(model, model, build_optimizer(model, OptimConfig(), global_batch=batch), 0.1,
+                   device=torch.device("cpu"), amp="bf16", channels_last=False)
+    training.set_lr_factor(0.1)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    images = torch.randn(batch, 3, PROBE_RESOLUTION, PROBE_RESOLUTION)
+    labels = torch.randint(0, NUM_CLASSES, (batch,))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        training.step(images, labels)
+    return sum(storages.values()), sum(p.numel() for p in model.parameters())
+
+
+def estimate_peak_gib(arch: str, method: str, *, batch: int, resolution: int, options: dict | None = None,
+                      blurpool: bool = False) -> dict:
+    """Peak GPU memory of a training step at `batch` x `resolution` px, estimated on CPU: BYTES_PER_PARAMETER per
+    parameter + the saved activations, measured at batch 1 and 2 (the difference is one image's, the rest is
+    what does not grow with the batch: autocast's weight copies) and scaled by the area to `resolution`."""
+    one, params = saved_activation_bytes(arch, method, batch=1, options=options, blurpool=blurpool)
+    two, _ = saved_activation_bytes(arch, method, batch=2, options=options, blurpool=blurpool)
+    per_image = (two - one) * (resolution / PROBE_RESOLUTION) ** 2
+    fixed = params * BYTES_PER_PARAMETER + max(0, 2 * one - two)
+    return {"params_m": params / 1e6, "per_image_mib": per_image / 2**20, "fixed_gib": fixed / 2**30,
+            "peak_gib": (fixed + batch * per_image) / 2**30}
+
+
+def estimate_recipes(paths: list[str], gpu_gib: float) -> dict:
+    """The estimate for each recipe (its arch, method, per-GPU batch, top training resolution), against a GPU's
+    memory: the share it would use, and the largest batch whose estimate fills at most HEADROOM of it."""
+    from pipeline.train.config import load_config
+
+    rows = {}
+    for path in paths:
+        cfg = load_config(path, ["method.groups_file="])  # SSAL: random groupings of the paper's sizes (below)
+        options = {k: v for k, v in cfg.method.options.items() if cfg.method.name == "maxl"}
+        if cfg.method.name == "maxl":
+            options["generator_every"] = 1  # the step with a meta step: the largest
+        estimate = estimate_peak_gib(cfg.model.arch, cfg.method.name, batch=cfg.data.batch_size,
+                                     resolution=cfg.data.max_res, options=options, blurpool=cfg.model.blurpool)
+        room = HEADROOM * gpu_gib - estimate["fixed_gib"]
+        estimate.update(batch=cfg.data.batch_size, resolution=cfg.data.max_res, share=estimate["peak_gib"] / gpu_gib,
+                        max_batch=int(room * 2**30 // (estimate["per_image_mib"] * 2**20)))
+        rows[path] = estimate
+        print(f"{path:45s} {cfg.model.arch:9s} {cfg.method.name:8s} {cfg.data.batch_size:5d} {cfg.data.max_res:4d} "
+              f"{estimate['params_m']:7.1f} {estimate['per_image_mib']:8.1f} {estimate['peak_gib']:7.1f} "
+              f"{100 * estimate['share']:5.0f}% {estimate['max_batch']:6d}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50")
@@ -96,7 +171,19 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", choices=["ssal", "maxl"], help="one of the two tables")
     parser.add_argument("--json", help="write the figures to this file as well")
+    parser.add_argument("--estimate", nargs="+", metavar="RECIPE.yaml",
+                        help="no GPU needed: estimate each recipe's peak memory on CPU (see estimate_peak_gib)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU's memory for --estimate (H100: 80)")
     args = parser.parse_args(argv)
+    if args.estimate:
+        print(f"peak = {BYTES_PER_PARAMETER} B/param + batch x saved activations per image (bf16 autocast, counted on "
+              f"CPU at {PROBE_RESOLUTION} px, scaled by area); GPU {args.gpu_gib:g} GiB")
+        print(f"{'recipe':45s} {'arch':9s} {'method':8s} {'batch':>5s} {'res':>4s} {'Mparam':>7s} {'MiB/img':>8s} "
+              f"{'GiB':>7s} {'share':>6s} {'max b':>6s}")
+        rows = estimate_recipes(args.estimate, args.gpu_gib)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     if not torch.cuda.is_available():
         print("error: bench/gpu_memory.py needs a CUDA device; none is visible", file=sys.stderr)
         return 2

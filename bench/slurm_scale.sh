@@ -36,7 +36,7 @@ cleanup() {
 trap cleanup EXIT
 
 t=$(now)
-NODES=$NODES CPUS=$TASKS GPUS=$TASKS MEM_MB=4000 NS_PREFIX=scl CTL_PORT=$(free_port) DBD_PORT=$(free_port) \
+NODES=$NODES CPUS=$((3 * TASKS)) GPUS=$TASKS MEM_MB=4000 NS_PREFIX=scl CTL_PORT=$(free_port) DBD_PORT=$(free_port) \
   bash "$REPO/slurm/testcluster.sh" up "$CL" >"$W/cluster-up.log" 2>&1 || { cat "$W/cluster-up.log"; exit 1; }
 # shellcheck disable=SC1091
 . "$CL/env.sh"

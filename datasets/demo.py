@@ -29,6 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ssal_datasets.cpus import usable_cpus
+
 FAMILIES = ("disk", "square", "triangle", "cross", "ring", "star", "diamond", "crescent")
 
 
@@ -182,7 +184,7 @@ def generate_tree(spec: DemoSpec, root: str | os.PathLike, workers: int = 0) -> 
     jobs = []
     for split, count, sid in (("train", spec.train_per_class, 0), ("val", spec.val_per_class, 1)):
         jobs += [(spec, cls, ci, str(root), split, count, sid) for ci, cls in enumerate(table)]
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     if workers <= 1:
         list(map(_write_class, jobs))
     else:

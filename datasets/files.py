@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Union
 
-__all__ = ["atomic_write", "temporary_path", "temporaries_in", "TEMPORARY_NAME", "exclusive_lock", "Busy"]
+__all__ = ["atomic_write", "atomic_link", "sync_folder", "temporary_path", "temporaries_in", "TEMPORARY_NAME", "exclusive_lock",
+           "Busy"]
 
 #: What to write: text (UTF-8), bytes, or a function that writes into the open binary file.
 Content = Union[str, bytes, Callable[[BinaryIO], None]]
@@ -63,18 +64,46 @@ def atomic_write(path: str | os.PathLike, content: Content, *,
                 handle.write(content.encode("utf-8") if isinstance(content, str) else content)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _rename_over(tmp, path, before_replace)
+    return path
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike, *,
+                before_replace: Callable[[Path], None] | None = None) -> Path:
+    """Make ``path`` a hard link to ``source`` as atomic_write writes: a link under the temporary name, renamed
+    over ``path``. A later atomic write of either name renames a new file over that name and leaves the other
+    name on the old file. Raises OSError where the filesystem takes no hard links."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    _rename_over(tmp, path, before_replace)
+    return path
+
+
+def _rename_over(tmp: Path, path: Path, before_replace: Callable[[Path], None] | None) -> None:
+    """Rename the finished temporary ``tmp`` over ``path`` (``before_replace(path)`` first), durably."""
+    try:
         if before_replace is not None:
             before_replace(path)
         os.replace(tmp, path)
     finally:
+        # also when rename() did nothing: two links to one file (``path`` already is ``tmp``'s file)
         if tmp.exists():
             tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """fsync a folder: makes the renames (and links) done in it durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 class Busy(RuntimeError):

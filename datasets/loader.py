@@ -58,6 +58,7 @@ import torch
 # decoders first: it imports FFCV with numba's threading layer chosen and torch's thread count kept
 from ssal_datasets.decoders import (DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, CenterCropDecoder,
                                     SeededRandomResizedCropDecoder)
+from ssal_datasets.cpus import usable_cpus
 from ssal_datasets.epochs import EpochIter, StatelessQuasiRandom, reuse_batch_memory
 from ssal_datasets.resample import LAYOUT_CHW_F32, LAYOUT_HWC_F32, LAYOUT_HWC_U8
 from ffcv.fields.basics import IntDecoder
@@ -198,7 +199,9 @@ class _LoaderBase:
     def _make(self, **kwargs) -> Loader:
         threads = torch.get_num_threads()
         try:
-            loader = Loader(self.beton, batch_size=self.batch_size, num_workers=self.num_workers, **kwargs)
+            # threads beyond the CPUs this process may run on only take turns on them
+            loader = Loader(self.beton, batch_size=self.batch_size, num_workers=min(self.num_workers, usable_cpus()),
+                            **kwargs)
         finally:
             torch.set_num_threads(threads)
         reuse_batch_memory(loader.graph)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssal_datasets.cpus import usable_cpus
 from ssal_datasets.files import Busy, atomic_write, exclusive_lock, temporaries_in, temporary_path
 from ssal_datasets.images import Reject, load_rgb, probe
 from ssal_datasets.layouts import DataError, Source
@@ -72,7 +73,7 @@ class WriterSettings:
 
     @property
     def n_workers(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.workers or usable_cpus()
 
 
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:

@@ -8,7 +8,8 @@
 #
 # Environment (read by `up`; `down` reads what `up` recorded in DIR/cluster.env):
 #   NODES=2          compute nodes n1..nN, each slurmd in its own network namespace with hostname nI
-#   CPUS=2           CPUs declared per node (the box's cores are shared: over-subscription is fine)
+#   CPUS=6           CPUs declared per node, whatever the box has (config_overrides: the cores are shared,
+#                    over-subscription is fine): 2 tasks x cpus_per_task 3 of slurm/testcluster.yaml
 #   GPUS=2           fake GPUs per node (gres; /dev/null character devices, CUDA_VISIBLE_DEVICES gets set)
 #   MEM_MB=4000      RealMemory per node
 #   ACCOUNTING=1     1: slurmdbd + MariaDB (real sacct); 0: sacct stand-in on PATH (answers from squeue)
@@ -98,7 +99,7 @@ install_packages() {
 }
 
 do_up() {
-  NODES=${NODES:-2}; CPUS=${CPUS:-2}; GPUS=${GPUS:-2}; MEM_MB=${MEM_MB:-4000}; ACCOUNTING=${ACCOUNTING:-1}
+  NODES=${NODES:-2}; CPUS=${CPUS:-6}; GPUS=${GPUS:-2}; MEM_MB=${MEM_MB:-4000}; ACCOUNTING=${ACCOUNTING:-1}
   NS=${NS_PREFIX:-stc}; SUBNET=${SUBNET:-10.99.0}; PARTITION=${PARTITION:-gpu}
   CRED_EXPIRE=${CRED_EXPIRE:-10}
   CTL_PORT=${CTL_PORT:-6827}; SLURMD_PORT=${SLURMD_PORT:-6828}; DBD_PORT=${DBD_PORT:-6829}; DB_PORT=${DB_PORT:-3399}
@@ -186,6 +187,7 @@ MailProg=/bin/true
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
+SlurmdParameters=config_overrides
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

@@ -1,5 +1,6 @@
 """The model library: ResNet backbones with auxiliary branches (SSAL, GapCat, DKS, DS),
-their losses, prediction rules, and the class-grouping algorithm.  Pure PyTorch.
+their losses, prediction rules, the class-grouping algorithm, and ``serving`` (the model with its
+prediction rules applied, as MLflow serves it).  Pure PyTorch.
 
 Contract (used by the training engine)::
 

@@ -56,6 +56,8 @@ class MlflowServer:
         self.backend_uri = "sqlite:///" + _os.path.join(self.root, "mlflow.db")
         self.artifacts = _os.path.join(self.root, "artifacts")
         self.proc = None
+        self.extra_args: list = []  # e.g. ["--app-name", "basic-auth"]
+        self.extra_env: dict = {}
 
     def start(self, timeout=120.0):
         import os as _os
@@ -64,10 +66,10 @@ class MlflowServer:
 
         ensure_sqlite_store(self.backend_uri, self.artifacts)  # schema first (no race with the server)
         env = dict(_os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-                   MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+                   MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1", **self.extra_env)
         cmd = [_sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
                "--artifacts-destination", self.artifacts, "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1"]
+               "--port", str(self.port), "--workers", "1", *self.extra_args]
         log = open(_os.path.join(self.root, "server.log"), "ab")
         self.proc = _subprocess.Popen(cmd, env=env, stdout=log, stderr=_subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -172,7 +174,7 @@ def slurm_cluster(tmp_path_factory):
     script = _Path(__file__).resolve().parents[1] / "slurm" / "testcluster.sh"
     directory = tmp_path_factory.mktemp("slurm") / "cluster"
     nodes = 2
-    env = dict(_os.environ, NODES=str(nodes), CPUS="2", GPUS="2", ACCOUNTING=_os.environ.get("TESTCLUSTER_ACCOUNTING", "1"),
+    env = dict(_os.environ, NODES=str(nodes), CPUS="6", GPUS="2", ACCOUNTING=_os.environ.get("TESTCLUSTER_ACCOUNTING", "1"),
                NS_PREFIX=f"pt{_os.getpid() % 100000}", CTL_PORT=str(free_port()), DBD_PORT=str(free_port()))
     up = _subprocess.run(["bash", str(script), "up", str(directory)], env=env, capture_output=True, text=True,
                          timeout=900)

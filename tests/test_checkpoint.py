@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train.checkpoint import (HOLD_SAVE_ENV, CheckpointError, atomic_torch_save, load_checkpoint,
-                                      remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from pipeline.train.checkpoint import (HOLD_SAVE_ENV, CheckpointError, atomic_torch_save, content_checksum,
+                                      load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint,
+                                      set_rng_state, to_cpu)
 
 WRITER = """
 import sys, torch
@@ -153,3 +154,38 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
         assert [p.name for p in folder.iterdir()] == ["last.pt"]  # the partial temporary is gone
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def _model_state(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return {"model": torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)).state_dict(),
+            "epoch": seed, "rng": rng_state()}
+
+
+def test_best_linked_to_last_survives_the_next_atomic_save_of_last(tmp_path):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    epoch1 = _model_state(1)
+    save_checkpoint(epoch1, best, also=[last])  # the trainer's order: best.pt written, last.pt linked to it
+    assert os.path.samefile(best, last) and best.stat().st_nlink == 2
+    assert load_checkpoint(last)["epoch"] == load_checkpoint(best)["epoch"] == 1
+    save_checkpoint(_model_state(2), last)  # the next epoch, not a better one: a new file renamed over last.pt
+    assert not os.path.samefile(best, last) and best.stat().st_nlink == 1
+    kept = load_checkpoint(best)  # the rename replaced last.pt's entry; best.pt still holds epoch 1, intact
+    assert kept["epoch"] == 1 and torch.equal(kept["model"]["0.weight"], epoch1["model"]["0.weight"])
+    assert load_checkpoint(last)["epoch"] == 2
+    save_checkpoint(_model_state(3), best, also=[last])  # a better epoch 3: both names on its file again
+    assert os.path.samefile(best, last) and load_checkpoint(last)["epoch"] == 3
+    save_checkpoint(_model_state(3), best, also=[last])  # linking two names of one file again leaves nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_the_state_is_saved_from_one_cpu_copy_that_keeps_the_state_dict_metadata(tmp_path):
+    state = _model_state(0)
+    copy = to_cpu(state)
+    assert copy["model"]._metadata == state["model"]._metadata  # BatchNorm's version, read by load_state_dict
+    assert all(copy["model"][k].data_ptr() == v.data_ptr() for k, v in state["model"].items())  # CPU: no copy
+    save_checkpoint(state, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded["model"]._metadata == state["model"]._metadata
+    torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)).load_state_dict(loaded["model"])
+    assert content_checksum(loaded) == content_checksum(state)

@@ -59,7 +59,7 @@ def test_dry_run_testcluster_profile(tmp_path):
     s = sbatch_lines(proc.stdout)
     assert s["nodes"] == "2" and s["ntasks-per-node"] == "1" and s["gpus-per-node"] == "1"
     assert s["partition"] == "gpu" and s["time"] == "00:30:00" and s["signal"] == "USR2@60"
-    assert s["cpus-per-task"] == "1" and s["mem"] == "1500M"
+    assert s["cpus-per-task"] == "3" and s["mem"] == "1500M"
     assert "--kill-on-bad-exit=1" in proc.stdout  # one failing task ends the job
     assert f"export PYTHONPATH={REPO}" in proc.stdout
     assert "--resume auto" in proc.stdout
@@ -95,6 +95,34 @@ def test_bad_launch_options_are_one_line_errors(args, message, tmp_path):
     assert proc.returncode == launch.EXIT_USAGE, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--gpus-per-node", "4"], ["cpus_per_task: not set for a GPU job", "--cpus-per-task 4 (data.num_workers=2"]),
+    (["--gpus-per-node", "4", "--cpus-per-task", "2"],
+     ["data.num_workers=2 >= cpus_per_task=2", "--cpus-per-task 4", "lower data.num_workers to 1"]),
+    (["--cluster", "example_gpu", "--cpus-per-task", "10", "--config", str(REPO / "configs/imagenet/resnet50_baseline.yaml")],
+     ["data.num_workers=10 >= cpus_per_task=10", "--cpus-per-task 12", "lower data.num_workers to 8"]),
+    (["--cluster", "testcluster", "data.num_workers=3"], ["data.num_workers=3 >= cpus_per_task=3", "--cpus-per-task 5"]),
+])
+def test_a_gpu_job_without_cores_for_its_loader_is_refused_before_submission(args, needles, tmp_path):
+    """The check runs before anything is rendered or submitted, --dry-run included: one line, exit 2."""
+    proc = run_launch("--partition", "gpu", *args, "--dry-run", "--output-dir", str(tmp_path / "r"), cwd=tmp_path,
+                      env=path_without_slurm(tmp_path))
+    assert proc.returncode == launch.EXIT_USAGE, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert all(needle in lines[0] for needle in needles), lines[0]
+    assert "#SBATCH" not in proc.stdout and not (tmp_path / "r").exists()
+
+
+def test_a_cpu_job_needs_no_cpus_per_task_and_a_gpu_job_with_enough_passes(tmp_path):
+    cpu = run_launch("--partition", "cpu", "--nodes", "2", "--dry-run", "--output-dir", str(tmp_path / "a"),
+                     cwd=tmp_path, env=path_without_slurm(tmp_path))
+    gpu = run_launch("--partition", "gpu", "--gpus-per-node", "2", "--cpus-per-task", "3", "--dry-run",
+                     "--output-dir", str(tmp_path / "b"), cwd=tmp_path, env=path_without_slurm(tmp_path))
+    assert cpu.returncode == 0 and gpu.returncode == 0, cpu.stderr + gpu.stderr
+    assert sbatch_lines(gpu.stdout)["cpus-per-task"] == "3"
 
 
 def test_profile_with_unknown_key_is_refused(tmp_path):
@@ -178,7 +206,7 @@ def test_submission_without_slurm_is_one_line_exit_2(tmp_path, present):
 
 def test_dry_run_without_slurm_shows_the_script_and_says_so(tmp_path):
     """--dry-run is for a laptop too: the sbatch script and resolved settings without any SLURM installed."""
-    proc = run_launch("--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--dry-run",
+    proc = run_launch("--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "4", "--dry-run",
                       "--output-dir", str(tmp_path / "run"), cwd=tmp_path, env=path_without_slurm(tmp_path))
     assert proc.returncode == 0, proc.stderr
     s = sbatch_lines(proc.stdout)

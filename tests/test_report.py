@@ -5,13 +5,15 @@ from pipeline.tracking.store import default_tracking_uri
 from pipeline.tracking.tracker import Tracker
 
 
-def log_run(uri, tmp_path, stage, method, metrics, history=None, study="rep"):
+def log_run(uri, tmp_path, stage, method, metrics, history=None, study="rep", model_dir=None):
     tracker = Tracker(uri=uri, experiment="rep-exp", run_dir=str(tmp_path / stage))
     tracker.start(stage, params={"model.arch": "resnet18"} if method != "groups" else {},
                   tags={"study": study, "stage": stage, "method": method, "arch": "resnet18", "dataset": "demo"})
     for step, values in enumerate(history or [], start=1):
         tracker.log_metrics(values, step=step)
     tracker.log_metrics(metrics, step=9)
+    if model_dir is not None:
+        tracker.log_model(str(model_dir), "model")
     tracker.end("FINISHED")
     return tracker.run_id
 
@@ -92,3 +94,27 @@ def test_paper_figures_from_the_study_file_sit_beside_ours(tmp_path, capsys):
                         "--paper", str(study)]) == 2
     err = capsys.readouterr().err.strip()
     assert "stages.baseline.paper.main" in err and "\n" not in err
+
+
+def test_the_models_of_a_study_are_registered_with_best_on_the_highest_top1(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    import ssal_models
+    from pipeline.train.model_export import save_mlflow_model
+
+    saved = save_mlflow_model(ssal_models.build_model("resnet18", "baseline", 4), tmp_path / "model", resolution=32,
+                              method="baseline", class_names=list("abcd"))
+    uri = default_tracking_uri(str(tmp_path / "runs"))
+    ids = {stage: log_run(uri, tmp_path, stage, "baseline", {"val/top1/main": top1}, model_dir=saved)
+           for stage, top1 in (("small", 0.4), ("large", 0.6), ("tiny", 0.2))}
+    log_run(uri, tmp_path, "nomodel", "dks", {"val/top1/main": 0.9})  # no logged model: nothing registered
+    out = tmp_path / "out"
+    assert report.main(["--study", "rep", "--tracking-uri", uri, "--out", str(out)]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    assert {m.name for m in client.search_registered_models()} == {"rep-baseline"}
+    assert client.get_model_version_by_alias("rep-baseline", "best").run_id == ids["large"]
+    assert {v.run_id for v in client.search_model_versions("name = 'rep-baseline'")} == set(ids.values())
+    text = (out / "report.md").read_text()
+    assert "`rep-baseline`: `best` = version" in text and "(stage large)" in text and "models:/rep-baseline@best" in text
+    assert report.main(["--study", "rep", "--tracking-uri", uri, "--out", str(out)]) == 0  # again: no new versions
+    assert len(client.search_model_versions("name = 'rep-baseline'")) == 3

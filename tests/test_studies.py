@@ -304,3 +304,19 @@ def test_paper_studies_run_the_paper_recipes_and_quote_the_paper(tmp_path, name)
         assert figures["ssal3"] == {"main": (76.4, 93.3), "joint": (76.9, 93.7)}
         groups = " ".join(s.stages["groups"].argv)
         assert "authors" in groups and "hard" in groups and "200 334 500" in groups
+
+
+@pytest.mark.slow
+def test_demo_study_registers_each_training_stage_model_with_the_best_alias(demo_study):
+    assert demo_study.rc == 0, demo_study.out[-4000:]
+    client = _client(demo_study)
+    from pipeline.tracking import runs
+
+    by_stage = {r.data.tags["stage"]: r for r in runs.study_runs(client, "ci")}
+    for stage, method in (("baseline", "baseline"), ("ssal1", "ssal")):
+        best = client.get_model_version_by_alias(f"ci-{method}", "best")
+        assert best.run_id == by_stage[stage].info.run_id
+    registered = {m.name for m in client.search_registered_models()}
+    assert registered == {"ci-baseline", "ci-ssal"}  # the lc and groups stages log no model
+    report = (demo_study.runs_root / "studies" / "ci" / "report" / "report.md").read_text()
+    assert 'models:/ci-ssal@best' in report and 'models:/ci-baseline@best' in report

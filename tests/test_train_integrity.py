@@ -309,3 +309,23 @@ def test_a_corrupt_last_checkpoint_exits_2_from_the_command_line(tiny_demo, tmp_
     result = subprocess.run(train_cmd("--resume", "auto", *tiny_overrides(tiny_demo, tmp_path, **SMALL)),
                             cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert_one_error_line(result.returncode, result.stderr, [str(run_copy / "last.pt"), str(run_copy / "best.pt")])
+
+
+def test_best_pt_is_a_link_to_last_pt_of_its_epoch_and_outlives_the_next_save(tiny_demo, tmp_path, in_process_main):
+    from pipeline.train.checkpoint import load_training_state
+
+    overrides = tiny_overrides(tiny_demo, tmp_path, **SMALL, **{"schedule.epochs": 1})
+    assert in_process_main(overrides) == 0
+    run_dir = tmp_path / "run"
+    best, last = run_dir / "best.pt", run_dir / "last.pt"
+    assert os.path.samefile(best, last)  # epoch 1 is the best so far: written once, two names
+    first_best = load_training_state(best)
+    assert first_best["epoch"] == 1
+    assert in_process_main(["--resume", "auto", *overrides, "schedule.epochs=2"]) == 0
+    assert load_training_state(last)["epoch"] == 2
+    kept = load_training_state(best)  # still loadable after last.pt was saved again
+    if kept["epoch"] == 2:  # epoch 2 was better: linked again
+        assert os.path.samefile(best, last)
+    else:  # the new last.pt was renamed over its name: best.pt keeps epoch 1's file, unchanged
+        assert not os.path.samefile(best, last) and best.stat().st_nlink == 1
+        assert torch.equal(kept["model"]["backbone.fc.weight"], first_best["model"]["backbone.fc.weight"])

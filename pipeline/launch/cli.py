@@ -23,10 +23,11 @@ from typing import Sequence
 from pipeline.launch import study_jobs
 from pipeline.launch.arrays import expand_jobs, load_job_config
 from pipeline.launch.local_workers import child_env, run_workers
-from pipeline.launch.slurm import (PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, follow, log_path,
-                                   make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
+from pipeline.launch.recipe_card import format_card, recipe_card
+from pipeline.launch.slurm import (PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchError, check_cpus_per_task, follow,
+                                   log_path, make_executor, missing_slurm_commands, require_slurm, slurm_settings, submit)
 from pipeline.launch.task import TrainTask, resolve_entry
-from pipeline.tracking import runs, store
+from pipeline.tracking import credentials, runs, store
 from pipeline.tracking.constants import RUN_ID_FILE
 from pipeline.train import run_lock
 from pipeline.train.config import REPO_ROOT, Config, save_config, tracking_uri
@@ -107,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--array", action="append", default=[], metavar="KEY=V1,V2,...",
                        help="submit a job array over these values (repeatable: cartesian product)")
     group.add_argument("--array-parallelism", type=int, dest="array_parallelism", metavar="N")
-    group.add_argument("--dry-run", action="store_true", help="print the sbatch script(s), submit nothing")
+    group.add_argument("--dry-run", action="store_true",
+                       help="print the recipe card (ranks, global batch, peak lr, epochs, steps per epoch, estimated "
+                            "GPU-hours) and, for SLURM, the sbatch script(s); train and submit nothing (with --local too)")
     group = parser.add_argument_group("studies (pipeline/study.py)")
     group.add_argument("--study", metavar="STUDY.yaml",
                        help="run a multi-stage study (studies/*.yaml): --local runs its unfinished stages here one "
@@ -126,6 +129,9 @@ def run_local(args: argparse.Namespace) -> int:
     argv += overrides
     if args.nproc < 1:
         raise LaunchError(f"--nproc: must be >= 1, got {args.nproc}")
+    if args.dry_run:  # what would run, and nothing else
+        print(format_card(recipe_card(cfg, 1, args.nproc, args.config or "the demo job (no --config)")))
+        return 0
     try:  # fail before any worker starts; rank 0 holds the lock for the whole run
         run_lock.check_free(cfg.run_dir)
     except run_lock.RunFolderBusy as err:
@@ -176,6 +182,7 @@ def submit_slurm(args: argparse.Namespace) -> int:
     if args.resume not in (None, "", "auto"):
         raise LaunchError("--resume: SLURM jobs take only --resume auto (continue the run in --output-dir)")
     jobs = expand_jobs(args, args.output_dir)  # every config validated before anything is submitted
+    check_cpus_per_task(settings, jobs)
     for job in jobs:
         held = [name for name in (LAST, RUN_ID_FILE) if (job.run_dir / name).is_file()]
         if held and args.resume != "auto":
@@ -197,10 +204,16 @@ def submit_slurm(args: argparse.Namespace) -> int:
     folder = (first.run_dir if len(jobs) == 1 else first.run_dir.parent) / "slurm"
     job_name = args.job_name or (first.cfg.run_name if len(jobs) == 1 else f"{first.cfg.tracking.experiment}-array")
     if args.dry_run:
-        print_dry_run(make_executor(folder, settings, job_name, script_only=True), settings, jobs, tasks)
+        print_dry_run(make_executor(folder, settings, job_name, script_only=True), settings, jobs, tasks,
+                      args.config or "the demo job (no --config)")
         return 0
 
     uris = [tracking_uri(job.cfg) for job in jobs]
+    for uri in sorted({uri for job, uri in zip(jobs, uris) if job.cfg.tracking.enabled}):
+        try:  # before anything is submitted: a job would stop on it anyway
+            credentials.check_server_accepts(uri)
+        except credentials.CredentialsError as err:
+            raise LaunchError(str(err)) from None
     links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job, uri in zip(jobs, uris)]
     try:
         submitted = submit(lambda: make_executor(folder, settings, job_name), tasks, "submission")
@@ -227,8 +240,9 @@ def submit_slurm(args: argparse.Namespace) -> int:
     return max(codes)
 
 
-def print_dry_run(executor, settings: dict, jobs: Sequence[JobSpec], tasks: Sequence[TrainTask]) -> None:
-    """The sbatch script that would be submitted (an array's --array line added) and each job's argv."""
+def print_dry_run(executor, settings: dict, jobs: Sequence[JobSpec], tasks: Sequence[TrainTask],
+                  args_config: str | None) -> None:
+    """The sbatch script that would be submitted (an array's --array line added), each job's argv and recipe card."""
     # submitit has no public call that renders the script without submitting it
     text = executor._make_submission_file_text(executor._submitit_command_str, "DRYRUN")
     if len(jobs) > 1:
@@ -237,6 +251,8 @@ def print_dry_run(executor, settings: dict, jobs: Sequence[JobSpec], tasks: Sequ
     print(text)
     for job, task in zip(jobs, tasks):
         print(f"# {job.label or 'job'}: {job.run_dir}  argv: {shlex.join(task.argv)}")
+        card = recipe_card(job.cfg, settings["nodes"], settings["tasks_per_node"], job.label or args_config)
+        print(format_card(card))
     missing = missing_slurm_commands()
     if missing:
         print(f"# SLURM not found on this machine ({' and '.join(missing)} not on PATH): the script above is "

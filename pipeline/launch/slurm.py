@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from pipeline.tracking import runs
+from pipeline.tracking import credentials, runs
 from pipeline.train import schema
 from pipeline.train.config import REPO_ROOT, Config
 
@@ -113,6 +113,7 @@ def slurm_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise LaunchError(f"tasks_per_node ({settings['tasks_per_node']}) must equal gpus_per_node "
                           f"({settings['gpus_per_node']}): one task per GPU")
     settings["tasks_per_node"] = settings["gpus_per_node"] or settings["tasks_per_node"] or 1
+    check_no_secrets(settings)
     if settings["time"] is not None:
         settings["time"] = str(settings["time"])
         if not _TIME_RE.match(settings["time"]):
@@ -122,6 +123,40 @@ def slurm_settings(args: argparse.Namespace) -> dict[str, Any]:
         if not re.match(r"^\d+(\.\d+)?[KMGT]?B?$", settings["mem"], re.I):
             raise LaunchError(f"mem: '{settings['mem']}' is not a SLURM memory size (e.g. 64G, 500M, 0)")
     return settings
+
+
+def check_no_secrets(settings: dict[str, Any]) -> None:
+    """A password or token set in a profile would be written into the job's files (and printed by --dry-run):
+    the tasks get it from the environment that sbatch passes on instead (slurm/README.md)."""
+    lines = [("setup", str(line)) for line in settings["setup"]]
+    lines += [("sbatch", f"{key}={value}") for key, value in settings["sbatch"].items()]
+    written = [f"env.{key}" for key in settings["env"] if key in credentials.SECRET_VARIABLES]
+    written += [f"{where} '{name}=...'" for where, text in lines for name in credentials.SECRET_VARIABLES
+                if f"{name}=" in text]
+    if written:
+        raise LaunchError(f"{written[0]}: a secret in the SLURM profile would be written into the job script; "
+                          f"export it in the shell that submits (sbatch passes the environment to the tasks), or "
+                          f"`source` a 0600 file in setup (slurm/README.md)")
+
+
+def check_cpus_per_task(settings: dict[str, Any], jobs: Sequence["JobSpec"]) -> None:
+    """Refuse a GPU job whose tasks would get too few CPUs: without cpus_per_task SLURM gives each task one,
+    and FFCV's ``data.num_workers`` decoding threads need cores of their own besides the main thread's, which
+    queues the GPU's work (a starved main thread leaves the GPU idle)."""
+    if not settings["gpus_per_node"]:
+        return
+    cpus = settings["cpus_per_task"]
+    for job in jobs:
+        workers = job.cfg.data.num_workers
+        where = f"{job.label}: " if job.label else ""
+        fix = (f"pass --cpus-per-task {workers + 2} (data.num_workers={workers} loader threads + 1-2 cores for the "
+               f"main thread) or set cpus_per_task in the --cluster profile")
+        if cpus is None:
+            raise LaunchError(f"{where}cpus_per_task: not set for a GPU job, SLURM would give each task 1 CPU: {fix}")
+        if workers >= cpus:
+            fewer = cpus - 2 if cpus > 2 else cpus - 1
+            raise LaunchError(f"{where}data.num_workers={workers} >= cpus_per_task={cpus} leaves no core for the "
+                              f"main thread: {fix}" + (f", or lower data.num_workers to {fewer}" if fewer else ""))
 
 
 def time_to_minutes(text: str) -> int:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from pipeline.tracking import runs, store
+from pipeline.tracking import credentials, runs, store
 from pipeline.tracking.constants import RUN_ID_FILE
 from pipeline.train import config as config_lib
 from pipeline.train.exit_codes import EXIT_USAGE
@@ -43,7 +43,7 @@ def run_cli(build_parser, run, argv=None, also_usage_errors: tuple = ()) -> int:
     try:
         run(args)
         return 0
-    except (ToolError, runs.RunLookupError, *also_usage_errors) as err:
+    except (ToolError, runs.RunLookupError, credentials.CredentialsError, *also_usage_errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -92,8 +92,11 @@ def kept_output_dir(what: str) -> Path:
 
 def store_uri(uri: str | None, runs_root: str | None) -> str:
     """The tracking store a tool uses: --tracking-uri, else $MLFLOW_TRACKING_URI, else the SQLite store
-    under --runs-root (relative to the repository root, as in the training config)."""
-    return runs.resolve_uri(uri, config_lib.resolve_path(runs_root or "runs"))
+    under --runs-root (relative to the repository root, as in the training config). A URI with credentials in
+    it, or a server that refuses the environment's credentials: :class:`credentials.CredentialsError`."""
+    resolved = runs.resolve_uri(uri, config_lib.resolve_path(runs_root or "runs"))
+    credentials.check_server_accepts(resolved)
+    return resolved
 
 
 def resolve_run(run_id: str | None, run_dir: str | None, uri: str | None, runs_root: str | None):

@@ -17,6 +17,10 @@ columns next to ``top1 <rule>``.
 The table is printed as Markdown, saved as ``report.md`` (and ``report.csv``) with a bar chart
 ``report.png`` (top-1 of every rule per run) in ``--out``, and logged as artifacts of a summary
 run (tags ``study``, ``stage``, ``method=report``) in the study's experiment.
+
+Unless ``--no-mlflow``, each finished training stage's model (``runs:/<id>/model``) is registered in MLflow's
+Model Registry as ``<study>-<method>`` (a run registered before keeps its version), the alias ``best`` is set on
+the version with the highest val/top1/main, and the table ends with a link to each (``models:/<name>@best``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from pipeline.stages.common import (DOCS_EPILOG, ToolError, add_tracking_options, load_trained, log_stage_run,
                                     parse_tags, run_cli, scratch_dir, store_uri)
-from pipeline.tracking import runs
+from pipeline.tracking import models, runs
 from pipeline.train import schema
 
 RULE_ORDER = ["main", "joint", "lc", "ensemble"]
@@ -210,6 +214,28 @@ def bar_chart(rows: list[dict], columns: list[str], study: str):
     return fig
 
 
+def register_models(client, uri: str, study: str, rows: list[dict]) -> str:
+    """Each finished training stage's model (``runs:/<id>/model``) registered as ``<study>-<method>``, alias
+    ``best`` on the highest val/top1/main; the Markdown lines that link them ("" when none has a model)."""
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["status"] == "FINISHED" and row.get("top1 main") is not None:
+            by_method.setdefault(row["method"], []).append(row)
+    lines = []
+    for method, items in by_method.items():
+        name = f"{study}-{method}"
+        if not models.register_best(client, name, [(row["run_id"], row["top1 main"]) for row in items]):
+            continue
+        best = client.get_model_version_by_alias(name, models.BEST_ALIAS)
+        stage = next((row["stage"] for row in items if row["run_id"] == best.run_id), best.run_id)
+        lines.append(f"- `{name}`: `best` = version {best.version} (stage {stage}): "
+                     f"`mlflow.pytorch.load_model(\"models:/{name}@{models.BEST_ALIAS}\")`; "
+                     f"{models.registry_link(uri, name)}")
+    if not lines:
+        return ""
+    return "\n## Models (MLflow Model Registry)\n\n" + "\n".join(lines) + "\n"
+
+
 def run(args) -> dict:
     from pipeline.train.config import resolve_path
 
@@ -220,6 +246,8 @@ def run(args) -> dict:
     if args.paper:
         columns = add_paper_columns(rows, columns, read_paper_figures(args.paper))
     text = markdown(rows, columns, args.study)
+    if not args.no_mlflow:
+        text += register_models(client, uri, args.study, rows)
     out = Path(args.out) if args.out else resolve_path(args.runs_root) / "studies" / args.study / "report"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 from pipeline.tracking.store import ensure_sqlite_store, get_or_create_experiment, sqlite_uri, upload_artifact
 from ssal_datasets.files import atomic_write
 
-# One op per tracking call: {"op": "start"|"metrics"|"params"|"tags"|"artifact"|"end", ...its arguments}.
+# One op per tracking call: {"op": "start"|"metrics"|"params"|"tags"|"artifact"|"model"|"end", ...its arguments}.
 
 __all__ = ["BUFFER_FILE", "REJECTED_FILE", "STATE_FILE", "FALLBACK_DB", "FALLBACK_ARTIFACTS", "STAGING_DIR",
            "read_jsonl", "append_jsonl", "rewrite_jsonl", "write_state", "read_state", "send_op", "split_params", "stage_copy", "write_fallback"]
@@ -107,6 +107,10 @@ def send_op(client, run_id: str, op: dict) -> None:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
     elif kind == "artifact":
         upload_artifact(client, run_id, op["local_path"], op.get("artifact_path"))
+    elif kind == "model":
+        from pipeline.tracking.models import log_saved_model
+
+        log_saved_model(client, run_id, op["local_path"], op["name"])
     elif kind == "end":
         client.set_terminated(run_id, op["status"], end_time=op["ts"])
     else:

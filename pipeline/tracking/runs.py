@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.tracking import store
+from pipeline.tracking import credentials, store
 from pipeline.tracking.constants import RUN_ID_FILE
 
 
@@ -28,6 +28,7 @@ def resolve_uri(uri: str | None, runs_root: str | os.PathLike) -> str:
     does not know; :func:`pipeline.train.config.resolve_path`)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
+        credentials.check_uri(uri, "--tracking-uri / $MLFLOW_TRACKING_URI")
         if uri.startswith("sqlite:///"):
             store.ensure_sqlite_store(uri)
         return uri

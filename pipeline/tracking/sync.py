@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Iterable
 
+from pipeline.tracking import credentials
 from pipeline.tracking.journal import BUFFER_FILE, REJECTED_FILE, append_jsonl, read_jsonl, read_state
 from pipeline.tracking.tracker import Tracker
 
@@ -46,6 +47,13 @@ def main(argv: Iterable[str] | None = None) -> int:
         if not any(os.path.exists(os.path.join(args.run_dir, f)) for f in (BUFFER_FILE, REJECTED_FILE)):
             print(f"nothing to sync: no {BUFFER_FILE} or {REJECTED_FILE} in {args.run_dir}")
             return 0
+        try:
+            if args.uri:
+                credentials.check_uri(args.uri, "--uri")
+            credentials.check_server_accepts(args.uri or read_state(args.run_dir)["uri"])
+        except (credentials.CredentialsError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         run_id = sync_run_dir(args.run_dir, args.uri)
         if run_id is None:
             print("tracking server still unreachable; nothing lost, try again later", file=sys.stderr)

@@ -47,6 +47,7 @@ __all__ = ["Tracker", "NullTracker"]
 log = logging.getLogger(__name__)
 
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+_UPLOADS = ("artifact", "model")  # ops that send files: longer timeout, a probe first, a snapshot when buffered
 
 
 def _now_ms() -> int:
@@ -71,6 +72,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, local_path, artifact_path=None):
+        pass
+
+    def log_model(self, local_path, name):
         pass
 
     def log_dict(self, obj, artifact_file):
@@ -234,6 +238,20 @@ class Tracker:
             except Exception:
                 log.exception("tracking: log_artifact failed (training continues)")
 
+    def log_model(self, local_path: str, name: str) -> None:
+        """Log the MLflow model saved in the folder ``local_path`` as the run's model ``name``
+        (``runs:/<run_id>/<name>``). Journaled like an artifact while the store is away; not written to the
+        fallback store (the folder itself loads with ``mlflow.pytorch.load_model``): ``sync`` logs it."""
+        with self._lock:
+            try:
+                local_path = os.path.abspath(local_path)
+                if not os.path.isdir(local_path):
+                    log.warning("tracking: model folder %s does not exist; skipped", local_path)
+                    return
+                self._submit({"op": "model", "local_path": local_path, "name": name})
+            except Exception:
+                log.exception("tracking: log_model failed (training continues)")
+
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Save ``obj`` as JSON (or YAML for ``.yaml``/``.yml``) under ``artifact_file``."""
         with self._lock:
@@ -312,7 +330,7 @@ class Tracker:
         return self._client
 
     def _submit(self, op: dict) -> None:
-        if not self._pending and self._can_try(artifact=op["op"] == "artifact"):
+        if not self._pending and self._can_try(artifact=op["op"] in _UPLOADS):
             try:
                 self._apply(self._client_for(), op)
                 return
@@ -353,7 +371,7 @@ class Tracker:
         self._next_probe = time.monotonic() + self.retry_interval
 
     def _enqueue(self, op: dict) -> None:
-        if op["op"] == "artifact":
+        if op["op"] in _UPLOADS:
             op = dict(op, local_path=self._stage_copy(op["local_path"]))
         self._pending.append(op)
         self._n_buffered += 1
@@ -361,7 +379,7 @@ class Tracker:
 
     def _keep_rejected(self, op: dict, exc: BaseException) -> None:
         """A call the store refused is never dropped: it goes to REJECTED_FILE, which `sync` retries."""
-        if op["op"] == "artifact" and STAGING_DIR not in op["local_path"]:
+        if op["op"] in _UPLOADS and STAGING_DIR not in op["local_path"]:
             op = dict(op, local_path=self._stage_copy(op["local_path"]))
         reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]
         path = os.path.join(self.run_dir, REJECTED_FILE)
@@ -403,7 +421,7 @@ class Tracker:
 
     def _apply(self, client, op: dict) -> None:
         """One call against a store. Idempotent (a replay after an ambiguous failure is harmless)."""
-        with http_limits(self.artifact_timeout if op["op"] == "artifact" else self.timeout, self.retries):
+        with http_limits(self.artifact_timeout if op["op"] in _UPLOADS else self.timeout, self.retries):
             if op["op"] == "start":
                 self._apply_start(client, op)
             elif self.run_id is None:
@@ -470,3 +488,7 @@ class Tracker:
             "  The unsent calls are kept in %s; push them into %s later with:\n"
             "    merge: python -m pipeline.tracking sync %s",
             self.uri, len(self._pending), fallback_run_id, uri, self.buffer_path, self.uri, self.run_dir)
+        for op in self._pending:
+            if op["op"] == "model":
+                log.warning("tracking: the model is not in the fallback store; sync logs it as runs:/<run id>/%s; "
+                            "meanwhile mlflow.pytorch.load_model(%r) loads it", op["name"], op["local_path"])

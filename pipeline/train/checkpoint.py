@@ -17,12 +17,12 @@ import pickle
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ssal_datasets.files import atomic_write, temporaries_in
+from ssal_datasets.files import atomic_link, atomic_write, temporaries_in
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -67,9 +67,44 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
                               f"(if any) is kept") from None
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Save a training checkpoint atomically, with the checksum of its content."""
-    atomic_torch_save({**state, CHECKSUM_KEY: content_checksum(state)}, path)
+def save_checkpoint(state: dict[str, Any], path: str | Path, also: Sequence[str | Path] = ()) -> None:
+    """Save a training checkpoint atomically, with the checksum of its content; each path in `also` becomes a
+    hard link to the same file (best.pt of the epoch that last.pt holds: written once, not twice).
+
+    The state is copied to the CPU once and both hashed and saved from that copy (torch.save would copy every
+    device tensor again). A filesystem without hard links gets a second full file instead."""
+    cpu_state = to_cpu(state)
+    content = {**cpu_state, CHECKSUM_KEY: content_checksum(cpu_state)}
+    atomic_torch_save(content, path)
+    for other in also:
+        try:
+            atomic_link(path, other, before_replace=_hold_if_asked)
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise CheckpointError(f"{other}: not written ({_first_line(err)}); the previous {Path(other).name} "
+                                      f"(if any) is kept") from None
+            atomic_torch_save(content, other)
+
+
+# the errors of a filesystem (or a link count) that takes no more hard links: a full copy will do
+_NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
+
+
+def to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor on the CPU: containers rebuilt (a state_dict's ``_metadata`` kept), CPU tensors
+    detached but not copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        copied = type(obj)((key, to_cpu(value)) for key, value in obj.items())
+        if hasattr(obj, "_metadata"):  # load_state_dict reads the modules' versions from it
+            copied._metadata = obj._metadata
+        return copied
+    if isinstance(obj, list):
+        return [to_cpu(value) for value in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(to_cpu(value) for value in obj)
+    return obj
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

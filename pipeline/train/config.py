@@ -22,7 +22,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from pipeline.tracking import store
+from pipeline.tracking import credentials, store
 from pipeline.train.schema import SchemaError, merge, merge_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +154,7 @@ class TrackingConfig:
     experiment: str = "ssal-pipeline"  # one experiment per study
     run_name: str = ""  # "" = <dataset>-<arch>-<method>
     tags: dict[str, str] = field(default_factory=dict)
-    log_model: bool = True  # final weights as an artifact
+    log_model: bool = True  # the final model as an MLflow model (runs:/<run id>/model) + final_weights.pt
 
 
 @dataclass
@@ -339,6 +339,9 @@ _URI_FIX = "use http://HOST:PORT (a tracking server), sqlite:////abs/path/mlflow
 
 def check_tracking_uri(uri: str) -> None:
     """A typo here would lose all tracking (MLflow rejects every call): refuse it before training."""
+    problem = credentials.uri_problem(uri)  # first: the messages below echo the URI
+    if problem:
+        raise ConfigError(problem)
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.split("+")[0].lower()  # postgresql+psycopg2://...
     if not parsed.scheme or "://" not in uri:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ssal_datasets.cpus import usable_cpus
+
 
 @dataclass
 class DistInfo:
@@ -145,6 +147,16 @@ def _in_flat_messages(tensors: list[torch.Tensor], collective) -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def cpus_per_rank() -> int:
+    """The CPUs this rank's threads may use: SLURM's cpus_per_task where SLURM placed the task (its affinity mask
+    holds them, or the whole node when SLURM does not bind), else this process's CPUs shared by the node's ranks."""
+    cpus = usable_cpus()
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if per_task:
+        return max(1, min(cpus, int(per_task)))
+    return max(1, cpus // max(1, local_world_size()))
 
 
 def local_world_size() -> int:

@@ -18,6 +18,7 @@ import traceback
 
 import torch
 
+from pipeline.tracking import credentials
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import config as config_lib
 from pipeline.train import dist as dist_util
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:  # before anything reads or writes the run folder
             try:
                 lock = run_lock.acquire(cfg.run_dir)
-            except run_lock.RunFolderBusy as err:
+                if cfg.tracking.enabled:  # a refusal is the user's to fix, not an outage to journal through
+                    credentials.check_server_accepts(cfg.tracking.uri)
+            except (run_lock.RunFolderBusy, credentials.CredentialsError) as err:
                 busy = str(err)
         raise_if_any_rank(info, busy)
         trainer = Trainer(cfg, info, args.resume)

@@ -13,7 +13,6 @@ It raises ``engine.Preempted`` (every rank, at the same step) and ``engine.NonFi
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -152,7 +151,7 @@ class Trainer:
                 self.holdout_loader = Relabelled(self.holdout_loader, label_table)
         self.resolution_for_epoch = data_loader.resolution_for_epoch
         # FFCV sets torch's thread count to its worker count: reset it for CPU training
-        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, dist_util.local_world_size()))
+        threads = cfg.train.threads or dist_util.cpus_per_rank()
         torch.set_num_threads(threads)
 
         self.steps_per_epoch = len(self.train_loader)
@@ -245,13 +244,14 @@ class Trainer:
             "groupings": [g.tolist() for g in self.groupings] if self.groupings is not None else None,
         }
 
-    def save(self, name: str = ckpt.LAST) -> None:
-        """Collective (the BN statistics are averaged first); rank 0 writes."""
+    def save(self, name: str = ckpt.LAST, *links: str) -> None:
+        """Collective (the BN statistics are averaged first); rank 0 writes the checkpoint `name` once, and
+        each of `links` becomes a hard link to it."""
         self.watchdog.idle()
         self.average_bn_statistics()
         if self.info.is_main:
             self._note_run_id()
-            ckpt.save_checkpoint(self._state(), self.run_dir / name)
+            ckpt.save_checkpoint(self._state(), self.run_dir / name, also=[self.run_dir / link for link in links])
         self.checkpoint_clock.saved()
 
     def _note_run_id(self) -> None:
@@ -369,12 +369,17 @@ class Trainer:
                                   if k.startswith("val/top1/") or k == "train/loss")
                 print(f"epoch {epoch + 1}/{epochs}  {heads}  {metrics['train/images_per_second']:.0f} img/s", flush=True)
             top1 = metrics.get("val/top1/main")
+            names = []
             if top1 is not None and top1 > self.best_top1:
                 self.best_top1 = top1
                 if cfg.checkpoint.keep_best:
-                    self.save(ckpt.BEST)
+                    names.append(ckpt.BEST)
             if (epoch + 1) % cfg.checkpoint.every_n_epochs == 0 or last_epoch:
-                self.save()
+                names.append(ckpt.LAST)
+            # best.pt first and last.pt a link to it: a kill between the two leaves the previous last.pt, whose
+            # resume redoes this epoch and saves its best again (last.pt first could leave a stale best.pt)
+            if names:
+                self.save(*names)
             # logged once the checkpoint is on disk: a kill or a full disk during the save makes
             # the resume redo this epoch, which is then logged for the first time
             self.journal.log(f"epoch {epoch + 1}", metrics, step=epoch + 1)
@@ -463,8 +468,23 @@ class Trainer:
             self.tracker.log_artifact(str(path))
         weights = self.run_dir / "final_weights.pt"
         ckpt.atomic_torch_save(self.model_without_ddp.state_dict(), weights)
-        if self.cfg.tracking.log_model:
-            self.tracker.log_artifact(str(weights))
+        if self.cfg.tracking.log_model and self.cfg.tracking.enabled:
+            self.tracker.log_artifact(str(weights))  # the stage tools' input where the run folder is not at hand
+            self._log_mlflow_model()
+
+    def _log_mlflow_model(self) -> None:
+        """The final model as the run's MLflow model ``runs:/<id>/model`` (``model_export``)."""
+        from pipeline.train.model_export import MODEL_NAME, save_mlflow_model
+
+        try:
+            path = save_mlflow_model(engine.unwrap(self.model_without_ddp), self.run_dir,
+                                     resolution=self.cfg.data.val_res, method=self.cfg.method.name,
+                                     class_names=self.class_names)
+        except Exception as err:  # noqa: BLE001 - the run is trained and its weights saved: never fail it here
+            print(f"warning: the MLflow model was not saved ({type(err).__name__}: {err}); "
+                  f"final_weights.pt has the weights", file=sys.stderr, flush=True)
+            return
+        self.tracker.log_model(str(path), MODEL_NAME)
 
 
 def peak_gpu_memory(device: torch.device, prefix: str) -> dict[str, float]:
