@@ -24,8 +24,9 @@ from pipeline.train import config as config_lib
 from pipeline.train import dist as dist_util
 from pipeline.train import engine, preemption, run_lock
 from pipeline.train.config import Config, ConfigError
+from pipeline.train.dist import AgreedConfigError, raise_if_any_rank
 from pipeline.train.exit_codes import EXIT_NONFINITE, EXIT_USAGE
-from pipeline.train.trainer import AgreedConfigError, Trainer, raise_if_any_rank
+from pipeline.train.trainer import Trainer
 from pipeline.train.watchdog import collective_timeout_s
 
 

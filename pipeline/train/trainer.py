@@ -105,7 +105,7 @@ class Trainer:
         if missing:
             raise ConfigError(f"data.root: {data_root / 'manifest.json'} has no {' and no '.join(missing)} split; "
                               f"write the data set with `python datasets/write_ffcv.py {cfg.data.dataset} --out {data_root}`")
-        raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
+        dist_util.raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
         self.num_classes, self.class_names, label_table = label_space(cfg, manifest)
         grouped = cfg.method.name in config_lib.GROUPED_METHODS
         self.groupings = load_groupings(cfg, self.num_classes) if grouped else None
@@ -495,20 +495,3 @@ def peak_gpu_memory(device: torch.device, prefix: str) -> dict[str, float]:
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.reset_peak_memory_stats(device)
     return {f"{prefix}/peak_gpu_memory_gib": peak}
-
-
-class AgreedConfigError(ConfigError):
-    """A ConfigError that every rank raises together (see :func:`raise_if_any_rank`); rank 0 alone prints it."""
-
-
-def raise_if_any_rank(info: dist_util.DistInfo, message: str | None) -> None:
-    """Each rank passes its own problem (or None); if any rank has one, every rank raises the first one.
-    A check that may fail on one rank only (its node's copy of the data, the lock rank 0 takes) thus ends
-    all ranks at once, with one line instead of one per rank or a rank left waiting in a collective."""
-    messages = [message]
-    if info.distributed:
-        messages = [None] * info.world_size
-        torch.distributed.all_gather_object(messages, message)
-    for rank, text in enumerate(messages):
-        if text:
-            raise AgreedConfigError(text if rank == 0 else f"rank {rank}: {text}")
