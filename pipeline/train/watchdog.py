@@ -11,8 +11,8 @@ after the job for a restarter or a person to read (the run folder is on a shared
 A rank is *hung* when its beat is older than the timeout (the process is stopped or gone), or when it sits
 between steps (phase ``host``) with no step finished for the timeout while the others wait in a collective.
 Every rank's watchdog that sees a hang exits the process with ``EXIT_HUNG`` (the main thread is stuck in a
-collective and cannot unwind); the lowest other rank prints the one line and, when the hung process is on its
-host but does not answer, sends it SIGUSR1: ``faulthandler`` dumps every thread's stack on its stderr (once it
+collective and cannot unwind); the first to see it creates ``.heartbeat/hang.json`` (the verdict, for a
+restarter), prints the one line and, when the hung process is on its host but does not answer, sends it SIGUSR1: ``faulthandler`` dumps every thread's stack on its stderr (once it
 runs again, for a stopped one). A hung rank that still answers dumps its own stacks.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 from pipeline.train.exit_codes import EXIT_HUNG
 
 HEARTBEAT_DIR = ".heartbeat"
+VERDICT_FILE = "hang.json"  # the first rank to see a hang creates it: it alone prints; the rest exit silently
 # auto timeout: 5 x the slowest step seen absorbs a step slowed by a checkpoint write elsewhere, a loader stall
 # or a slow node's jitter; the floor of 120 s covers what is not a step (the flag agreement waiting for a
 # rank that evaluates or saves, the first steps of an epoch at a new resolution) without waiting 30 minutes
@@ -71,6 +72,8 @@ class Watchdog:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:  # a verdict of an earlier start (resumed after a hang); rank 0 starts before any judging
+            (self.folder / VERDICT_FILE).unlink(missing_ok=True)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         self._thread.start()
 
@@ -124,6 +127,8 @@ class Watchdog:
                 beats = self._read()
             except OSError:
                 continue  # a file system hiccup: the next beat tries again
+            if (self.folder / VERDICT_FILE).exists():
+                os._exit(EXIT_HUNG)  # another rank saw the hang (this one may have been the stopped one)
             hung = find_hung(beats, time.time())
             if hung is not None:
                 self._fail(*hung, beats)
@@ -146,8 +151,13 @@ class Watchdog:
         return beats
 
     def _fail(self, culprit: dict, answering: bool, beats: list[dict]) -> None:
-        others = [b["rank"] for b in beats if b["rank"] != culprit["rank"]]
-        reporter = min(others) if others else culprit["rank"]
+        try:
+            fd = os.open(self.folder / VERDICT_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, json.dumps({**culprit, "answering": answering, "seen_by": self.rank}).encode())
+            os.close(fd)
+            reporter = self.rank
+        except FileExistsError:
+            reporter = None
         silent_s = time.time() - (culprit["progress_at"] if answering else culprit["beat_at"])
         if self.rank == reporter:
             state = {"host": "stuck between steps", "step": "inside a step", "sync": "in the flag agreement"}.get(
