@@ -164,7 +164,9 @@ def test_docs_pages_named_in_the_code_exist():
 
 
 def test_the_docs_name_no_tool_of_the_place_they_were_written_in():
-    found = [f"{_rel(page)}: {word!r}" for page in PAGES for word in PLACE_WORDS if word in page.read_text().lower()]
+    # whole words: a config key such as train.hang_timeout_s is not the tool's timeout_s
+    found = [f"{_rel(page)}: {word!r}" for page in PAGES for word in PLACE_WORDS
+             if re.search(rf"(?<!\w){re.escape(word)}(?!\w)", page.read_text().lower())]
     assert not found, f"speak of 'a machine with a GPU', not of this workplace's tools: {found}"
 
 

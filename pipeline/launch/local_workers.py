@@ -26,7 +26,7 @@ import time
 from typing import Mapping, Sequence
 
 from pipeline.train.config import REPO_ROOT
-from pipeline.train.exit_codes import ORDERLY_EXITS
+from pipeline.train.exit_codes import EXIT_HUNG, ORDERLY_EXITS
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR2: signal.SIGUSR2,
              signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
@@ -103,6 +103,8 @@ def _wait(procs: list[subprocess.Popen], pgid: int) -> int:
         codes = [proc.poll() for proc in procs]
         now = time.monotonic()
         for rank, code in enumerate(codes):
+            if code == EXIT_HUNG and first_failure not in (None, EXIT_HUNG):
+                first_failure = code  # the cause, not a partner's error on the closed connection
             if code not in (None, 0) and first_failure is None:
                 first_failure = code
                 # a crash leaves the others in a collective: stop them now; an orderly exit is followed by the

@@ -130,6 +130,10 @@ class TrainConfig:
     # per 8 steps instead of several times a step. The epoch's last step is always checked (no non-finite
     # state is checkpointed); 1 = every step, as before.
     sync_every: int = 8
+    # seconds without a finished training step after which a rank counts as hung and the job fails with the
+    # hang exit code (pipeline/train/watchdog.py); also the process group's collective timeout. 0 = auto:
+    # max(120 s, 5 x the slowest step seen), the first step (compilation, loader start) not judged
+    hang_timeout_s: float = 0.0
     threads: int = 0  # torch intra-op threads on CPU (0 = number of cores / processes)
 
 
@@ -157,6 +161,9 @@ class TrackingConfig:
 class CheckpointConfig:
     every_n_epochs: int = 1
     keep_best: bool = True  # best.pt by val top-1 of the main head
+    # 0 = off; else a mid-epoch last.pt (the exact state a stop writes) once this much wall time has passed
+    # since the last checkpoint, rank 0's clock deciding at a train.sync_every agreement; training goes on
+    every_minutes: float = 0.0
 
 
 @dataclass
@@ -272,6 +279,7 @@ def validate(cfg: Config) -> None:
     non_negative = [
         "data.num_workers", "data.start_ramp", "data.end_ramp", "optim.weight_decay",
         "optim.grad_clip_norm", "schedule.warmup_epochs", "train.max_steps_per_epoch", "train.threads",
+        "train.hang_timeout_s", "checkpoint.every_minutes",
     ]
     for key in non_negative:
         if flat[key] < 0:

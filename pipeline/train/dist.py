@@ -2,7 +2,8 @@
 
 `init_distributed_mode` reads torchrun's variables first (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT), else SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
-SLURM_JOB_NODELIST), else runs as a single process without a process group.
+SLURM_JOB_NODELIST), else runs as a single process without a process group. `raise_if_any_rank` ends
+every rank at once on a problem that one rank found.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from pipeline.train.config import ConfigError
 
 from ssal_datasets.cpus import usable_cpus
 
@@ -161,3 +164,20 @@ def cpus_per_rank() -> int:
 
 def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0] or 1)
+
+
+class AgreedConfigError(ConfigError):
+    """A ConfigError that every rank raises together (see :func:`raise_if_any_rank`); rank 0 alone prints it."""
+
+
+def raise_if_any_rank(info: DistInfo, message: str | None) -> None:
+    """Each rank passes its own problem (or None); if any rank has one, every rank raises the first one.
+    A check that may fail on one rank only (its node's copy of the data, the lock rank 0 takes) thus ends
+    all ranks at once, with one line instead of one per rank or a rank left waiting in a collective."""
+    messages = [message]
+    if info.distributed:
+        messages = [None] * info.world_size
+        dist.all_gather_object(messages, message)
+    for rank, text in enumerate(messages):
+        if text:
+            raise AgreedConfigError(text if rank == 0 else f"rank {rank}: {text}")

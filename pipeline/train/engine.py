@@ -107,17 +107,19 @@ class RankFlags:
         self.first_bad = torch.where(keep, here, self.first_bad)
         self.pending += 1
 
-    def agree(self, stop_requested: bool) -> tuple[bool, bool, int | None, str]:
-        """(some rank had a non-finite loss, some rank asked to stop, this rank's first non-finite step (0-based)
-        or None, its values as "loss=..., part=..."). Collective."""
+    def agree(self, stop_requested: bool, checkpoint_due: bool = False) -> tuple[bool, bool, bool, int | None, str]:
+        """(some rank had a non-finite loss, some rank asked to stop, some rank asked for a checkpoint (rank 0's
+        clock: checkpoint.every_minutes), this rank's first non-finite step (0-based) or None, its values as
+        "loss=..., part=..."). Collective."""
         first_bad = self.first_bad if self.first_bad is not None else torch.full((1,), float("nan"), device=self.device)
-        flags = torch.stack([(~torch.isnan(first_bad[0])).float(), torch.tensor(float(stop_requested), device=self.device)])
+        flags = torch.tensor([0.0, float(stop_requested), float(checkpoint_due)], device=self.device)
+        flags[0] = (~torch.isnan(first_bad[0])).float()
         dist_util.all_reduce_sum(flags)
         values = torch.cat([flags, first_bad]).tolist()  # the window's one synchronisation
         self.pending, self.first_bad = 0, None
-        seen_here = values[2] == values[2]  # not NaN: this rank had one
-        detail = ", ".join(f"{name}={value:.4g}" for name, value in zip(["loss"] + self.part_names, values[3:]))
-        return values[0] > 0, values[1] > 0, int(values[2]) if seen_here else None, detail
+        seen_here = values[3] == values[3]  # not NaN: this rank had one
+        detail = ", ".join(f"{name}={value:.4g}" for name, value in zip(["loss"] + self.part_names, values[4:]))
+        return values[0] > 0, values[1] > 0, values[2] > 0, int(values[3]) if seen_here else None, detail
 
 
 class StandardTraining:
@@ -223,6 +225,9 @@ def train_one_epoch(
     on_step_end: Callable[[], None] | None = None,
     progress=None,
     sync_every: int = 1,
+    checkpoint_due: Callable[[], bool] = lambda: False,
+    save_checkpoint: Callable[[float], None] | None = None,
+    on_step_begin: Callable[[], None] | None = None,
 ) -> int:
     """Train `steps` iterations of one epoch, skipping the first `start_step` (mid-epoch resume).
 
@@ -230,7 +235,10 @@ def train_one_epoch(
     Preempted (every rank, together) when a stop was requested. Both are agreed across ranks after every
     step whose number (from the epoch's start) is a multiple of `sync_every`, and after the epoch's last
     step, so the caller never checkpoints a non-finite step: a step is neither read nor synchronised on
-    between those points (train.sync_every, pipeline/train/config.py).
+    between those points (train.sync_every, pipeline/train/config.py). `checkpoint_due()` is called on every
+    rank just before each agreement; when it was true on some rank (rank 0's clock), every rank calls `save_checkpoint(seconds of this
+    epoch so far)` together and training goes on (checkpoint.every_minutes). `on_step_begin` is called before
+    each step (the hang watchdog's phase, pipeline/train/watchdog.py).
     """
     method_training.train_model.train()
     method_training.begin_epoch(epoch)
@@ -244,6 +252,8 @@ def train_one_epoch(
                 break
             if step < start_step:
                 continue  # replay the epoch's order up to where the interrupted run stopped
+            if on_step_begin is not None:
+                on_step_begin()
             method_training.set_lr_factor(lr_factor_at(global_step))
             if method_training.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -256,19 +266,23 @@ def train_one_epoch(
             if progress is not None:
                 progress.update(step, loss, method_training.lr)
             if (step + 1) % sync_every == 0 or step + 1 == steps:
-                _agree_or_raise(flags, stop_requested(), epoch, step, global_step, meter, started)
+                _agree_or_raise(flags, stop_requested(), checkpoint_due(), save_checkpoint, epoch, step, global_step,
+                                meter, started)
     finally:
         close_iterator(iterator)
     if flags.pending:  # the loader ended before `steps`: the last steps are checked all the same
-        _agree_or_raise(flags, stop_requested(), epoch, step, global_step, meter, started)
+        _agree_or_raise(flags, stop_requested(), checkpoint_due(), save_checkpoint, epoch, step, global_step,
+                                meter, started)
     meter.seconds += time.perf_counter() - started
     return global_step
 
 
-def _agree_or_raise(flags: RankFlags, stop_requested: bool, epoch: int, step: int, global_step: int,
+def _agree_or_raise(flags: RankFlags, stop_requested: bool, checkpoint_due: bool,
+                    save_checkpoint: Callable[[float], None] | None, epoch: int, step: int, global_step: int,
                     meter: EpochMeter, started: float) -> None:
-    """Agree on the window's flags; a non-finite loss wins over a stop (no checkpoint of that state)."""
-    non_finite, stop, first_bad_step, detail = flags.agree(stop_requested)
+    """Agree on the window's flags; a non-finite loss wins over a stop (no checkpoint of that state), a stop over
+    a timed checkpoint (the stop writes one)."""
+    non_finite, stop, checkpoint, first_bad_step, detail = flags.agree(stop_requested, checkpoint_due)
     if non_finite:
         agreed = f"agreed after step {step + 1}, global step {global_step}"
         if first_bad_step is None:
@@ -278,6 +292,8 @@ def _agree_or_raise(flags: RankFlags, stop_requested: bool, epoch: int, step: in
     if stop:
         meter.seconds += time.perf_counter() - started
         raise Preempted(f"stop requested at epoch {epoch + 1} step {step + 1}")  # 1-based, as progress
+    if checkpoint and save_checkpoint is not None:
+        save_checkpoint(time.perf_counter() - started)
 
 
 def close_iterator(iterator) -> None:

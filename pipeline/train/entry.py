@@ -4,7 +4,7 @@ The same entry runs as one process, under torchrun (one process per GPU), and in
 started by submitit (``pipeline/launch/task.py``). It reads the arguments and the config, sets the
 process up (signal handlers, process group, torch flags, the run folder's lock), runs a
 :class:`pipeline.train.trainer.Trainer`, and turns the outcome into the exit code: 0 done, 2 bad
-input (one line), 3 stopped with a checkpoint, 4 non-finite loss (``exit_codes``),
+input (one line), 3 stopped with a checkpoint, 4 non-finite loss, 5 a rank hung (``exit_codes``, ``watchdog``),
 1 anything else.
 """
 from __future__ import annotations
@@ -24,8 +24,10 @@ from pipeline.train import config as config_lib
 from pipeline.train import dist as dist_util
 from pipeline.train import engine, preemption, run_lock
 from pipeline.train.config import Config, ConfigError
+from pipeline.train.dist import AgreedConfigError, raise_if_any_rank
 from pipeline.train.exit_codes import EXIT_NONFINITE, EXIT_USAGE
-from pipeline.train.trainer import AgreedConfigError, Trainer, raise_if_any_rank
+from pipeline.train.trainer import Trainer
+from pipeline.train.watchdog import collective_timeout_s
 
 
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     preemption.install_handlers()
-    info = dist_util.init_distributed_mode(cfg.train.device)
+    info = dist_util.init_distributed_mode(cfg.train.device, collective_timeout_s(cfg.train.hang_timeout_s))
     configure_torch(cfg)
     trainer = None
     lock = None
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return 1
     finally:
+        if trainer is not None:
+            trainer.watchdog.stop()
         if trainer is not None and getattr(trainer, "tracker", None) is not None and status is not None:
             trainer.tracker.end(status)
         dist_util.cleanup()

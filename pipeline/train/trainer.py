@@ -29,11 +29,13 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import config as config_lib
 from pipeline.train import data_access, engine, preemption
 from pipeline.train import dist as dist_util
+from pipeline.train.checkpoint_clock import CheckpointClock, save_mid_epoch
 from pipeline.train.config import Config, ConfigError, tracking_uri
 from pipeline.train.factory import (Relabelled, arch_label, build_model, data_problem, ensure_dataset, holdout_split,
                                      label_space, load_groupings, method_training_class)
 from pipeline.train.metrics_journal import MetricsJournal
 from pipeline.train.optim import build_optimizer, lr_factor, scaled_lr
+from pipeline.train.watchdog import Watchdog
 from ssal_datasets.manifest import read_manifest
 
 
@@ -73,6 +75,8 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.run_dir = cfg.run_dir
         self.resume_path = self._resume_path(resume)
+        self.checkpoint_clock = CheckpointClock(cfg.checkpoint.every_minutes, decides=info.is_main)
+        self.watchdog = Watchdog(self.run_dir, info.rank, info.world_size, cfg.train.hang_timeout_s)
 
     def _resume_path(self, resume: str) -> Path | None:
         last = self.run_dir / ckpt.LAST
@@ -101,7 +105,7 @@ class Trainer:
         if missing:
             raise ConfigError(f"data.root: {data_root / 'manifest.json'} has no {' and no '.join(missing)} split; "
                               f"write the data set with `python datasets/write_ffcv.py {cfg.data.dataset} --out {data_root}`")
-        raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
+        dist_util.raise_if_any_rank(info, data_problem(cfg, data_root, manifest))
         self.num_classes, self.class_names, label_table = label_space(cfg, manifest)
         grouped = cfg.method.name in config_lib.GROUPED_METHODS
         self.groupings = load_groupings(cfg, self.num_classes) if grouped else None
@@ -243,10 +247,12 @@ class Trainer:
     def save(self, name: str = ckpt.LAST, *links: str) -> None:
         """Collective (the BN statistics are averaged first); rank 0 writes the checkpoint `name` once, and
         each of `links` becomes a hard link to it."""
+        self.watchdog.idle()
         self.average_bn_statistics()
         if self.info.is_main:
             self._note_run_id()
             ckpt.save_checkpoint(self._state(), self.run_dir / name, also=[self.run_dir / link for link in links])
+        self.checkpoint_clock.saved()
 
     def _note_run_id(self) -> None:
         """The tracker may learn its run id late (server down at start): keep the newest one."""
@@ -304,6 +310,7 @@ class Trainer:
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
         epochs = cfg.schedule.epochs
         last_metrics: dict[str, float] = {}
+        self.watchdog.start()  # stopped by the entry, however the run ends
         if self.resume_path is None:  # once per run, before any training
             self._log_initial_metrics()
         while self.epoch < epochs:
@@ -325,6 +332,11 @@ class Trainer:
                     self.average_bn_statistics()
                 if self.ema is not None:
                     self.ema.update_parameters(self.model_without_ddp)
+                self.watchdog.step_done(self.global_step)
+
+            def checkpoint_due():  # just before every flag agreement, on every rank
+                self.watchdog.sync()
+                return self.checkpoint_clock.due()
 
             try:
                 engine.train_one_epoch(
@@ -332,9 +344,12 @@ class Trainer:
                     start_step=start_step, meter=self.meter, global_step=self.global_step,
                     stop_requested=preemption.requested,
                     lr_factor_at=lambda iteration: lr_factor(cfg.schedule, iteration, self.steps_per_epoch),
-                    on_step_end=after_step, progress=progress, sync_every=cfg.train.sync_every)
+                    on_step_end=after_step, progress=progress, sync_every=cfg.train.sync_every,
+                    checkpoint_due=checkpoint_due, on_step_begin=self.watchdog.step_begin,
+                    save_checkpoint=lambda seconds: save_mid_epoch(self, seconds, self.tracker.log_metrics))
             finally:
                 progress.close()
+            self.watchdog.idle()
             metrics = self.meter.reduced(info.device)
             metrics["train/resolution"] = float(resolution)
             metrics["train/lr"] = self.method_training.lr
@@ -480,20 +495,3 @@ def peak_gpu_memory(device: torch.device, prefix: str) -> dict[str, float]:
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.reset_peak_memory_stats(device)
     return {f"{prefix}/peak_gpu_memory_gib": peak}
-
-
-class AgreedConfigError(ConfigError):
-    """A ConfigError that every rank raises together (see :func:`raise_if_any_rank`); rank 0 alone prints it."""
-
-
-def raise_if_any_rank(info: dist_util.DistInfo, message: str | None) -> None:
-    """Each rank passes its own problem (or None); if any rank has one, every rank raises the first one.
-    A check that may fail on one rank only (its node's copy of the data, the lock rank 0 takes) thus ends
-    all ranks at once, with one line instead of one per rank or a rank left waiting in a collective."""
-    messages = [message]
-    if info.distributed:
-        messages = [None] * info.world_size
-        torch.distributed.all_gather_object(messages, message)
-    for rank, text in enumerate(messages):
-        if text:
-            raise AgreedConfigError(text if rank == 0 else f"rank {rank}: {text}")

@@ -1,0 +1,141 @@
+"""Faults that come without a stop signal (issue 24): a run killed after a time-based mid-epoch checkpoint
+resumes from that step to the same weights, and a hung rank ends the job in seconds with one line and its
+stacks. Real processes (`launch.py --local --nproc 2`, gloo), real SIGKILL / SIGSTOP, real FFCV betons,
+a real MLflow SQLite store."""
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.train.checkpoint_clock import SAVE_SECONDS_METRIC
+from pipeline.train.exit_codes import EXIT_HUNG
+from pipeline.train.watchdog import HANG_HOLD_ENV, HEARTBEAT_DIR, find_hung
+from tests.test_run_guards import LAUNCH, children, overrides, run, runs_of, start, wait_gone
+from tests.test_train import _weights
+
+HANG_TIMEOUT_S = 5
+
+
+def job(data_root: Path, work: Path, **extra) -> list[str]:
+    """2 epochs of 4 steps, flags agreed every 2 steps, deterministic (the default)."""
+    return overrides(data_root, work, **{"schedule.epochs": 2, "train.max_steps_per_epoch": 4, **extra})
+
+
+def heartbeat(work: Path, rank: int) -> dict:
+    return json.loads((work / "run" / HEARTBEAT_DIR / f"rank{rank}.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_timed_checkpoint_resumes_from_that_step_to_the_same_weights(tiny_demo, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = run(LAUNCH + ["--local", "--nproc", "2", *job(tiny_demo, straight)])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    timed = job(tiny_demo, killed, **{"checkpoint.every_minutes": 0.001})  # due at every agreement
+    # rank 0 blocks after global step 7 (epoch 2 step 3), past the timed save at epoch 2 step 2
+    launched = start(LAUNCH + ["--local", "--nproc", "2", *timed], **{HANG_HOLD_ENV: "0@7"})
+    try:
+        launched.wait_for("checkpoint: epoch 2 step 2 saved to last.pt in")
+        workers = children(launched.proc.pid)
+        assert len(workers) == 2, workers
+        deadline = time.monotonic() + 120  # until rank 0 holds
+        while time.monotonic() < deadline and heartbeat(killed, 0)["step"] != 7:
+            time.sleep(0.2)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)  # a hard failure: nothing is saved now
+        out = launched.rest(timeout=120)
+    finally:
+        launched.proc.kill()
+    wait_gone(workers, timeout=30)
+    assert launched.proc.returncode not in (0, 2, 3), out[-3000:]
+    printed = [ln for ln in out.splitlines() if ln.startswith("checkpoint: ")]
+    assert any(ln.startswith("checkpoint: epoch 1 step 2 saved to last.pt in ") for ln in printed), out[-3000:]
+    assert any(ln.startswith("checkpoint: epoch 2 step 2 saved to last.pt in ") for ln in printed), out[-3000:]
+    assert all(ln.endswith(" s (checkpoint.every_minutes)") for ln in printed), printed
+    state = torch.load(killed / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 6)  # mid-epoch 2, not its start
+
+    resumed = run(LAUNCH + ["--local", "--nproc", "2", "--resume", "auto", *timed])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "epoch 2 step 2" in resumed.stdout, resumed.stdout[-3000:]
+    a, b = _weights(straight / "run" / "final_weights.pt"), _weights(killed / "run" / "final_weights.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    client, runs = runs_of(killed)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    costs = client.get_metric_history(runs[0].info.run_id, SAVE_SECONDS_METRIC)
+    assert costs and all(m.value > 0 for m in costs)
+
+
+def _hung_job(tiny_demo: Path, work: Path, **env_extra):
+    ov = overrides(tiny_demo, work, **{"schedule.epochs": 30, "train.max_steps_per_epoch": 4,
+                                        "train.hang_timeout_s": HANG_TIMEOUT_S})
+    return start(LAUNCH + ["--local", "--nproc", "2", *ov], **env_extra)
+
+
+def _hang_lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln.startswith("error: hang: ")]
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_in_seconds_with_one_line_and_its_stacks(tiny_demo, tmp_path):
+    launched = _hung_job(tiny_demo, tmp_path)
+    try:
+        launched.wait_for("epoch 1/30 step 2/4")
+        stopped = heartbeat(tmp_path, 1)["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        launched.wait_for("error: hang: ", timeout=120)
+        detected_s = time.monotonic() - stopped_at
+        os.kill(stopped, signal.SIGCONT)  # its pending SIGUSR1 dumps its threads now
+        out = launched.rest(timeout=120)
+    finally:
+        launched.proc.kill()
+    assert launched.proc.returncode == EXIT_HUNG, out[-3000:]
+    assert detected_s < HANG_TIMEOUT_S + 15, detected_s
+    lines = _hang_lines(out)
+    assert len(lines) == 1, out[-3000:]
+    assert f"rank 1 on {os.uname().nodename} (pid {stopped})" in lines[0] and "after finishing global step" in lines[0]
+    assert "not answering" in lines[0]
+    assert "most recent call first" in out and "train_one_epoch" in out, out[-3000:]  # faulthandler's dump
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_in_python_ends_the_job_with_one_line_and_the_stuck_frame(tiny_demo, tmp_path):
+    launched = _hung_job(tiny_demo, tmp_path, **{HANG_HOLD_ENV: "1@3"})  # rank 1 blocks after global step 3
+    try:
+        launched.wait_for("epoch 1/30 step 3/4")
+        seen_at = time.monotonic()
+        out = launched.rest(timeout=120)
+    finally:
+        launched.proc.kill()
+    assert launched.proc.returncode == EXIT_HUNG, out[-3000:]
+    assert time.monotonic() - seen_at < HANG_TIMEOUT_S + 20
+    lines = _hang_lines(out)
+    assert len(lines) == 1, out[-3000:]
+    assert "rank 1 on " in lines[0] and "after finishing global step 3," in lines[0] and "stuck between steps" in lines[0]
+    dump = out[out.index("rank 1: hung after global step 3; its threads:"):]
+    assert "in step_done" in dump and "hang-watchdog" not in lines[0], dump[-3000:]
+
+
+def test_the_hung_rank_is_the_silent_one_or_the_one_between_steps():
+    now, timeout = 100.0, 5.0
+
+    def beat(rank, step, phase, progress_at=80.0, beat_at=99.0):
+        return {"rank": rank, "host": "h", "pid": rank, "step": step, "progress_at": progress_at, "phase": phase,
+                "timeout": timeout, "beat_at": beat_at}
+
+    waiting = beat(0, 4, "step")
+    assert find_hung([waiting, beat(1, 3, "host")], now) == (beat(1, 3, "host"), True)
+    assert find_hung([waiting, beat(1, 4, "step", beat_at=90.0)], now) == (beat(1, 4, "step", beat_at=90.0), False)
+    assert find_hung([waiting, beat(1, 3, "idle")], now) is None  # evaluating or saving: the others wait for it
+    assert find_hung([beat(0, 5, "step", progress_at=97.0), beat(1, 4, "host", progress_at=98.0)], now) is None  # progress
+    assert find_hung([beat(0, 4, "step", beat_at=10.0), beat(1, 4, "done", beat_at=10.0)], now)[0]["rank"] == 0
+    assert find_hung([{**waiting, "timeout": None}], now) is None  # auto timeout not known yet
+    assert find_hung([waiting, beat(1, 4, "step", beat_at=97.0)], now) is None  # stopped lately: named when silent
