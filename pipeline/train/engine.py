@@ -272,7 +272,7 @@ def train_one_epoch(
         close_iterator(iterator)
     if flags.pending:  # the loader ended before `steps`: the last steps are checked all the same
         _agree_or_raise(flags, stop_requested(), checkpoint_due(), save_checkpoint, epoch, step, global_step,
-                                meter, started)
+                        meter, started)
     meter.seconds += time.perf_counter() - started
     return global_step
 
