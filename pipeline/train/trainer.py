@@ -322,6 +322,7 @@ class Trainer:
             progress = engine.Progress(info.is_main, epoch, epochs, self.steps_per_epoch, self.step_in_epoch,
                                        self.global_batch, cfg.train.log_every)
             start_step = self.step_in_epoch
+            self.watchdog.epoch_begin()
 
             def after_step():  # the trainer's counters stay exact even when the epoch ends by Preempted
                 self.step_in_epoch += 1

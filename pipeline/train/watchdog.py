@@ -63,6 +63,7 @@ class Watchdog:
         self.step, self.progress_at, self.phase = 0, time.time(), "setup"
         self.step_started = self.slowest = 0.0
         self.steps_seen = 0
+        self.epoch_first_step = True
         self.collective_timeout_set = self.explicit_timeout is not None  # then entry set it at init
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hang-watchdog", daemon=True)
@@ -88,13 +89,19 @@ class Watchdog:
             except OSError:
                 pass
 
+    def epoch_begin(self) -> None:
+        """An epoch starts: its first step is not judged (the loader restarts; a new resolution recompiles a
+        compiled model, minutes on a small CPU), nor counted as the slowest step."""
+        self.epoch_first_step = True
+
     def step_begin(self) -> None:
         self.step_started = time.monotonic()
-        self.phase = "step"
+        self.phase = "setup" if self.epoch_first_step else "step"
 
     def step_done(self, global_step: int) -> None:
-        if self.steps_seen:  # the first step of a process (compilation, loader start) says nothing
+        if self.steps_seen and not self.epoch_first_step:  # a process's / an epoch's first step says nothing
             self.slowest = max(self.slowest, time.monotonic() - self.step_started)
+        self.epoch_first_step = False
         self.steps_seen += 1
         self.step, self.progress_at, self.phase = global_step, time.time(), "host"
         if not self.collective_timeout_set and self.timeout() is not None:
