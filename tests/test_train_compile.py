@@ -36,5 +36,9 @@ def test_compiled_ddp_trains_two_resolutions_with_one_static_recompile(tiny_demo
         lines = "\n".join(line for line in output.splitlines() if line.startswith(f"[rank{rank}]:"))
         assert len(SIZE_MISMATCH.findall(lines)) == 1, lines[-4000:]
         assert lines.count("Recompiling function forward in") == 1, lines[-4000:]
-        sizes = [line for line in lines.splitlines() if "create_symbol" in line and ".size()" in line]
+        # DDP's gradient_as_bucket_view makes each parameter's .grad a view into a flat bucket: dynamo's guards on
+        # that view (and its base) get symbols, metadata of the gradient buffers that the forward never computes
+        # with; what must stay static is every input and activation size
+        sizes = [line for line in lines.splitlines()
+                 if "create_symbol" in line and ".size()" in line and ".grad" not in line]
         assert sizes == [], sizes[:3]  # dynamic=True / automatic dynamic shapes would make the size a symbol
