@@ -63,6 +63,7 @@ class Watchdog:
         self.step, self.progress_at, self.phase = 0, time.time(), "setup"
         self.step_started = self.slowest = 0.0
         self.steps_seen = 0
+        self.started_at = time.time()
         self.epoch_first_step = True
         self.collective_timeout_set = self.explicit_timeout is not None  # then entry set it at init
         self._stop = threading.Event()
@@ -72,6 +73,7 @@ class Watchdog:
     # -- the main thread's side: plain attribute writes, nothing that waits
 
     def start(self) -> None:
+        self.started_at = time.time()
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:  # a verdict of an earlier start (resumed after a hang); rank 0 starts before any judging
             (self.folder / VERDICT_FILE).unlink(missing_ok=True)
@@ -152,9 +154,11 @@ class Watchdog:
         beats = []
         for rank in range(self.world_size):
             try:
-                beats.append(json.loads((self.folder / f"rank{rank}.json").read_text()))
+                beat = json.loads((self.folder / f"rank{rank}.json").read_text())
             except (FileNotFoundError, ValueError):
-                pass  # not started yet
+                continue  # not started yet
+            if beat["beat_at"] >= self.started_at:  # older: an earlier start's (a resume after a kill or a requeue)
+                beats.append(beat)
         return beats
 
     def _fail(self, culprit: dict, answering: bool, beats: list[dict]) -> None:
