@@ -395,3 +395,11 @@ def test_seeded_study_end_to_end(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
     assert {"baseline", "ssal1", "groups"} <= set(rows) and "| 0,1 |" in rows["baseline"] and " ± " in rows["ssal1"]
     assert "seed 1 k4 ARI" in report
+    # every seed's model is a version of its method's registered model; `best` is the higher top-1
+    client = MlflowClient(tracking_uri=study.uri)
+    versions = client.search_model_versions("name='ci2-ssal'")
+    seeds = [by_stage["ssal1.seed0"], by_stage["ssal1.seed1"]]
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in seeds)
+    best = max(seeds, key=lambda r: r.data.metrics["val/top1/main"])
+    assert client.get_model_version_by_alias("ci2-ssal", "best").run_id == best.info.run_id
+    assert "`ci2-ssal`: `best` = version" in report

@@ -186,10 +186,10 @@ def merge_seeds(rows: list[dict], columns: list[str]) -> list[dict]:
     merged = []
     for stage, items in groups.items():
         if len(items) == 1:
-            merged.append({**items[0], "stage": stage, "n": 1, "sd": {}})
+            merged.append({**items[0], "stage": stage, "n": 1, "sd": {}, "members": items})
             continue
         items = sorted(items, key=lambda r: int(r["seeds"]) if str(r["seeds"]).isdigit() else 0)
-        row = {**items[0], "stage": stage, "run": f"{stage}.seed*", "n": len(items), "sd": {},
+        row = {**items[0], "stage": stage, "run": f"{stage}.seed*", "n": len(items), "sd": {}, "members": items,
                "seeds": ",".join(str(r["seeds"]) for r in items),
                "status": "/".join(sorted({r["status"] for r in items})),
                "run_id": ",".join(r["run_id"] for r in items)}
@@ -302,9 +302,10 @@ def register_models(client, uri: str, study: str, rows: list[dict]) -> str:
     """Each finished training stage's model (``runs:/<id>/model``) registered as ``<study>-<method>``, alias
     ``best`` on the highest val/top1/main; the Markdown lines that link them ("" when none has a model)."""
     by_method: dict[str, list[dict]] = {}
-    for row in rows:
-        if row["status"] == "FINISHED" and row.get("top1 main") is not None:
-            by_method.setdefault(row["method"], []).append(row)
+    for row in rows:  # every seed's run is a version of its own: a seeded row lists them in "members"
+        for member in row.get("members", [row]):
+            if member["status"] == "FINISHED" and member.get("top1 main") is not None:
+                by_method.setdefault(member["method"], []).append(member)
     lines = []
     for method, items in by_method.items():
         name = f"{study}-{method}"
@@ -348,7 +349,7 @@ def run(args) -> dict:
     if not args.no_mlflow:
         experiment = args.experiment
         if not experiment:
-            first = client.get_run(rows[0]["run_id"])
+            first = client.get_run(rows[0]["run_id"].split(",")[0])  # a seeded row joins its seeds' ids
             experiment = client.get_experiment(first.info.experiment_id).name
         tags = {"study": args.study, "stage": "report", "method": "report", **parse_tags(args.tag)}
         files = [out / name for name in ("report.md", "report.csv", "report.png")]
