@@ -164,3 +164,26 @@ def _ddp_worker(rank: int, init_file: str, cases: list[str]) -> None:
 def test_every_method_uses_all_its_ddp_parameters_every_step(tmp_path):
     mp.start_processes(_ddp_worker, args=(str(tmp_path / "init"), SYNC_FREE_CASES + MAXL_CASES), nprocs=2,
                        join=True, start_method="spawn")
+
+
+def _resume_at_epoch_end_worker(rank: int, init_file: str) -> None:
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a mismatched all-reduce fails here, not hangs
+    try:
+        model, training = build_training("ssal", torch.device("cpu"), "none", False, blurpool=False)
+        saved = {"samples": 4, "loss_sum": 8.0, "parts_sum": {"ce/main": 6.0, "ce/group": 2.0}, "seconds": 1.0}
+        meter = engine.EpochMeter.resumed(saved, carries_sums=rank == 0)
+        # the checkpoint was written after the epoch's last step: the resumed epoch trains nothing
+        engine.train_one_epoch(training, batches(2), epoch=0, steps=2, start_step=2, meter=meter, global_step=2,
+                               lr_factor_at=lambda _: 0.5, stop_requested=lambda: False)
+        metrics = meter.reduced(torch.device("cpu"))
+        assert metrics["train/loss"] == 2.0 and metrics["train/ce/main"] == 1.5 and metrics["train/ce/group"] == 0.5
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_resume_at_an_epochs_last_step_reduces_the_same_sums_on_every_rank(tmp_path):
+    mp.start_processes(_resume_at_epoch_end_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True,
+                       start_method="spawn")

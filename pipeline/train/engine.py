@@ -77,6 +77,15 @@ class EpochMeter:
         metrics.update({f"train/{name}": value / samples for name, value in total.parts_sum.items()})
         return metrics
 
+    @classmethod
+    def resumed(cls, state: dict, carries_sums: bool) -> "EpochMeter":
+        """A mid-epoch checkpoint's meter: its sums are over all ranks already, so one rank carries them on and
+        the others start at zero, with the same part names: :meth:`summed_over_ranks` all-reduces one value
+        per name, and a rank with fewer would hang the others (a resume at an epoch's last step trains none)."""
+        if carries_sums:
+            return cls(**state)
+        return cls(parts_sum={name: 0.0 for name in state["parts_sum"]})
+
     def state(self) -> dict:
         """The checkpoint's copy: plain floats (this rank's sums; see summed_over_ranks)."""
         return {"samples": self.samples, "loss_sum": float(self.loss_sum),

@@ -271,8 +271,7 @@ class Trainer:
         self.method_training.load_state_dict(state["training"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
-        # a mid-epoch checkpoint's sums are over all ranks already: rank 0 alone carries them on
-        self.meter = engine.EpochMeter(**state["meter"]) if self.info.is_main else engine.EpochMeter()
+        self.meter = engine.EpochMeter.resumed(state["meter"], carries_sums=self.info.is_main)
         self.best_top1, self.history = state["best_top1"], state["history"]
         self.run_id = state.get("mlflow_run_id")
         ckpt.set_rng_state(state["rng"])
