@@ -201,7 +201,7 @@ SlurmctldPort=$CTL_PORT
 SlurmdPort=$SLURMD_PORT
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
-MessageTimeout=10
+MessageTimeout=30
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0

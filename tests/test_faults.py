@@ -29,11 +29,25 @@ def heartbeat(work: Path, rank: int) -> dict:
     return json.loads((work / "run" / HEARTBEAT_DIR / f"rank{rank}.json").read_text())
 
 
-@pytest.mark.slow
-def test_a_run_killed_after_a_timed_checkpoint_resumes_from_that_step_to_the_same_weights(tiny_demo, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    result = run(LAUNCH + ["--local", "--nproc", "2", *job(tiny_demo, straight)])
+@pytest.fixture(scope="module")
+def undisturbed(tiny_demo, tmp_path_factory) -> dict:
+    """The final weights of `job` run without a fault (2 ranks, deterministic)."""
+    work = tmp_path_factory.mktemp("undisturbed")
+    result = run(LAUNCH + ["--local", "--nproc", "2", *job(tiny_demo, work)])
     assert result.returncode == 0, result.stderr[-3000:]
+    return _weights(work / "run" / "final_weights.pt")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_timed_checkpoint_resumes_from_that_step_to_the_same_weights(tiny_demo, tmp_path,
+                                                                                           undisturbed):
+    killed = tmp_path / "killed"
 
     timed = job(tiny_demo, killed, **{"checkpoint.every_minutes": 0.001})  # due at every agreement
     # rank 0 blocks after global step 7 (epoch 2 step 3), past the timed save at epoch 2 step 2
@@ -62,10 +76,7 @@ def test_a_run_killed_after_a_timed_checkpoint_resumes_from_that_step_to_the_sam
     resumed = run(LAUNCH + ["--local", "--nproc", "2", "--resume", "auto", *timed])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "epoch 2 step 2" in resumed.stdout, resumed.stdout[-3000:]
-    a, b = _weights(straight / "run" / "final_weights.pt"), _weights(killed / "run" / "final_weights.pt")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(undisturbed, _weights(killed / "run" / "final_weights.pt"))
 
     client, runs = runs_of(killed)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -139,3 +150,52 @@ def test_the_hung_rank_is_the_silent_one_or_the_one_between_steps():
     assert find_hung([beat(0, 4, "step", beat_at=10.0), beat(1, 4, "done", beat_at=10.0)], now)[0]["rank"] == 0
     assert find_hung([{**waiting, "timeout": None}], now) is None  # auto timeout not known yet
     assert find_hung([waiting, beat(1, 4, "step", beat_at=97.0)], now) is None  # stopped lately: named when silent
+
+
+def _restarted_after(fault, tiny_demo: Path, work: Path) -> tuple[str, float]:
+    """`launch.py --local --nproc 2 --max-restarts 2` on `job`; `fault(pid of rank 1)` in epoch 2 (epoch 1 is
+    checkpointed). The launcher's output, and the seconds from the fault to the first step after the restart."""
+    ov = job(tiny_demo, work, **{"train.hang_timeout_s": HANG_TIMEOUT_S})
+    launched = start(LAUNCH + ["--local", "--nproc", "2", "--max-restarts", "2", *ov])
+    try:
+        launched.wait_for("epoch 2/2 step 1/4")
+        fault(heartbeat(work, 1)["pid"])
+        fault_at = time.monotonic()
+        launched.wait_for("resumed from ", timeout=180)
+        launched.wait_for("epoch 2/2 step 1/4", timeout=180)
+        seconds = time.monotonic() - fault_at
+        out = launched.rest(timeout=300)
+    finally:
+        launched.proc.kill()
+    assert launched.proc.returncode == 0, out[-3000:]
+    print(f"fault to the first step after the restart: {seconds:.1f} s")
+    return out, seconds
+
+
+def assert_restarted_once(work: Path, out: str, reason: str, undisturbed: dict) -> None:
+    restarts = [ln for ln in out.splitlines() if ln.startswith("[launch] restart ")]
+    assert len(restarts) == 1 and restarts[0].startswith(f"[launch] restart 1/2: {reason}"), out[-3000:]
+    assert "resumed from " in out and "epoch 2 step 0" in out  # the end of epoch 1's checkpoint
+    assert_same_weights(undisturbed, _weights(work / "run" / "final_weights.pt"))
+    client, runs = runs_of(work)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.tags["restarts"] == "1" and run.data.tags["restart.1.reason"].startswith(reason)
+    for key in run.data.metrics:  # every metric once per step, the restart's included
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "run/restarts")] == [1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1/main")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_killed_local_worker_is_restarted_and_the_run_ends_as_an_undisturbed_one(tiny_demo, tmp_path, undisturbed):
+    out, _ = _restarted_after(lambda pid: os.kill(pid, signal.SIGKILL), tiny_demo, tmp_path)
+    assert_restarted_once(tmp_path, out, "rank 1 killed by SIGKILL", undisturbed)
+
+
+@pytest.mark.slow
+def test_a_hung_local_worker_is_restarted_and_the_run_ends_as_an_undisturbed_one(tiny_demo, tmp_path, undisturbed):
+    out, _ = _restarted_after(lambda pid: os.kill(pid, signal.SIGSTOP), tiny_demo, tmp_path)
+    assert len(_hang_lines(out)) == 1, out[-3000:]
+    assert_restarted_once(tmp_path, out, "hang: rank 1 on ", undisturbed)

@@ -3,7 +3,10 @@
 
 Scenarios (issue 4):
 * bad config -> refused before submission, nothing in squeue;
-* a task that crashes on one node mid-training ends the job (no hang) and the error reaches the user;
+* a task that crashes at the same step every time: the job restarts once, then ends (no hang), the error
+  reaches the user; a config error in the job: no restart at all (issue 24);
+* a task SIGKILLed / SIGSTOPped mid-epoch in a 2-node x 2-task job: the job restarts by itself (the watchdog
+  names the stopped one) and ends with the undisturbed job's weights, every metric once (issue 24);
 * `pipeline/launch.py --cluster testcluster --nodes 2` on the demo config: a 2-node x 1-task gloo DDP job
   finishes, MLflow shows world_size 2 and every head's metrics;
 * preemption: SIGUSR2 mid-training -> checkpoint -> requeue -> finishes in the same MLflow run; every epoch's
@@ -14,8 +17,10 @@ Scenarios (issue 4):
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -36,22 +41,21 @@ pytestmark = pytest.mark.slow
 # ----------------------------------------------------------------------------- worker used by a test
 
 
-def crash_rank1_midway(argv: list[str]) -> int:
-    """Worker entry for the crash test: the real engine, but rank 1 raises in its 3rd training iteration
-    (from the per-iteration stop check, while rank 0 is inside the DDP collectives)."""
+def crash_rank1_at_step_10(argv: list[str]) -> int:
+    """Worker entry for the same-step test: the real engine, but rank 1 raises as it finishes global step 10
+    (epoch 2 of 8-step epochs: epoch 1 is checkpointed), in every start of the job."""
     from pipeline.train import entry as train
-    from pipeline.train import preemption
+    from pipeline.train.watchdog import Watchdog
 
     if os.environ.get("SLURM_PROCID") == "1":
-        calls = []
+        step_done = Watchdog.step_done
 
-        def requested() -> bool:
-            calls.append(1)
-            if len(calls) == 3:
-                raise RuntimeError("simulated failure on rank 1 (test_slurm)")
-            return False
+        def failing(self, global_step: int) -> None:
+            step_done(self, global_step)
+            if global_step == 10:
+                raise RuntimeError("simulated failure on rank 1 at global step 10 (test_slurm)")
 
-        preemption.requested = requested
+        Watchdog.step_done = failing
     return train.main(argv)
 
 
@@ -221,23 +225,46 @@ def test_refused_submission_is_one_line_and_leaves_no_scheduled_run(slurm_cluste
     assert not list(tmp_path.rglob("mlflow_run_id"))
 
 
-def test_crash_on_one_node_ends_the_job(slurm_cluster, tiny_demo, tmp_path):
+def test_a_failure_at_the_same_step_restarts_once_then_ends_the_job(slurm_cluster, tiny_demo, tmp_path):
     run_dir = tmp_path / "crash"
     launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--nodes", "2", "--output-dir", str(run_dir),
-                                    "--entry", "tests.test_slurm:crash_rank1_midway", "--wait",
+                                    "--entry", "tests.test_slurm:crash_rank1_at_step_10", "--wait",
                                     *tiny(tiny_demo, tmp_path / "runs"), "schedule.epochs=20"],
                     tmp_path / "launch.log")
     job = launch.job_id()
-    rc = launch.wait(timeout=400)
+    rc = launch.wait(timeout=500)
     out = launch.text()
     assert rc != 0, out[-3000:]
-    assert "simulated failure on rank 1" in out, out[-3000:]  # the error reaches the user
-    assert "rank 1" in out
-    state = job_state(slurm_cluster, job)
-    assert state == "FAILED", state
+    assert "simulated failure on rank 1 at global step 10" in out, out[-3000:]  # the error reaches the user
+    restarts = [ln for ln in out.splitlines() if ln.startswith(f"[restart] job {job}: ")]
+    assert len(restarts) == 2, out[-3000:]
+    assert restarts[0].startswith(f"[restart] job {job}: restart 1/3: rank 1 exited with code 1 at global step 10;")
+    assert restarts[1].startswith(f"[restart] job {job}: not restarting: failed again at global step 10 with no "
+                                  f"progress since the previous failure")
+    assert job_state(slurm_cluster, job) == "FAILED"
+    assert scontrol_field(slurm_cluster, job, "Restarts") == "1"
     assert slurm_cluster.cmd("squeue", "-h", "-j", job, check=False).strip() == ""  # nothing left running
-    # it stopped long before the 20 epochs, and rank 0 did not wait for gloo's 30-minute timeout
-    assert launch.seconds < 300, launch.seconds
+    # both starts ended at once (srun --kill-on-bad-exit), not after gloo's 30-minute timeout
+    assert launch.seconds < 400, launch.seconds
+
+
+def test_a_config_error_in_the_job_is_not_restarted(slurm_cluster, tiny_demo, tmp_path):
+    run_dir = tmp_path / "bad"
+    launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--nodes", "2", "--output-dir", str(run_dir),
+                                    "--sbatch", "hold=true", "--wait", *tiny(tiny_demo, tmp_path / "runs")],
+                    tmp_path / "launch.log")
+    job = launch.job_id()
+    submitted = run_dir / "slurm" / "submitted_config.yaml"  # what every (re)start reads: broken before it starts
+    submitted.write_text(submitted.read_text() + "\nno_such_section: {epochs: 1}\n")
+    slurm_cluster.cmd("scontrol", "release", job)
+    rc = launch.wait(timeout=300)
+    out = launch.text()
+    assert rc != 0 and "no_such_section" in out, out[-3000:]
+    restarts = [ln for ln in out.splitlines() if ln.startswith(f"[restart] job {job}: ")]
+    assert len(restarts) == 1 and restarts[0].startswith(f"[restart] job {job}: not restarting: rank 0 exited with "
+                                                         f"code 2 (a config, file or disk problem"), out[-3000:]
+    assert job_state(slurm_cluster, job) == "FAILED"
+    assert scontrol_field(slurm_cluster, job, "Restarts") == "0"
 
 
 @pytest.fixture(scope="module")
@@ -358,13 +385,116 @@ def test_preempted_epoch_train_metrics_match(engine_jobs):
     assert not differ, ("per-epoch training metrics differ from the uninterrupted run (key, epoch, A, B) - e.g. "
                         "only rank 0's partial epoch meter is checkpointed:\n" + "\n".join(map(str, differ)))
 
+# 2 nodes x 2 tasks (CPU tasks, 1 declared CPU each, so that two of these jobs run at once)
+FAULT_JOB = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--mem", "1500M"]
+HANG_TIMEOUT_S = 30  # explicit: 8 ranks share the box's 2 cores, a step takes seconds
+FAULTS = {"K": signal.SIGKILL, "H": signal.SIGSTOP}
+
+
+def task_logs(run_dir: Path, job: str) -> str:
+    return "".join(path.read_text(errors="replace") for path in sorted((run_dir / "slurm" / job).glob("*_log.err")))
+
+
+@pytest.fixture(scope="module")
+def fault_jobs(slurm_cluster, tiny_demo, tmp_path_factory):
+    """Identical 2-node x 2-task jobs: R undisturbed; K: rank 3 (on n2) SIGKILLed in epoch 2, at the same time
+    as R; then H: rank 3 SIGSTOPped in epoch 2 (epoch 1 is checkpointed in both). Each fault's time to the
+    first step of the restarted job is measured (and, for the hang, to the watchdog's line)."""
+    root = tmp_path_factory.mktemp("fault_jobs")
+    jobs = {}
+
+    def launch(name: str) -> None:
+        run_dir, runs_root = root / f"{name}-run", root / f"{name}-runs"
+        job = Launch(slurm_cluster, ["--cluster", "testcluster", *FAULT_JOB, "--output-dir", str(run_dir), "--wait",
+                                     *tiny(tiny_demo, runs_root), "train.log_every=1",
+                                     f"train.hang_timeout_s={HANG_TIMEOUT_S}"], root / f"{name}.log")
+        jobs[name] = dict(launch=job, run_dir=run_dir, runs_root=runs_root, id=job.job_id())
+
+    def fault_and_restart(name: str) -> None:
+        j, first_step_of_epoch_2 = jobs[name], "epoch 2/3 step 1/"  # 6 steps an epoch: 192 images / 4 ranks / 8
+        deadline = time.monotonic() + JOB_WAIT_S
+        while "first_step_after_s" not in j:
+            text = j["launch"].text()
+            assert j["launch"].proc.poll() is None, f"{name} ended early:\n{text[-3000:]}"
+            if "fault_at" not in j and first_step_of_epoch_2 in text:
+                j["victim"] = json.loads((j["run_dir"] / ".heartbeat" / "rank3.json").read_text())
+                os.kill(j["victim"]["pid"], FAULTS[name])
+                j["fault_at"] = time.monotonic()
+            if "fault_at" in j and "hang_seen_s" not in j and "error: hang: " in task_logs(j["run_dir"], j["id"]):
+                j["hang_seen_s"] = time.monotonic() - j["fault_at"]
+            if "fault_at" in j and text.count(first_step_of_epoch_2) == 2:
+                j["first_step_after_s"] = time.monotonic() - j["fault_at"]
+            assert time.monotonic() < deadline, f"{name}: no fault or no step after it in {JOB_WAIT_S} s"
+            time.sleep(0.2)
+
+    def finish(name: str) -> None:
+        j = jobs[name]
+        j["rc"] = j["launch"].wait()
+        j["out"], j["logs"] = j["launch"].text(), task_logs(j["run_dir"], j["id"])
+        j["state"] = job_state(slurm_cluster, j["id"])
+
+    launch("R")
+    launch("K")
+    fault_and_restart("K")
+    finish("R")
+    finish("K")
+    launch("H")
+    fault_and_restart("H")
+    finish("H")
+    print("fault to the first step after the restart (SLURM test cluster): " + ", ".join(
+        f"{FAULTS[n].name} {jobs[n]['first_step_after_s']:.1f} s" for n in FAULTS)
+        + f"; hang seen {jobs['H'].get('hang_seen_s', float('nan')):.1f} s after the SIGSTOP")
+    return jobs
+
+
+def assert_restarted_once_to_the_same_end(cluster, jobs: dict, name: str, reason: str) -> None:
+    j, r = jobs[name], jobs["R"]
+    assert r["rc"] == 0 and r["state"] == "COMPLETED", r["out"][-3000:]
+    assert j["rc"] == 0 and j["state"] == "COMPLETED", j["out"][-4000:]
+    assert scontrol_field(cluster, j["id"], "Restarts") == "1"
+    restarts = [ln for ln in j["out"].splitlines() if ln.startswith(f"[restart] job {j['id']}: ")]
+    assert len(restarts) == 1 and restarts[0].startswith(f"[restart] job {j['id']}: restart 1/3: {reason}"), \
+        j["out"][-3000:]
+    import torch
+
+    wr = torch.load(r["run_dir"] / "final_weights.pt", map_location="cpu", weights_only=True)
+    wj = torch.load(j["run_dir"] / "final_weights.pt", map_location="cpu", weights_only=True)
+    assert wr.keys() == wj.keys() and all(torch.equal(wr[k], wj[k]) for k in wr)  # deterministic mode: bit-exact
+    client, run = only_run(j["runs_root"], j["run_dir"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["restarts"] == "1" and run.data.tags["restart.1.reason"].startswith(reason)
+    hist = histories(client, run)
+    for key, values in hist.items():  # every metric once per step
+        assert len({s for s, _ in values}) == len(values), (key, values)
+    assert [s for s, _ in hist["run/restarts"]] == [1]
+    assert [s for s, _ in hist["val/top1/main"]] == [s for s, _ in hist["train/loss"]] == [1, 2, 3]
+
+
+def test_a_killed_task_restarts_the_job_which_ends_as_an_undisturbed_one(slurm_cluster, fault_jobs):
+    assert_restarted_once_to_the_same_end(slurm_cluster, fault_jobs, "K", "rank 3 gone without an exit code")
+    assert fault_jobs["K"]["first_step_after_s"] < 240
+
+
+def test_a_stopped_task_is_named_by_the_watchdog_and_the_job_restarts(slurm_cluster, fault_jobs):
+    h = fault_jobs["H"]
+    victim = h["victim"]
+    lines = [ln for ln in h["logs"].splitlines() if ln.startswith("error: hang: ")]
+    assert len(lines) == 1, h["logs"][-3000:]
+    assert lines[0].startswith(f"error: hang: rank 3 on n2 (pid {victim['pid']}) made no progress for ")
+    assert h["hang_seen_s"] < HANG_TIMEOUT_S + 15, h["hang_seen_s"]
+    assert_restarted_once_to_the_same_end(slurm_cluster, fault_jobs, "H", "hang: rank 3 on n2 made no progress")
+
+
 def test_scancel_keeps_checkpoint_and_marks_run_killed(slurm_cluster, tiny_demo, tmp_path):
     run_dir, runs_root = tmp_path / "run", tmp_path / "runs"
     launch = Launch(slurm_cluster, ["--cluster", "testcluster", "--nodes", "2", "--output-dir", str(run_dir),
                                     "--wait", *tiny(tiny_demo, runs_root), "schedule.epochs=20", "train.log_every=1",
                                     # 48 steps an epoch (192 images / 2 ranks / 2): the cancel lands long before
                                     # the epoch ends (with 8 it sometimes came after, in epoch 2)
-                                    "data.batch_size=2", "train.max_steps_per_epoch=48"],
+                                    "data.batch_size=2", "train.max_steps_per_epoch=48",
+                                    # the stop is seen at the next flag agreement: every step here, where a step
+                                    # takes seconds and SLURM's KillWait is 10 s (on a GPU 8 steps are 1-2 s)
+                                    "train.sync_every=1"],
                     tmp_path / "launch.log")
     job = launch.job_id()
     deadline = time.monotonic() + JOB_WAIT_S

@@ -29,9 +29,9 @@ from pipeline.launch.slurm import (PROFILE_DIR, PROFILE_KEYS, JobSpec, LaunchErr
 from pipeline.launch.task import TrainTask, resolve_entry
 from pipeline.tracking import credentials, runs, store
 from pipeline.tracking.constants import RUN_ID_FILE
-from pipeline.train import run_lock
+from pipeline.train import restarts, run_lock
 from pipeline.train.config import REPO_ROOT, Config, save_config, tracking_uri
-from pipeline.train.exit_codes import EXIT_USAGE
+from pipeline.train.exit_codes import EXIT_USAGE, ORDERLY_EXITS
 
 
 # ----------------------------------------------------------------------------- command line
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  itself (scontrol requeue) and continues with --resume auto in the same output dir and MLflow run.\n"
             "  Try it: scancel --signal=USR2 JOBID.  A plain `scancel JOBID` (SIGTERM) keeps the checkpoint and\n"
             "  marks the MLflow run KILLED; resume it with the same --output-dir and --resume auto.\n\n"
+            "failures: a task killed or lost, a hang (train.hang_timeout_s) or a crash requeues the job from its\n"
+            "  last checkpoint, at most max_restarts times (profile, default 3); not for exit 2 or 4, nor twice at\n"
+            "  the same step. --local --nproc N --max-restarts K restarts local workers the same way.\n\n"
             "job arrays: --array KEY=V1,V2,... (repeatable: the cartesian product; KEY=config sweeps config\n"
             "  files) submits one array job, one element per combination, each in OUTPUT_DIR/<index>-<values>,\n"
             "  at most --array-parallelism running at once.\n\n"
@@ -99,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--job-name", dest="job_name", help="default: the run name")
     group.add_argument("--signal-delay", type=int, dest="signal_delay_s", metavar="S",
                        help="seconds between SIGUSR2 and the time limit (default from the profile, else 120)")
-    group.add_argument("--max-requeues", type=int, dest="max_requeues")
+    group.add_argument("--max-requeues", type=int, dest="max_requeues",
+                       help="requeues after preemption / the time limit (default from the profile, else 20)")
+    group.add_argument("--max-restarts", type=int, dest="max_restarts", metavar="K",
+                       help="restarts from the last checkpoint after a failure that is not the user's (a task "
+                            "killed or lost, a hang, a crash; not exit 2 or a non-finite loss; not twice at the same "
+                            "step): SLURM default from the profile, else 3; with --local --nproc N default 0")
     group.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                        help="extra sbatch option (repeatable), e.g. --sbatch exclusive=true --sbatch reservation=x")
     group.add_argument("--output-dir", dest="output_dir",
@@ -129,6 +137,9 @@ def run_local(args: argparse.Namespace) -> int:
     argv += overrides
     if args.nproc < 1:
         raise LaunchError(f"--nproc: must be >= 1, got {args.nproc}")
+    if args.max_restarts and (args.nproc == 1 or args.max_restarts < 0):
+        raise LaunchError(f"--max-restarts {args.max_restarts}: takes K >= 0, and --local --nproc N (N >= 2: "
+                          f"a supervisor process restarts the workers)")
     if args.dry_run:  # what would run, and nothing else
         print(format_card(recipe_card(cfg, 1, args.nproc, args.config or "the demo job (no --config)")))
         return 0
@@ -142,7 +153,22 @@ def run_local(args: argparse.Namespace) -> int:
     if args.entry.split(":")[1] != "main":
         raise LaunchError("--local --nproc N > 1 runs `python -m MODULE`: --entry must be MODULE:main")
     print(f"+ {args.nproc} x python -m {module} {shlex.join(argv)}", flush=True)
-    return run_workers(module, argv, args.nproc, child_env(os.environ), str(REPO_ROOT))
+    job = f"local-{os.getpid()}"
+    while True:
+        ended = run_workers(module, argv, args.nproc, child_env(os.environ), str(REPO_ROOT))
+        if ended.code in ORDERLY_EXITS or ended.stopped or not args.max_restarts:  # 0, 2, 3, 4: every rank's
+            return ended.code
+        verdict = restarts.decide(cfg.run_dir, ended.rank_codes, args.max_restarts, job, ended.ended_at)
+        print(f"[launch] {verdict.line}", file=sys.stderr, flush=True)
+        if not verdict.restart:
+            return ended.code
+        argv = resuming(argv)
+
+
+def resuming(argv: list[str]) -> list[str]:
+    """The worker argv with ``--resume auto`` in place of any ``--resume X``: a restart continues the run."""
+    kept = [arg for i, arg in enumerate(argv) if arg != "--resume" and (i == 0 or argv[i - 1] != "--resume")]
+    return ["--resume", "auto", *kept]
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -197,15 +223,16 @@ def submit_slurm(args: argparse.Namespace) -> int:
         if not args.dry_run:
             save_config(cfg, cfg_path)  # exactly what was validated; the job reads it on every (re)start
         tasks.append(TrainTask(argv=["--config", str(cfg_path), "--resume", "auto"], entry=args.entry,
-                               max_requeues=settings["max_requeues"],
+                               max_requeues=settings["max_requeues"], run_dir=str(job.run_dir),
                                env={str(k): str(v) for k, v in settings["env"].items()}))
 
     first = jobs[0]
     folder = (first.run_dir if len(jobs) == 1 else first.run_dir.parent) / "slurm"
     job_name = args.job_name or (first.cfg.run_name if len(jobs) == 1 else f"{first.cfg.tracking.experiment}-array")
+    run_dirs = [job.run_dir for job in jobs]
     if args.dry_run:
-        print_dry_run(make_executor(folder, settings, job_name, script_only=True), settings, jobs, tasks,
-                      args.config or "the demo job (no --config)")
+        print_dry_run(make_executor(folder, settings, job_name, script_only=True, restart_run_dirs=run_dirs),
+                      settings, jobs, tasks, args.config or "the demo job (no --config)")
         return 0
 
     uris = [tracking_uri(job.cfg) for job in jobs]
@@ -216,7 +243,8 @@ def submit_slurm(args: argparse.Namespace) -> int:
             raise LaunchError(str(err)) from None
     links = [create_mlflow_run(job.cfg, job.run_dir, uri) for job, uri in zip(jobs, uris)]
     try:
-        submitted = submit(lambda: make_executor(folder, settings, job_name), tasks, "submission")
+        submitted = submit(lambda: make_executor(folder, settings, job_name, restart_run_dirs=run_dirs), tasks,
+                           "submission")
     except LaunchError:
         for job, uri, (run_id, _) in zip(jobs, uris, links):  # leave no SCHEDULED run behind
             _end_scheduled_run(uri, run_id, job.run_dir)

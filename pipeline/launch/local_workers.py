@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from pipeline.train.config import REPO_ROOT
@@ -55,8 +56,16 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
     return dict(env, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), *inherited]))
 
 
-def run_workers(module: str, argv: Sequence[str], nproc: int, env: dict[str, str], cwd: str) -> int:
-    """Run ``python -m module *argv`` as ranks 0..nproc-1 of one process group; return their exit code."""
+@dataclass
+class WorkersExit:
+    code: int  # the launcher's exit code: the first failure's (a hang's over its partners' errors), else 0
+    rank_codes: dict[int, int]  # each rank's return code (negative: killed by that signal)
+    ended_at: dict[int, float]  # when the launcher saw each rank end (time.time())
+    stopped: bool  # the launcher was asked to stop (a signal): not a failure to restart
+
+
+def run_workers(module: str, argv: Sequence[str], nproc: int, env: dict[str, str], cwd: str) -> WorkersExit:
+    """Run ``python -m module *argv`` as ranks 0..nproc-1 of one process group; how they ended."""
     from torch.distributed import TCPStore
 
     store = TCPStore("127.0.0.1", 0, world_size=nproc, is_master=True, wait_for_workers=False)
@@ -85,7 +94,9 @@ def run_workers(module: str, argv: Sequence[str], nproc: int, env: dict[str, str
             pgid = pgid or procs[0].pid
         if received:  # a signal that came while the workers were starting
             os.killpg(pgid, FORWARDED[signal.Signals(received[0])])
-        return _wait(procs, pgid)
+        ended_at: dict[int, float] = {}
+        code = _wait(procs, pgid, ended_at)
+        return WorkersExit(code, {rank: proc.returncode for rank, proc in enumerate(procs)}, ended_at, bool(received))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -96,13 +107,15 @@ def run_workers(module: str, argv: Sequence[str], nproc: int, env: dict[str, str
         del store
 
 
-def _wait(procs: list[subprocess.Popen], pgid: int) -> int:
+def _wait(procs: list[subprocess.Popen], pgid: int, ended_at: dict[int, float]) -> int:
     first_failure: int | None = None
     term_at = kill_at = None
     while True:
         codes = [proc.poll() for proc in procs]
         now = time.monotonic()
         for rank, code in enumerate(codes):
+            if code is not None:
+                ended_at.setdefault(rank, time.time())
             if code == EXIT_HUNG and first_failure not in (None, EXIT_HUNG):
                 first_failure = code  # the cause, not a partner's error on the closed connection
             if code not in (None, 0) and first_failure is None:
@@ -116,6 +129,7 @@ def _wait(procs: list[subprocess.Popen], pgid: int) -> int:
         if term_at is not None and now >= term_at:
             print(f"[launch] {failed}: stopping the other ranks", file=sys.stderr, flush=True)
             _signal_group(pgid, signal.SIGTERM)
+            _signal_group(pgid, signal.SIGCONT)  # a stopped rank (a hang) takes its SIGTERM now, as under srun
             term_at, kill_at = None, now + KILL_AFTER_S
         if kill_at is not None and now >= kill_at:
             _signal_group(pgid, signal.SIGKILL)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from pipeline.launch.task import teardown_command
 from pipeline.tracking import credentials, runs
 from pipeline.train import schema
 from pipeline.train.config import REPO_ROOT, Config
@@ -50,6 +51,7 @@ class SlurmProfile:
     qos: str | None = None  # quality of service
     constraint: str | None = None  # node features (sbatch --constraint)
     max_requeues: int = 20  # how many times a job may requeue itself after preemption / time limit
+    max_restarts: int = 3  # how many times a job is requeued after a failure that is not the user's (0: never)
     array_parallelism: int = 16  # at most this many array elements run at once
     sbatch: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra options {exclusive: true, ...}
     setup: list[str] = dataclasses.field(default_factory=list)  # shell lines before srun (module load, source ...)
@@ -58,7 +60,7 @@ class SlurmProfile:
 
 PROFILE_KEYS = schema.keys_of(SlurmProfile)
 FLAG_KEYS = ("partition", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "time", "account",
-             "qos", "constraint", "signal_delay_s", "max_requeues", "array_parallelism")
+             "qos", "constraint", "signal_delay_s", "max_requeues", "max_restarts", "array_parallelism")
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 
@@ -105,7 +107,7 @@ def slurm_settings(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise LaunchError(f"--sbatch {item}: expected KEY=VALUE")
         settings["sbatch"][key.strip().lstrip("-")] = yaml.safe_load(value) if value else True
-    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("signal_delay_s", 0), ("max_requeues", 0),
+    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("signal_delay_s", 0), ("max_requeues", 0), ("max_restarts", 0),
                      ("tasks_per_node", 1), ("cpus_per_task", 1), ("array_parallelism", 1)):
         if settings[key] is not None and settings[key] < low:
             raise LaunchError(f"{key}: must be an integer >= {low}, got {settings[key]!r}")
@@ -208,9 +210,12 @@ def _script_only_executor_class():
     return ScriptOnlySlurmExecutor
 
 
-def make_executor(folder: Path, settings: dict[str, Any], job_name: str, script_only: bool = False):
+def make_executor(folder: Path, settings: dict[str, Any], job_name: str, script_only: bool = False,
+                  restart_run_dirs: Sequence[Path] = ()):
     """submitit's SLURM executor with the job's settings. `script_only`: for rendering the script (--dry-run),
-    also where SLURM is not installed."""
+    also where SLURM is not installed. `restart_run_dirs` (a training job's run dir, each array element's):
+    after a failed ``srun`` the batch script requeues the job, up to ``max_restarts`` times
+    (``pipeline.launch.task.teardown_main``)."""
     import submitit
 
     executor_class = _script_only_executor_class() if script_only else submitit.SlurmExecutor
@@ -235,6 +240,11 @@ def make_executor(folder: Path, settings: dict[str, Any], job_name: str, script_
         additional_parameters=extra,
         array_parallelism=settings["array_parallelism"],
     )
+    if restart_run_dirs and settings["max_restarts"] > 0:
+        # --requeue: SLURM itself requeues the job when a node fails (NODE_FAIL), the batch script with it
+        extra.setdefault("requeue", True)
+        params["teardown"] = teardown_command(sys.executable, settings["nodes"] * settings["tasks_per_node"],
+                                              settings["max_restarts"], [str(d) for d in restart_run_dirs])
     if settings["gpus_per_node"]:
         params["gpus_per_node"] = settings["gpus_per_node"]
     if settings["cpus_per_task"]:

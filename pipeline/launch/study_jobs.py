@@ -183,8 +183,10 @@ def submit_slurm(study: Study, settings: dict, dry_run: bool = False, make_execu
             job_settings["sbatch"]["dependency"] = ",".join(filter(None, [job_settings["sbatch"].get("dependency"),
                                                                           f"afterany:{superseded[0]}"]))
         folder = study.dir / "slurm" / stage.name
+        run_dirs = [stage.output] if stage.kind == "train" else []  # training stages restart after a failure
         task = TrainTask(argv=list(stage.argv), entry=stage.entry, max_requeues=job_settings["max_requeues"],
-                         env={str(k): str(v) for k, v in job_settings["env"].items()})
+                         env={str(k): str(v) for k, v in job_settings["env"].items()},
+                         run_dir=str(stage.output) if run_dirs else None)
         if dry_run:
             job_ids[stage.name] = f"<{stage.name}>"
             submitted.append(job_ids[stage.name])
@@ -194,7 +196,8 @@ def submit_slurm(study: Study, settings: dict, dry_run: bool = False, make_execu
                   f"{', dependency ' + job_settings['sbatch']['dependency'] if deps else ''}\n    {stage.entry} "
                   f"{shlex.join(stage.argv)}", flush=True)
             continue
-        [job] = slurm.submit(lambda: make_executor(folder, job_settings, f"{study.id}-{stage.name}"), [task],
+        [job] = slurm.submit(lambda: make_executor(folder, job_settings, f"{study.id}-{stage.name}",
+                                                   restart_run_dirs=run_dirs), [task],
                              f"submitting stage {stage.name}", submitted_before=submitted)
         job_ids[stage.name] = str(job.job_id)
         submitted.append(str(job.job_id))

@@ -18,13 +18,20 @@ that ``srun``s one Python process per task, and each process calls ``TrainTask()
    * ``EXIT_PREEMPTED`` after SIGTERM (scancel) -> leaves quietly, no requeue (the run is marked KILLED);
    * anything else -> raises, the task exits non-zero and ``srun --kill-on-bad-exit=1`` ends every other
      task at once (no rank left hanging in a collective); the error is in that task's log and in the
-     ``job.exception()`` the launcher prints.
+     ``job.exception()`` the launcher prints. The code is left in the run dir (``write_exit``) for:
+5. the batch script, once ``srun`` returned non-zero: ``python -m pipeline.launch.task --srun-exit $? ...``
+   (``teardown_main``) decides with ``pipeline.train.restarts`` whether the failure is one to restart from
+   the last checkpoint (a task killed or lost, a hang, a crash; not a config error or a non-finite loss) and
+   requeues the job (``scontrol requeue``), or prints why not. A requeue for preemption or a scancel kills the
+   batch script before it gets there.
 
 Nothing here knows about the training loop.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import os
 import signal
 import socket
@@ -32,11 +39,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.train import preemption
+from pipeline.train import preemption, restarts
+from pipeline.train.watchdog import HEARTBEAT_DIR
 
 DEFAULT_ENTRY = "pipeline.train.entry:main"
+EXIT_FILE = "exit-rank{rank}.json"  # a task's exit code (in the run dir's HEARTBEAT_DIR), for the batch script
 
 
 def _log(msg: str) -> None:
@@ -85,6 +95,7 @@ class TrainTask:
     max_requeues: int = 20  # give up requeueing after this many restarts (SLURM_RESTART_COUNT)
     export_torch_env: bool = True  # export MASTER_ADDR/PORT, RANK, ... from SLURM's variables
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the worker
+    run_dir: str | None = None  # where the task leaves its exit code for the batch script (automatic restarts)
 
     def __call__(self) -> dict[str, Any]:
         preemption.install_handlers()  # after submitit's: ours win
@@ -102,8 +113,16 @@ class TrainTask:
                  f"master={dist_env.master_addr}:{dist_env.master_port} restart={preemption.restart_count()} "
                  f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
         entry = resolve_entry(self.entry)
-        rc = entry(list(self.argv))
+        try:
+            rc = entry(list(self.argv))
+        except BaseException:
+            self._leave_exit(rank, 1)
+            raise
         rc = 0 if rc is None else int(rc)
+        if rc != preemption.EXIT_PREEMPTED:
+            self._leave_exit(rank, rc)
+        elif not preemption.requeue_pending():  # stopped by a SIGTERM: srun ending the step after another task
+            self._leave_exit(rank, -signal.SIGTERM)  # failed (a scancel ends the batch script too)
         if rc == 0:
             return {"rank": rank, "host": socket.gethostname(), "world_size": int(os.environ.get("WORLD_SIZE", 1)),
                     "restarts": preemption.restart_count(), "exit_code": 0}
@@ -111,6 +130,13 @@ class TrainTask:
             self._after_stop(rank)  # never returns
         raise RuntimeError(f"{self.entry} exited with code {rc} on rank {rank} ({socket.gethostname()}); "
                            f"see its log above")
+
+    def _leave_exit(self, rank: int, code: int) -> None:
+        if self.run_dir and "SLURM_JOB_ID" in os.environ:
+            try:
+                write_exit(Path(self.run_dir), rank, code)
+            except OSError as err:
+                _log(f"could not leave the exit code for the restart decision: {err}")
 
     def _after_stop(self, rank: int) -> None:
         if not preemption.requeue_pending():
@@ -123,6 +149,7 @@ class TrainTask:
             raise SystemExit(0)
         restarts = preemption.restart_count()
         if restarts >= self.max_requeues:
+            self._leave_exit(rank, preemption.EXIT_PREEMPTED)  # nor restarted as a failure
             raise RuntimeError(f"preempted after {restarts} requeues (max_requeues={self.max_requeues}): not "
                                f"requeueing again; resume by hand with --resume auto and the same --output-dir")
         job_id = slurm_job_id()
@@ -132,3 +159,73 @@ class TrainTask:
         requeue_job(job_id)
         time.sleep(120)  # SLURM kills this attempt; leave anyway if it does not
         raise SystemExit(0)
+
+
+# ----------------------------------------------------------------------------- the batch script's side
+
+
+def write_exit(run_dir: Path, rank: int, code: int) -> None:
+    """This task's exit code, for the batch script once ``srun`` returned (a killed task leaves none)."""
+    folder = run_dir / HEARTBEAT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    attempt = preemption.restart_count()
+    (folder / EXIT_FILE.format(rank=rank)).write_text(json.dumps({"code": code, "attempt": attempt,
+                                                                   "at": time.time()}))
+
+
+def read_exits(run_dir: Path, ntasks: int) -> tuple[dict[int, int | None], dict[int, float]]:
+    """Every task's exit code of this start (SLURM_RESTART_COUNT), None where it left none, and when it ended;
+    the files removed."""
+    attempt = preemption.restart_count()
+    codes: dict[int, int | None] = {rank: None for rank in range(ntasks)}
+    ended_at: dict[int, float] = {}
+    for rank in range(ntasks):
+        path = run_dir / HEARTBEAT_DIR / EXIT_FILE.format(rank=rank)
+        try:
+            data = json.loads(path.read_text())
+            path.unlink()
+        except (OSError, ValueError):
+            continue
+        if data.get("attempt") == attempt:
+            codes[rank], ended_at[rank] = data["code"], data["at"]
+    return codes, ended_at
+
+
+def teardown_command(python: str, ntasks: int, max_restarts: int, run_dirs: list[str]) -> list[str]:
+    """The sbatch script's lines after ``srun`` (submitit's ``teardown``): the restart decision."""
+    import shlex
+
+    return ["srun_exit=$?",
+            f"{shlex.quote(python)} -m pipeline.launch.task --srun-exit $srun_exit --ntasks {ntasks} "
+            f"--max-restarts {max_restarts} {' '.join(shlex.quote(d) for d in run_dirs)}",
+            "exit $srun_exit"]
+
+
+def teardown_main(argv: list[str] | None = None) -> int:
+    """After ``srun`` returned non-zero: requeue this job from its last checkpoint, or print why not."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.launch.task",
+                                     description="The sbatch script's teardown: after a failed srun, requeue the "
+                                                 "job from its last checkpoint or print why not.")
+    parser.add_argument("--srun-exit", type=int, required=True, help="srun's exit code ($?)")
+    parser.add_argument("--ntasks", type=int, required=True)
+    parser.add_argument("--max-restarts", type=int, required=True)
+    parser.add_argument("run_dirs", nargs="+", help="each array element's run dir (one for a plain job)")
+    args = parser.parse_args(argv)
+    if args.srun_exit == 0:
+        return 0
+    element = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    run_dir = Path(args.run_dirs[element if len(args.run_dirs) > 1 else 0])
+    codes, ended_at = read_exits(run_dir, args.ntasks)
+    if all(code == 0 for code in codes.values()):  # srun failed around tasks that all ended well
+        codes = {rank: None for rank in codes}
+    job_id = slurm_job_id()
+    verdict = restarts.decide(run_dir, codes, args.max_restarts, job=f"slurm-{job_id}", ended_at=ended_at)
+    print(f"[restart] job {job_id}: {verdict.line}", file=sys.stderr, flush=True)
+    if verdict.restart:
+        requeue_job(job_id)
+        time.sleep(120)  # SLURM ends this script with the requeue; leave anyway if it does not
+    return args.srun_exit
+
+
+if __name__ == "__main__":
+    sys.exit(teardown_main())

@@ -27,7 +27,7 @@ from pipeline.tracking.constants import RUN_ID_FILE
 from pipeline.tracking.tracker import NullTracker, Tracker
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import config as config_lib
-from pipeline.train import data_access, engine, preemption
+from pipeline.train import data_access, engine, preemption, restarts
 from pipeline.train import dist as dist_util
 from pipeline.train.checkpoint_clock import CheckpointClock, save_mid_epoch
 from pipeline.train.config import Config, ConfigError, tracking_uri
@@ -297,6 +297,7 @@ class Trainer:
                 print(f"removed {path.name}, left by a save that was interrupted", flush=True)
             self._note_run_id()
             self._log_static_artifacts()
+            restarts.log_restarts(self.run_dir, self.tracker, self.journal)
             if self.resume_path is None:  # once per run: a resumed run has them already
                 import ssal_models
                 counts = ssal_models.count_parameters(self.model_without_ddp)
@@ -309,7 +310,7 @@ class Trainer:
                   + (f"; MLflow {self.tracker.run_url}" if self.run_id else ""), flush=True)
         epochs = cfg.schedule.epochs
         last_metrics: dict[str, float] = {}
-        self.watchdog.start()  # stopped by the entry, however the run ends
+        self.watchdog.start(self.global_step)  # stopped by the entry, however the run ends
         if self.resume_path is None:  # once per run, before any training
             self._log_initial_metrics()
         while self.epoch < epochs:

@@ -72,7 +72,9 @@ class Watchdog:
 
     # -- the main thread's side: plain attribute writes, nothing that waits
 
-    def start(self) -> None:
+    def start(self, global_step: int = 0) -> None:
+        """From the run's current step (a resume's): the step a failure reached (``restarts.progress``)."""
+        self.step = global_step
         self.started_at = time.time()
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:  # a verdict of an earlier start (resumed after a hang); rank 0 starts before any judging
