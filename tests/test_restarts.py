@@ -25,7 +25,8 @@ def test_a_killed_rank_is_restarted_until_max_restarts(tmp_path):
     beats(tmp_path, 5, 6)
     first = restarts.decide(tmp_path, {0: 1, 1: -signal.SIGKILL}, max_restarts=2, job="j")
     assert first.restart and first.number == 1
-    assert first.line == "restart 1/2: rank 1 killed by SIGKILL at global step 6; starting again from the last checkpoint"
+    assert first.line == ("restart 1/2: rank 1 killed by SIGKILL (the run had reached global step 6); starting again "
+                          "from the last checkpoint")
     beats(tmp_path, 9, 9)
     assert restarts.decide(tmp_path, {0: None, 1: 1}, max_restarts=2, job="j").restart  # progress since: again
     beats(tmp_path, 12, 12)
@@ -92,7 +93,8 @@ def test_each_restart_is_logged_once(tmp_path, capsys):
     restarts.log_restarts(tmp_path, recorder, recorder)  # the next start: nothing new
     assert recorder.metrics == [("restart 1", {"run/restarts": 1.0}, 1)]
     assert recorder.tags == {"restarts": 1, "restart.1.reason": "rank 0 killed by SIGKILL"}
-    assert capsys.readouterr().out.count("restart 1 of this run: rank 0 killed by SIGKILL at global step 2") == 1
+    assert capsys.readouterr().out.count("restart 1 of this run: rank 0 killed by SIGKILL (the run had reached "
+                                         "global step 2)") == 1
 
 
 def test_slurm_tasks_leave_exit_codes_for_the_batch_script(tmp_path, monkeypatch):

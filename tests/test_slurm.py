@@ -238,7 +238,8 @@ def test_a_failure_at_the_same_step_restarts_once_then_ends_the_job(slurm_cluste
     assert "simulated failure on rank 1 at global step 10" in out, out[-3000:]  # the error reaches the user
     restarts = [ln for ln in out.splitlines() if ln.startswith(f"[restart] job {job}: ")]
     assert len(restarts) == 2, out[-3000:]
-    assert restarts[0].startswith(f"[restart] job {job}: restart 1/3: rank 1 exited with code 1 at global step 10;")
+    assert restarts[0].startswith(f"[restart] job {job}: restart 1/3: rank 1 exited with code 1 (the run had reached "
+                                  f"global step 10);")
     assert restarts[1].startswith(f"[restart] job {job}: not restarting: failed again at global step 10 with no "
                                   f"progress since the previous failure")
     assert job_state(slurm_cluster, job) == "FAILED"

@@ -123,11 +123,12 @@ def decide(run_dir: Path, codes: dict[int, int | None], max_restarts: int, job: 
                                  f"previous failure ({reason}; before: {failures[-1]['reason']}): a failure that "
                                  f"repeats is not transient; fix it, then continue with --resume auto")
     elif restarted >= max_restarts:
-        verdict = Verdict(False, f"not restarting: {reason} at global step {step}, and the {restarted} restart(s) "
-                                 f"allowed (max_restarts {max_restarts}) are used; continue with --resume auto")
+        verdict = Verdict(False, f"not restarting: {reason} (the run had reached global step {step}), and the "
+                                 f"{restarted} restart(s) allowed (max_restarts {max_restarts}) are used; continue "
+                                 f"with --resume auto")
     else:
-        verdict = Verdict(True, f"restart {restarted + 1}/{max_restarts}: {reason} at global step {step}; "
-                                f"starting again from the last checkpoint", restarted + 1)
+        verdict = Verdict(True, f"restart {restarted + 1}/{max_restarts}: {reason} (the run had reached global step "
+                                f"{step}); starting again from the last checkpoint", restarted + 1)
     failures.append({"at": time.time(), "job": job, "reason": reason, "global_step": step, "restarted": verdict.restart,
                      "logged": False})
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,8 @@ def log_restarts(run_dir: Path, tracker, journal) -> None:
         return
     tracker.set_tags({"restarts": len(restarts), **{f"restart.{n}.reason": f["reason"] for n, f in pending}})
     for n, failure in pending:
-        print(f"restart {n} of this run: {failure['reason']} at global step {failure['global_step']}", flush=True)
+        print(f"restart {n} of this run: {failure['reason']} (the run had reached global step "
+              f"{failure['global_step']})", flush=True)
         journal.log(f"restart {n}", {"run/restarts": float(n)}, step=n)
         failure["logged"] = True
     _write_ledger(run_dir, failures)
