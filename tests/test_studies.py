@@ -185,12 +185,14 @@ def test_shipped_studies_validate(tmp_path, name):
 class RecordingExecutor:
     submitted = []
 
-    def __init__(self, folder, settings, name):
+    def __init__(self, folder, settings, name, restart_run_dirs=()):
         self.folder, self.settings, self.name = folder, settings, name
+        self.restart_run_dirs = list(restart_run_dirs)
 
     def submit(self, task):
         job_id = str(1000 + len(RecordingExecutor.submitted))
-        RecordingExecutor.submitted.append((self.name, dict(self.settings), task, job_id))
+        RecordingExecutor.submitted.append((self.name, dict(self.settings, restart_run_dirs=self.restart_run_dirs),
+                                            task, job_id))
         return type("Job", (), {"job_id": job_id})()
 
 
@@ -218,6 +220,9 @@ def test_slurm_chain_uses_afterok_dependencies(tmp_path):
     assert (jobs["lc"][0]["gpus_per_node"], jobs["lc"][0]["tasks_per_node"]) == (1, 1)
     assert jobs["ssal"][1].entry == "pipeline.train.entry:main" and jobs["groups"][1].entry == "pipeline.stages.groups:main"
     assert "--resume" in jobs["ssal"][1].argv
+    # a training stage's job restarts after a failure from its run dir; the light stages' jobs do not
+    assert jobs["ssal"][0]["restart_run_dirs"] == [s.stages["ssal"].output] and jobs["ssal"][1].run_dir
+    assert jobs["groups"][0]["restart_run_dirs"] == [] and jobs["groups"][1].run_dir is None
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -33,6 +33,7 @@ import argparse
 import importlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -147,14 +148,14 @@ class TrainTask:
             # SystemExit (not a return) so that submitit writes no result file for this attempt
             _log("preempted: checkpoint done, rank 0 requeues the job")
             raise SystemExit(0)
-        restarts = preemption.restart_count()
-        if restarts >= self.max_requeues:
+        requeues = preemption.restart_count()
+        if requeues >= self.max_requeues:
             self._leave_exit(rank, preemption.EXIT_PREEMPTED)  # nor restarted as a failure
-            raise RuntimeError(f"preempted after {restarts} requeues (max_requeues={self.max_requeues}): not "
+            raise RuntimeError(f"preempted after {requeues} requeues (max_requeues={self.max_requeues}): not "
                                f"requeueing again; resume by hand with --resume auto and the same --output-dir")
         job_id = slurm_job_id()
         preemption.mark_requeue_pending()
-        _log(f"preempted: requeueing job {job_id} (restart {restarts + 1}/{self.max_requeues})")
+        _log(f"preempted: requeueing job {job_id} (restart {requeues + 1}/{self.max_requeues})")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM may end this process now
         requeue_job(job_id)
         time.sleep(120)  # SLURM kills this attempt; leave anyway if it does not
@@ -193,8 +194,6 @@ def read_exits(run_dir: Path, ntasks: int) -> tuple[dict[int, int | None], dict[
 
 def teardown_command(python: str, ntasks: int, max_restarts: int, run_dirs: list[str]) -> list[str]:
     """The sbatch script's lines after ``srun`` (submitit's ``teardown``): the restart decision."""
-    import shlex
-
     return ["srun_exit=$?",
             f"{shlex.quote(python)} -m pipeline.launch.task --srun-exit $srun_exit --ntasks {ntasks} "
             f"--max-restarts {max_restarts} {' '.join(shlex.quote(d) for d in run_dirs)}",
