@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +32,7 @@ from pipeline.tracking import credentials, runs, store
 from pipeline.tracking.constants import RUN_ID_FILE
 from pipeline.train import restarts, run_lock
 from pipeline.train.config import REPO_ROOT, Config, save_config, tracking_uri
-from pipeline.train.exit_codes import EXIT_USAGE, ORDERLY_EXITS
+from pipeline.train.exit_codes import EXIT_PREEMPTED, EXIT_USAGE, ORDERLY_EXITS
 
 
 # ----------------------------------------------------------------------------- command line
@@ -158,7 +159,9 @@ def run_local(args: argparse.Namespace) -> int:
         ended = run_workers(module, argv, args.nproc, child_env(os.environ), str(REPO_ROOT))
         if ended.code in ORDERLY_EXITS or ended.stopped or not args.max_restarts:  # 0, 2, 3, 4: every rank's
             return ended.code
-        verdict = restarts.decide(cfg.run_dir, ended.rank_codes, args.max_restarts, job, ended.ended_at)
+        # a rank that stopped (exit 3) did so on the SIGTERM this launcher sent after another rank failed
+        codes = {rank: -signal.SIGTERM if code == EXIT_PREEMPTED else code for rank, code in ended.rank_codes.items()}
+        verdict = restarts.decide(cfg.run_dir, codes, args.max_restarts, job, ended.ended_at)
         print(f"[launch] {verdict.line}", file=sys.stderr, flush=True)
         if not verdict.restart:
             return ended.code

@@ -42,13 +42,21 @@ class Verdict:
     number: int = 0  # this restart's number (1-based) when restart
 
 
+def _signal_of(code: int | None) -> signal.Signals | None:
+    """The signal that ended a process: a negative return code, or a shell's 128 + N."""
+    number = None if code is None else -code if code < 0 else code - 128 if code > 128 else None
+    try:
+        return signal.Signals(number) if number else None
+    except ValueError:
+        return None
+
+
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "gone without an exit code (killed, or its node lost)"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    if code > 128 and code - 128 in signal.Signals._value2member_map_:
-        return f"killed by {signal.Signals(code - 128).name}"
+    signum = _signal_of(code)
+    if signum is not None:
+        return f"killed by {signum.name}"
     return f"exited with code {code}" + (" (hung)" if code == EXIT_HUNG else "")
 
 
@@ -96,9 +104,9 @@ def failure_reason(run_dir: Path, codes: dict[int, int | None], ended_at: dict[i
 def _cause_order(code: int | None) -> int:
     """Which rank's end names the failure: one gone without a code, then one killed (not by the SIGTERM a
     supervisor sends the others), a hang, an error; a rank stopped by SIGTERM last (a partner's end)."""
-    signum = -code if code is not None and code < 0 else code - 128 if code is not None and code > 128 else None
     if code is None:
         return 0
+    signum = _signal_of(code)
     if signum == signal.SIGTERM:
         return 4
     return 1 if signum else 2 if code == EXIT_HUNG else 3
@@ -107,8 +115,8 @@ def _cause_order(code: int | None) -> int:
 def decide(run_dir: Path, codes: dict[int, int | None], max_restarts: int, job: str,
            ended_at: dict[int, float] | None = None) -> Verdict:
     """Record the failure of a start whose ranks exited with `codes` (None: no code known; `ended_at`: when,
-    where known) and say whether to start again. Called by the supervisor of `job` (a SLURM job id, a local launcher's), once per failed start;
-    `max_restarts` counts this job's restarts."""
+    where known) and say whether to start again. Called by the supervisor of `job` (a SLURM job id, a local
+    launcher's), once per failed start; `max_restarts` counts this job's restarts."""
     run_dir = Path(run_dir)
     final = sorted((rank, code) for rank, code in codes.items() if code in NOT_RESTARTED)
     if final:
@@ -129,8 +137,8 @@ def decide(run_dir: Path, codes: dict[int, int | None], max_restarts: int, job: 
     else:
         verdict = Verdict(True, f"restart {restarted + 1}/{max_restarts}: {reason} (the run had reached global step "
                                 f"{step}); starting again from the last checkpoint", restarted + 1)
-    failures.append({"at": time.time(), "job": job, "reason": reason, "global_step": step, "restarted": verdict.restart,
-                     "logged": False})
+    failures.append({"at": time.time(), "job": job, "reason": reason, "global_step": step,
+                     "restarted": verdict.restart, "logged": False})
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_ledger(run_dir, failures)
     (run_dir / HEARTBEAT_DIR / VERDICT_FILE).unlink(missing_ok=True)  # this failure's: judged now
