@@ -107,8 +107,8 @@ def slurm_settings(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise LaunchError(f"--sbatch {item}: expected KEY=VALUE")
         settings["sbatch"][key.strip().lstrip("-")] = yaml.safe_load(value) if value else True
-    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("signal_delay_s", 0), ("max_requeues", 0), ("max_restarts", 0),
-                     ("tasks_per_node", 1), ("cpus_per_task", 1), ("array_parallelism", 1)):
+    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("signal_delay_s", 0), ("max_requeues", 0),
+                     ("max_restarts", 0), ("tasks_per_node", 1), ("cpus_per_task", 1), ("array_parallelism", 1)):
         if settings[key] is not None and settings[key] < low:
             raise LaunchError(f"{key}: must be an integer >= {low}, got {settings[key]!r}")
     if settings["gpus_per_node"] > 0 and settings["tasks_per_node"] not in (None, settings["gpus_per_node"]):

@@ -349,7 +349,7 @@ def run(args) -> dict:
     if not args.no_mlflow:
         experiment = args.experiment
         if not experiment:
-            first = client.get_run(rows[0]["run_id"].split(",")[0])  # a seeded row joins its seeds' ids
+            first = client.get_run(rows[0].get("members", rows)[0]["run_id"])  # a seeded row: its first seed's
             experiment = client.get_experiment(first.info.experiment_id).name
         tags = {"study": args.study, "stage": "report", "method": "report", **parse_tags(args.tag)}
         files = [out / name for name in ("report.md", "report.csv", "report.png")]

@@ -20,11 +20,12 @@ highest step of the ranks' heartbeats (``pipeline.train.watchdog``), which every
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ssal_datasets.files import atomic_write
 
 from pipeline.train.exit_codes import EXIT_HUNG, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USAGE
 from pipeline.train.watchdog import HEARTBEAT_DIR, VERDICT_FILE
@@ -68,10 +69,7 @@ def read_ledger(run_dir: Path) -> list[dict]:
 
 
 def _write_ledger(run_dir: Path, failures: list[dict]) -> None:
-    path = Path(run_dir) / LEDGER
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"failures": failures}, indent=1))
-    os.replace(temporary, path)
+    atomic_write(Path(run_dir) / LEDGER, json.dumps({"failures": failures}, indent=1))
 
 
 def progress(run_dir: Path) -> int:
@@ -139,7 +137,6 @@ def decide(run_dir: Path, codes: dict[int, int | None], max_restarts: int, job: 
                                 f"{step}); starting again from the last checkpoint", restarted + 1)
     failures.append({"at": time.time(), "job": job, "reason": reason, "global_step": step,
                      "restarted": verdict.restart, "logged": False})
-    run_dir.mkdir(parents=True, exist_ok=True)
     _write_ledger(run_dir, failures)
     (run_dir / HEARTBEAT_DIR / VERDICT_FILE).unlink(missing_ok=True)  # this failure's: judged now
     return verdict
