@@ -5,6 +5,8 @@ a real MLflow SQLite store."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,6 +152,34 @@ def test_the_hung_rank_is_the_silent_one_or_the_one_between_steps():
     assert find_hung([beat(0, 4, "step", beat_at=10.0), beat(1, 4, "done", beat_at=10.0)], now)[0]["rank"] == 0
     assert find_hung([{**waiting, "timeout": None}], now) is None  # auto timeout not known yet
     assert find_hung([waiting, beat(1, 4, "step", beat_at=97.0)], now) is None  # stopped lately: named when silent
+
+
+
+NAMED_BY_A_VERDICT = """
+import json, sys, time
+from pathlib import Path
+from pipeline.train.watchdog import HEARTBEAT_DIR, VERDICT_FILE, Watchdog
+run_dir, signalled = Path(sys.argv[1]), sys.argv[2] == "1"
+(run_dir / HEARTBEAT_DIR).mkdir(parents=True)
+(run_dir / HEARTBEAT_DIR / VERDICT_FILE).write_text(json.dumps(
+    {"rank": 1, "host": "other", "pid": 0, "answering": True, "signalled": signalled, "seen_by": 0}))
+dog = Watchdog(run_dir, rank=1, world_size=2, hang_timeout_s=1.0)
+dog.start(global_step=7)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("signalled", [False, True])
+def test_the_rank_a_verdict_names_dumps_its_stacks_unless_the_reporter_signalled_it(tmp_path, signalled):
+    """Another rank saw the hang first (its verdict names this one): this one's stacks are on its stderr, from
+    its own watchdog, or from the SIGUSR1 the reporter sent (then the watchdog does not dump them twice)."""
+    done = subprocess.run([sys.executable, "-c", NAMED_BY_A_VERDICT, str(tmp_path), str(int(signalled))],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_HUNG, done.stderr[-2000:]
+    dumped = "rank 1: hung after global step 7; its threads:" in done.stderr
+    assert dumped != signalled, done.stderr[-2000:]
+    if dumped:
+        assert "most recent call first" in done.stderr and "<string>" in done.stderr, done.stderr[-2000:]
 
 
 def _restarted_after(fault, tiny_demo: Path, work: Path) -> tuple[str, float]:

@@ -12,8 +12,9 @@ A rank is *hung* when its beat is older than the timeout (the process is stopped
 between steps (phase ``host``) with no step finished for the timeout while the others wait in a collective.
 Every rank's watchdog that sees a hang exits the process with ``EXIT_HUNG`` (the main thread is stuck in a
 collective and cannot unwind); the first to see it creates ``.heartbeat/hang.json`` (the verdict, for a
-restarter), prints the one line and, when the hung process is on its host but does not answer, sends it SIGUSR1: ``faulthandler`` dumps every thread's stack on its stderr (once it
-runs again, for a stopped one). A hung rank that still answers dumps its own stacks.
+restarter) and prints the one line. The hung rank's stacks: a process on the reporter's host that does not
+answer gets SIGUSR1 (``faulthandler`` dumps every thread's stack on its stderr once it runs again, even with the
+GIL held by a stuck call); any other dumps its own when its watchdog reads the verdict naming it.
 """
 from __future__ import annotations
 
@@ -138,8 +139,14 @@ class Watchdog:
                 beats = self._read()
             except OSError:
                 continue  # a file system hiccup: the next beat tries again
-            if (self.folder / VERDICT_FILE).exists():
-                os._exit(EXIT_HUNG)  # another rank saw the hang (this one may have been the stopped one)
+            verdict = self._verdict()
+            if verdict is not None:  # another rank saw the hang (this one may be the one it names)
+                if verdict["rank"] == self.rank:
+                    if verdict.get("signalled"):
+                        time.sleep(1.0)  # its SIGUSR1 (sent right after the verdict) dumps this one's stacks
+                    else:
+                        self._dump_own_stacks()
+                os._exit(EXIT_HUNG)
             hung = find_hung(beats, time.time())
             if hung is not None:
                 self._fail(*hung, beats)
@@ -163,14 +170,36 @@ class Watchdog:
                 beats.append(beat)
         return beats
 
+    def _verdict(self) -> dict | None:
+        try:
+            return json.loads((self.folder / VERDICT_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # being written: the next beat reads it
+            return None
+
+    def _dump_own_stacks(self) -> None:
+        print(f"rank {self.rank}: hung after global step {self.step}; its threads:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+
     def _fail(self, culprit: dict, answering: bool, beats: list[dict]) -> None:
+        # a hung process on this host that does not answer gets SIGUSR1: faulthandler's C handler dumps its stacks
+        # even when its watchdog thread cannot run (the GIL held in a stuck call); one that answers, or is on
+        # another host, dumps its own once its watchdog reads the verdict naming it
+        signalled = not answering and culprit["host"] == self.host and culprit["rank"] != self.rank
         try:
             fd = os.open(self.folder / VERDICT_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, json.dumps({**culprit, "answering": answering, "seen_by": self.rank}).encode())
+            os.write(fd, json.dumps({**culprit, "answering": answering, "signalled": signalled,
+                                     "seen_by": self.rank}).encode())
             os.close(fd)
             reporter = self.rank
         except FileExistsError:
             reporter = None
+        if self.rank == reporter and signalled:
+            try:
+                os.kill(culprit["pid"], signal.SIGUSR1)  # before the line: whoever resumes it has seen the line
+            except OSError:
+                pass
         silent_s = time.time() - (culprit["progress_at"] if answering else culprit["beat_at"])
         if self.rank == reporter:
             state = {"host": "stuck between steps", "step": "inside a step", "sync": "in the flag agreement"}.get(
@@ -179,14 +208,8 @@ class Watchdog:
                   f"for {silent_s:.0f} s after finishing global step {culprit['step']}, {state} "
                   f"(train.hang_timeout_s {culprit['timeout'] or 0:.0f} s); exit {EXIT_HUNG}", file=sys.stderr,
                   flush=True)
-            if not answering and culprit["host"] == self.host and culprit["rank"] != self.rank:
-                try:
-                    os.kill(culprit["pid"], signal.SIGUSR1)  # its stacks, once it runs again
-                except OSError:
-                    pass
         if self.rank == culprit["rank"]:
-            print(f"rank {self.rank}: hung after global step {self.step}; its threads:", file=sys.stderr, flush=True)
-            faulthandler.dump_traceback(all_threads=True)
+            self._dump_own_stacks()
         sys.stderr.flush()
         os._exit(EXIT_HUNG)
 
