@@ -135,6 +135,24 @@ def test_launch_study_cli_errors_exit_2(tmp_path, capsys):
     path = write(tmp_path, BASIC)
     assert launch.main(["--study", str(path), "--local", "--nodes", "2"]) == 2
     assert "--local does not take SLURM options" in capsys.readouterr().err
+    assert launch.main(["--study", str(path), "--local", "--jobs", "0"]) == 2
+    assert "--jobs 0: takes N >= 1" in capsys.readouterr().err
+    assert launch.main(["--study", str(path), "--partition", "gpu", "--jobs", "2", "--dry-run"]) == 2
+    assert "--jobs: stages run at once with --local" in capsys.readouterr().err
+    assert launch.main(["--local", "--jobs", "2"]) == 2
+    assert "--jobs: stages run at once by --study" in capsys.readouterr().err
+
+
+def test_local_jobs_split_the_cores_between_training_stages(tmp_path):
+    s = study_lib.load_study(write(tmp_path, "local_jobs: 2\n" + BASIC + "  pinned: {overrides: {train.threads: 3}}\n"),
+                             [f"runs_root={tmp_path / 'runs'}"])
+    assert s.local_jobs == 2
+    assert study_jobs.stage_command(s.stages["ssal"], threads=1)[-1] == "train.threads=1"
+    assert study_jobs.stage_command(s.stages["ssal"])[-1] != "train.threads=1"  # one at a time: the default
+    assert "train.threads=1" not in study_jobs.stage_command(s.stages["pinned"], threads=1)  # the study's own
+    assert not any(a.startswith("train.threads") for a in study_jobs.stage_command(s.stages["groups"], threads=1))
+    with pytest.raises(study_lib.StudyError, match="local_jobs: must be >= 1"):
+        study_lib.load_study(write(tmp_path, "local_jobs: 0\n" + BASIC, "bad.yaml"), [f"runs_root={tmp_path / 'runs'}"])
 
 
 def test_study_cli_help_shows_the_study_file_format():
@@ -356,6 +374,7 @@ SEEDED_CI = """\
 study: ci2
 experiment: ci2-study
 seeds: 2
+local_jobs: 2
 base:
   overrides:
     data.batch_size: 32
@@ -376,7 +395,8 @@ stages:
 @pytest.mark.slow
 def test_seeded_study_end_to_end(tmp_path):
     """seeds: 2 on the real engine, FFCV and MLflow (3 steps per run): each seed's run tagged and named, the
-    grouping from both baselines with each seed's ARI and the held-out image count, report rows mean ± sd."""
+    grouping from both baselines with each seed's ARI and the held-out image count, report rows mean ± sd.
+    local_jobs: 2 runs the seeds side by side, each training stage with half the cores, its lines tagged."""
     from tests.conftest import DemoStudy
 
     study = DemoStudy(tmp_path)
@@ -393,6 +413,15 @@ def test_seeded_study_end_to_end(tmp_path):
     for name in ("baseline.seed1", "ssal1.seed1"):
         run = by_stage[name]
         assert run.info.run_name == name and run.data.tags["seed"] == "1" and run.data.params["train.seed"] == "1"
+    # two stages at once: the seeds overlap in time, each trains with half the cores, its lines carry its name
+    from ssal_datasets.cpus import usable_cpus
+
+    for stage in ("baseline", "ssal1"):
+        first, second = by_stage[f"{stage}.seed0"].info, by_stage[f"{stage}.seed1"].info
+        assert max(first.start_time, second.start_time) < min(first.end_time, second.end_time), (first, second)
+        assert by_stage[f"{stage}.seed0"].data.params["train.threads"] == str(max(1, usable_cpus() // 2))
+    assert "[study] up to 2 stages at once" in result.stdout
+    assert any(line.startswith("[baseline.seed1] epoch 1/1") for line in result.stdout.splitlines()), result.stdout[-3000:]
     meta = json.loads((study.runs_root / "studies" / "ci2" / "groups" / "groups.json").read_text())["metadata"]
     assert set(meta["ari_vs_planted_superclasses_per_seed"]) == {"0", "1"}
     assert meta["num_samples_in_confusion"] == 2 * 192  # 25 % of 16 x 48 train images, per seed

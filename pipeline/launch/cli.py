@@ -122,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "GPU-hours) and, for SLURM, the sbatch script(s); train and submit nothing (with --local too)")
     group = parser.add_argument_group("studies (pipeline/study.py)")
     group.add_argument("--study", metavar="STUDY.yaml",
-                       help="run a multi-stage study (studies/*.yaml): --local runs its unfinished stages here one "
-                            "after the other; otherwise one SLURM job per stage with afterok dependencies (the SLURM "
+                       help="run a multi-stage study (studies/*.yaml): --local runs its unfinished stages here "
+                            "(--jobs at once); otherwise one SLURM job per stage with afterok dependencies (the SLURM "
                             "flags above apply to training stages); key=value overrides apply to every training stage")
+    group.add_argument("--jobs", type=int, metavar="N",
+                       help="--study --local: up to N stages at once, each training stage with cores / N torch "
+                            "threads (default: the study's local_jobs, else 1)")
     return parser
 
 
@@ -326,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.study:
         return study_jobs.launch_study(args)
+    if args.jobs is not None:
+        print("error: --jobs: stages run at once by --study STUDY.yaml --local (a single run: --nproc)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.local:
             slurm_only = [flag for flag in ("partition", "nodes", "gpus_per_node", "cluster", "array", "wait")

@@ -15,6 +15,7 @@ Study file (YAML)::
     slurm: {time: "02:00:00"}      # optional: launcher profile keys for every stage's job
     report: true                   # add a final `report` stage (default true)
     seeds: 3                       # train every training (and lc) stage 3 times, train.seed 0, 1, 2 (default 1)
+    local_jobs: 2                  # --local: up to 2 stages at once, cores / 2 threads each (default 1; --jobs N)
     stages:                        # in order; each: kind (default train) + its keys
       baseline:
         overrides: {method.name: baseline, eval.holdout_fraction: 0.1}
@@ -47,7 +48,9 @@ Stage kinds: ``train`` (the engine, ``pipeline.train``), ``groups``, ``lc``, ``e
 ``${NAME}`` inside an override value is the output of stage NAME (a groups stage: its JSON; a
 training stage: its run folder) and makes this stage depend on it; ``after: [NAME, ...]`` adds
 dependencies by hand; ``from:`` is a dependency too. Stages without a path between them are
-siblings: SLURM runs them in parallel, ``--local`` one after the other in file order.
+siblings: SLURM runs them in parallel, ``--local`` up to ``local_jobs`` (``--jobs``) at once, in file order
+among the stages whose dependencies finished. Two stages at once, one thread each, beat one stage with two
+threads on a small CPU box: a process's start (imports, FFCV's compilation, model logging) is single-threaded.
 
 Every training stage is the engine with: the base recipe <- base overrides <- stage overrides <-
 command-line overrides, then ``tracking.experiment``, ``tracking.run_name=<stage>``,
@@ -113,6 +116,7 @@ class StudyFile:
     report: bool = True  # add a final report stage
     slurm: dict[str, Any] = field(default_factory=dict)  # launcher profile keys for every stage's job
     seeds: int = 1  # runs of every training (and lc) stage, train.seed 0..seeds-1
+    local_jobs: int = 1  # --local: stages run at once (--jobs overrides it)
 
 
 StageKind = Literal["train", "groups", "lc", "explain", "report"]
@@ -199,6 +203,7 @@ class Study:
     uri: str
     dir: Path
     slurm: dict
+    local_jobs: int = 1
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -244,6 +249,8 @@ def _study(path: Path, data: Any, cli_overrides: list[str]) -> Study:
         spec.stages["report"] = {"kind": "report"}
     if spec.seeds < 1:
         raise SchemaError(f"seeds: must be >= 1 (runs of every training stage), got {spec.seeds!r}")
+    if spec.local_jobs < 1:
+        raise SchemaError(f"local_jobs: must be >= 1 (stages run at once with --local), got {spec.local_jobs!r}")
     stages: dict[str, Stage] = {}
     for name, raw in spec.stages.items():
         stage = Stage(name=name, kind="", spec=_stage_spec(name, raw))
@@ -257,7 +264,7 @@ def _study(path: Path, data: Any, cli_overrides: list[str]) -> Study:
     study = Study(id=spec.study, experiment=spec.experiment or f"study-{spec.study}", path=path.resolve(),
                   description=spec.description, stages={n: stages[n] for n in _topological(stages)},
                   runs_root=runs_root, uri=base_cfg.tracking.uri or store.sqlite_uri(runs_root),
-                  dir=study_dir, slurm=slurm_all)
+                  dir=study_dir, slurm=slurm_all, local_jobs=spec.local_jobs)
     for stage in study.stages.values():
         _build_argv(study, stage, spec.base.config, base_overrides, cli_overrides)
     return study

@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -21,6 +22,7 @@ from pipeline.tracking import runs
 from pipeline.tracking import store
 from pipeline.train.config import REPO_ROOT
 from pipeline.train.exit_codes import EXIT_USAGE
+from ssal_datasets.cpus import usable_cpus
 
 
 def stage_status(study: Study) -> dict[str, str]:
@@ -53,42 +55,104 @@ def describe(study: Study, status: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def stage_command(stage: Stage) -> list[str]:
-    return [sys.executable, "-m", stage.module, *stage.argv]
+def stage_command(stage: Stage, threads: int = 0) -> list[str]:
+    """The stage's command line; ``threads`` > 0: a training stage's torch threads (unless its overrides set them)."""
+    argv = list(stage.argv)
+    if threads and stage.kind == "train" and not any(arg.startswith("train.threads=") for arg in argv):
+        argv.append(f"train.threads={threads}")
+    return [sys.executable, "-m", stage.module, *argv]
 
 
-def run_local(study: Study, dry_run: bool = False, env: dict | None = None) -> int:
-    """Run the unfinished stages one after the other (file order, dependencies first). A failed stage
-    blocks what depends on it; independent stages still run. Exit 0 iff every stage is finished."""
+class _RunningStage:
+    """A stage's process; with others beside it, its output is read here and printed with its name in front."""
+
+    def __init__(self, stage: Stage, cmd: list[str], env: dict, tagged: bool, print_lock: threading.Lock):
+        self.stage, self.started = stage, time.perf_counter()
+        out = subprocess.PIPE if tagged else None
+        self.proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=out, stderr=subprocess.STDOUT if tagged else None)
+        self.reader = None
+        if tagged:
+            self.reader = threading.Thread(target=self._copy, args=(print_lock,), daemon=True)
+            self.reader.start()
+
+    def _copy(self, print_lock: threading.Lock) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            with print_lock:
+                print(f"[{self.stage.name}] {line}", flush=True)
+
+    def poll(self) -> int | None:
+        rc = self.proc.poll()
+        if rc is not None and self.reader is not None:
+            self.reader.join()  # its last lines before the stage's end line
+        return rc
+
+
+def run_local(study: Study, dry_run: bool = False, env: dict | None = None, jobs: int | None = None) -> int:
+    """Run the unfinished stages here, up to ``jobs`` at once (default: the study's ``local_jobs``): a stage
+    starts once its dependencies finished, in file order among those ready; with jobs > 1 every training stage
+    gets this machine's cores / jobs threads and each line of a stage's output starts with its name. A
+    failed stage blocks what depends on it; independent stages still run. Exit 0 iff every stage is finished."""
+    if jobs is not None and jobs < 1:
+        raise StudyError(f"--jobs {jobs}: takes N >= 1 (stages run at once with --local)")
+    jobs = jobs or study.local_jobs
+    threads = max(1, usable_cpus() // jobs) if jobs > 1 else 0
     status = stage_status(study)
     print(describe(study, status), flush=True)
+    if jobs > 1 and not dry_run:
+        print(f"[study] up to {jobs} stages at once, {threads} torch thread(s) each (--jobs)", flush=True)
     outcome: dict[str, str] = {}
+    running: dict[str, _RunningStage] = {}
+    pending = list(study.stages.values())
     ran_any = False
     env = child_env(env or os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    for stage in study.stages.values():
-        blocked = [d for d in stage.deps if outcome.get(d) not in ("done", "skipped")]
-        if blocked:
-            outcome[stage.name] = "blocked"
-            print(f"[study] {stage.name}: not run (dependency {', '.join(blocked)} did not finish)", flush=True)
-            continue
-        if status[stage.name] == "finished" and not (stage.kind == "report" and ran_any):
-            outcome[stage.name] = "skipped"
-            print(f"[study] {stage.name}: finished earlier, skipped", flush=True)
-            continue
-        cmd = stage_command(stage)
-        print(f"[study] {stage.name} ({stage.kind}): {shlex.join(cmd)}", flush=True)
-        if dry_run:
-            outcome[stage.name] = "done"
-            continue
-        started = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=str(REPO_ROOT), env=env)
-        ran_any = True
-        outcome[stage.name] = "done" if rc == 0 else "failed"
-        print(f"[study] {stage.name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # the light stages (lc, CAMs) too
+    print_lock = threading.Lock()
+    try:
+        while pending or running:
+            for stage in list(pending):
+                if any(d not in outcome for d in stage.deps):
+                    continue  # a dependency still runs or waits
+                blocked = [d for d in stage.deps if outcome[d] not in ("done", "skipped")]
+                if blocked:
+                    outcome[stage.name] = "blocked"
+                    print(f"[study] {stage.name}: not run (dependency {', '.join(blocked)} did not finish)", flush=True)
+                elif status[stage.name] == "finished" and not (stage.kind == "report" and ran_any):
+                    outcome[stage.name] = "skipped"
+                    print(f"[study] {stage.name}: finished earlier, skipped", flush=True)
+                elif len(running) < jobs or dry_run:
+                    cmd = stage_command(stage, threads)
+                    print(f"[study] {stage.name} ({stage.kind}): {shlex.join(cmd)}", flush=True)
+                    if dry_run:
+                        outcome[stage.name] = "done"
+                    else:
+                        running[stage.name] = _RunningStage(stage, cmd, env, tagged=jobs > 1, print_lock=print_lock)
+                        ran_any = True
+                else:
+                    continue  # no free slot yet
+                pending.remove(stage)
+            for name, run in list(running.items()):
+                rc = run.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                outcome[name] = "done" if rc == 0 else "failed"
+                with print_lock:
+                    print(f"[study] {name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
+                          f"{time.perf_counter() - run.started:.0f} s", flush=True)
+            if running:
+                time.sleep(0.2)
+    finally:
+        for run in running.values():  # the study was interrupted: each stage checkpoints and stops (SIGTERM)
+            try:
+                run.proc.terminate()
+                run.proc.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C: now
+                run.proc.kill()
     failed = [n for n, o in outcome.items() if o in ("failed", "blocked")]
-    print("[study] summary: " + ", ".join(f"{n} {o}" for n, o in outcome.items()), flush=True)
+    print("[study] summary: " + ", ".join(f"{n} {outcome[n]}" for n in study.stages if n in outcome), flush=True)
     if failed:
         print(f"[study] {len(failed)} stage(s) not finished; fix the cause and re-run the same command "
               f"(finished stages are skipped)", file=sys.stderr, flush=True)
@@ -234,7 +298,9 @@ def launch_study(args: argparse.Namespace) -> int:
                                  f"({', '.join('--' + flag.replace('_', '-') for flag in slurm_only)})")
         study = load_study(args.study, args.overrides)
         if args.local:
-            return run_local(study, dry_run=getattr(args, "dry_run", False))
+            return run_local(study, dry_run=getattr(args, "dry_run", False), jobs=args.jobs)
+        if args.jobs is not None:
+            raise StudyError("--jobs: stages run at once with --local (on SLURM every stage is its own job)")
         settings = slurm.slurm_settings(args)
         if not args.dry_run:
             slurm.require_slurm()
@@ -255,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every training stage")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--status", action="store_true", help="print the plan and each stage's state (default)")
-    mode.add_argument("--local", action="store_true", help="run the unfinished stages here, one after the other")
+    mode.add_argument("--local", action="store_true", help="run the unfinished stages here (--jobs at once)")
     mode.add_argument("--dry-run", action="store_true", help="print each stage's command, run nothing")
+    parser.add_argument("--jobs", type=int, metavar="N", help="--local: up to N stages at once, each training stage "
+                        "with cores / N torch threads (default: the study's local_jobs, else 1)")
     return parser
 
 
@@ -265,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         study = load_study(args.study, args.overrides)
         if args.local or args.dry_run:
-            return run_local(study, dry_run=args.dry_run)
+            return run_local(study, dry_run=args.dry_run, jobs=args.jobs)
         status = stage_status(study)
         for name, (job, _) in live_jobs(study).items():
             if status[name] != "finished":
