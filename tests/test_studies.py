@@ -174,16 +174,19 @@ def test_stage_slurm_keys_are_checked_and_layered(tmp_path):
 
 
 def test_report_reads_the_paper_figures_with_the_study_schema(tmp_path):
-    from pipeline.stages.report import read_paper_figures
+    from pipeline.stages.report import in_file_order, read_study_file
     from pipeline.stages.common import ToolError
 
-    path = write(tmp_path, "study: x\nstages: {a: {paper: {main: [76.4, 93.3], joint: 77}}, b: {}}\n")
-    assert read_paper_figures(path) == {"a": {"main": (76.4, 93.3), "joint": (77.0, None)}}
+    path = write(tmp_path, "study: x\nstages: {b: {paper: {main: [76.4, 93.3], joint: 77}}, a: {}}\n")
+    assert read_study_file(path) == ({"b": {"main": (76.4, 93.3), "joint": (77.0, None)}}, ["b", "a"])
+    # rows in the file's order whatever order the stages ran in (side by side with --jobs)
+    rows = [{"stage": "lc"}, {"stage": "a"}, {"stage": "b"}]
+    assert [r["stage"] for r in in_file_order(rows, ["b", "a"])] == ["b", "a", "lc"]
     path.write_text("study: x\nstages: {a: {paper: {main: [76.4, 93.3, 1]}}}\n")
     with pytest.raises(ToolError, match=r"s.yaml: stages.a.paper.main: expected top-1 or \[top-1, top-5\]"):
-        read_paper_figures(path)
+        read_study_file(path)
     with pytest.raises(ToolError, match="--paper: no such file"):
-        read_paper_figures(tmp_path / "missing.yaml")
+        read_study_file(tmp_path / "missing.yaml")
 
 
 @pytest.mark.parametrize("name", ["demo", "imagenet_resnet50", "imagenet_resnet152", "tinyimagenet_resnet18"])
@@ -339,9 +342,9 @@ def test_paper_studies_run_the_paper_recipes_and_quote_the_paper(tmp_path, name)
         assert "configs/imagenet/paper/" in config, (stage.name, config)
     report = s.stages["report"].argv
     assert report[report.index("--paper") + 1] == str((REPO_ROOT / "studies" / f"{name}.yaml").resolve())
-    from pipeline.stages.report import read_paper_figures
+    from pipeline.stages.report import read_study_file
 
-    figures = read_paper_figures(REPO_ROOT / "studies" / f"{name}.yaml")
+    figures, _ = read_study_file(REPO_ROOT / "studies" / f"{name}.yaml")
     if name == "paper_dks_imagenet":
         assert len(train) == 9 and set(figures) == {f"{a}_{m}" for a in ("resnet18", "resnet50", "resnet152")
                                                     for m in ("baseline", "dks")}

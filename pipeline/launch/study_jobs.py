@@ -1,5 +1,5 @@
-"""Running a study: its plan and state (``python pipeline/study.py STUDY.yaml``), every stage here in
-order (``--local``), or one SLURM job per unfinished stage chained by ``afterok`` dependencies.
+"""Running a study: its plan and state (``python pipeline/study.py STUDY.yaml``), its stages here
+(``--local``, ``--jobs`` at once), or one SLURM job per unfinished stage chained by ``afterok`` dependencies.
 The study file itself (schema, stages, argv) is :mod:`pipeline.launch.study`."""
 from __future__ import annotations
 

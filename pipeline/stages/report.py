@@ -64,15 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_paper_figures(path) -> dict[str, dict[str, tuple]]:
-    """``{stage: {rule: (top1, top5)}}`` from a study file's ``paper`` keys."""
+def read_study_file(path) -> tuple[dict[str, dict[str, tuple]], list[str]]:
+    """``{stage: {rule: (top1, top5)}}`` from a study file's ``paper`` keys, and its stages' order."""
     try:
         data = schema.read_yaml(path, "--paper")
-        stages = data.get("stages") if isinstance(data, dict) else None
-        return {str(name): schema.paper_figures(spec["paper"], f"{path}: stages.{name}.paper")
-                for name, spec in (stages or {}).items() if isinstance(spec, dict) and "paper" in spec}
+        stages = (data.get("stages") if isinstance(data, dict) else None) or {}
+        figures = {str(name): schema.paper_figures(spec["paper"], f"{path}: stages.{name}.paper")
+                   for name, spec in stages.items() if isinstance(spec, dict) and "paper" in spec}
+        return figures, [str(name) for name in stages]
     except schema.SchemaError as err:
         raise ToolError(str(err)) from None
+
+
+def in_file_order(rows: list[dict], order: list[str]) -> list[dict]:
+    """The rows in the study file's stage order (stages run side by side start in any order); others last."""
+    return sorted(rows, key=lambda row: order.index(row["stage"]) if row["stage"] in order else len(order))
 
 
 def add_paper_columns(rows: list[dict], columns: list[str], figures: dict) -> list[str]:
@@ -329,7 +335,9 @@ def run(args) -> dict:
     with scratch_dir("report") as tmp:  # weights downloaded to count parameters
         rows, columns = collect(client, args.study, tmp)
     if args.paper:
-        columns = add_paper_columns(rows, columns, read_paper_figures(args.paper))
+        figures, order = read_study_file(args.paper)
+        columns = add_paper_columns(rows, columns, figures)
+        rows[:] = in_file_order(rows, order)
     text = markdown(rows, columns, args.study)
     if not args.no_mlflow:
         text += register_models(client, uri, args.study, rows)
