@@ -115,7 +115,7 @@ def test_a_stopped_rank_ends_the_job_in_seconds_with_one_line_and_its_stacks(tin
     lines = _hang_lines(out)
     assert len(lines) == 1, out[-3000:]
     assert f"rank 1 on {os.uname().nodename} (pid {stopped})" in lines[0] and "after finishing global step" in lines[0]
-    assert "not answering" in lines[0]
+    assert "not answering" in lines[0] and f"(train.hang_timeout_s {HANG_TIMEOUT_S} s)" in lines[0], lines[0]
     assert "most recent call first" in out and "train_one_epoch" in out, out[-3000:]  # faulthandler's dump
 
 
@@ -133,6 +133,7 @@ def test_a_rank_stuck_in_python_ends_the_job_with_one_line_and_the_stuck_frame(t
     lines = _hang_lines(out)
     assert len(lines) == 1, out[-3000:]
     assert "rank 1 on " in lines[0] and "after finishing global step 3," in lines[0] and "stuck between steps" in lines[0]
+    assert f"(train.hang_timeout_s {HANG_TIMEOUT_S} s)" in lines[0], lines[0]
     dump = out[out.index("rank 1: hung after global step 3; its threads:"):]
     assert "in step_done" in dump and "hang-watchdog" not in lines[0], dump[-3000:]
 

@@ -109,7 +109,12 @@ def run_local(study: Study, dry_run: bool = False, env: dict | None = None, jobs
     env.setdefault("PYTHONUNBUFFERED", "1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # the light stages (lc, CAMs) too
-    print_lock = threading.Lock()
+    print_lock = threading.Lock()  # whole lines: the stages' output is printed by a thread each
+
+    def say(line: str) -> None:
+        with print_lock:
+            print(line, flush=True)
+
     try:
         while pending or running:
             for stage in list(pending):
@@ -118,13 +123,13 @@ def run_local(study: Study, dry_run: bool = False, env: dict | None = None, jobs
                 blocked = [d for d in stage.deps if outcome[d] not in ("done", "skipped")]
                 if blocked:
                     outcome[stage.name] = "blocked"
-                    print(f"[study] {stage.name}: not run (dependency {', '.join(blocked)} did not finish)", flush=True)
+                    say(f"[study] {stage.name}: not run (dependency {', '.join(blocked)} did not finish)")
                 elif status[stage.name] == "finished" and not (stage.kind == "report" and ran_any):
                     outcome[stage.name] = "skipped"
-                    print(f"[study] {stage.name}: finished earlier, skipped", flush=True)
+                    say(f"[study] {stage.name}: finished earlier, skipped")
                 elif len(running) < jobs or dry_run:
                     cmd = stage_command(stage, threads)
-                    print(f"[study] {stage.name} ({stage.kind}): {shlex.join(cmd)}", flush=True)
+                    say(f"[study] {stage.name} ({stage.kind}): {shlex.join(cmd)}")
                     if dry_run:
                         outcome[stage.name] = "done"
                     else:
@@ -139,9 +144,8 @@ def run_local(study: Study, dry_run: bool = False, env: dict | None = None, jobs
                     continue
                 del running[name]
                 outcome[name] = "done" if rc == 0 else "failed"
-                with print_lock:
-                    print(f"[study] {name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
-                          f"{time.perf_counter() - run.started:.0f} s", flush=True)
+                say(f"[study] {name}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
+                    f"{time.perf_counter() - run.started:.0f} s")
             if running:
                 time.sleep(0.2)
     finally:

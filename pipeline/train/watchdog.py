@@ -173,9 +173,7 @@ class Watchdog:
     def _verdict(self) -> dict | None:
         try:
             return json.loads((self.folder / VERDICT_FILE).read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError:  # being written: the next beat reads it
+        except (FileNotFoundError, ValueError):  # none, or being written (the next beat reads it)
             return None
 
     def _dump_own_stacks(self) -> None:
@@ -201,12 +199,13 @@ class Watchdog:
             except OSError:
                 pass
         silent_s = time.time() - (culprit["progress_at"] if answering else culprit["beat_at"])
+        timeout = max(b["timeout"] for b in beats if b["timeout"])  # as find_hung judged (not the culprit's last beat)
         if self.rank == reporter:
             state = {"host": "stuck between steps", "step": "inside a step", "sync": "in the flag agreement"}.get(
                 culprit["phase"], culprit["phase"]) if answering else "not answering (stopped, or its node gone)"
             print(f"error: hang: rank {culprit['rank']} on {culprit['host']} (pid {culprit['pid']}) made no progress "
                   f"for {silent_s:.0f} s after finishing global step {culprit['step']}, {state} "
-                  f"(train.hang_timeout_s {culprit['timeout'] or 0:.0f} s); exit {EXIT_HUNG}", file=sys.stderr,
+                  f"(train.hang_timeout_s {timeout:.0f} s); exit {EXIT_HUNG}", file=sys.stderr,
                   flush=True)
         if self.rank == culprit["rank"]:
             self._dump_own_stacks()
