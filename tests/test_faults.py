@@ -155,7 +155,6 @@ def test_the_hung_rank_is_the_silent_one_or_the_one_between_steps():
     assert find_hung([waiting, beat(1, 4, "step", beat_at=97.0)], now) is None  # stopped lately: named when silent
 
 
-
 NAMED_BY_A_VERDICT = """
 import json, sys, time
 from pathlib import Path

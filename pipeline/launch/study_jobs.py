@@ -68,8 +68,8 @@ class _RunningStage:
 
     def __init__(self, stage: Stage, cmd: list[str], env: dict, tagged: bool, print_lock: threading.Lock):
         self.stage, self.started = stage, time.perf_counter()
-        out = subprocess.PIPE if tagged else None
-        self.proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=out, stderr=subprocess.STDOUT if tagged else None)
+        out, err = (subprocess.PIPE, subprocess.STDOUT) if tagged else (None, None)
+        self.proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=out, stderr=err)
         self.reader = None
         if tagged:
             self.reader = threading.Thread(target=self._copy, args=(print_lock,), daemon=True)
